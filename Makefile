@@ -1,0 +1,34 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED ?= $(abspath ../shared)
+export VAE_WEIGHTS_DIR ?= $(SHARED)/weights
+# pip resolves torch to the local CPU wheel only when pinned; an unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/vae: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/vae
+
+demo: venv
+	@mkdir -p out
+	$(BIN)/vae roundtrip $(SHARED)/images/astronaut.png -o out/astronaut.recon.png
+	$(BIN)/vae encode $(SHARED)/images/astronaut.png -o out/astronaut.latent
+	$(BIN)/vae decode out/astronaut.latent -o out/astronaut.decoded.png
+	@echo "outputs: $$(ls out/astronaut.* | tr '\n' ' ')"
+
+lint: venv
+	$(BIN)/ruff check vaecli tests
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,119 @@
+"""Shared fixtures: the real data in ../shared (required, never skipped), small images, random-weight models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vaecli import weights as weights_mod
+from vaecli.cli import app
+
+SHARED = Path(os.environ.get("VAE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: these tests need ../shared next to the project (set VAE_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The ../shared data folder; its absence fails the test loudly."""
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def shared_images(shared) -> Path:
+    return _require(shared / "images")
+
+
+@pytest.fixture(scope="session")
+def shared_weights(shared) -> Path:
+    return _require(shared / "weights")
+
+
+@pytest.fixture(autouse=True)
+def isolated_search_path(tmp_path_factory, monkeypatch):
+    """No test sees weights from the developer's own weights/ folder, cache, or environment."""
+    empty = tmp_path_factory.mktemp("empty-search")
+    monkeypatch.setattr(weights_mod, "PROJECT_WEIGHTS", empty / "project-weights")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(empty / "cache"))
+    monkeypatch.delenv(weights_mod.ENV_VAR, raising=False)
+
+
+@pytest.fixture
+def real_weights(shared_weights, monkeypatch) -> Path:
+    """Point the search path at the real TAEF2/TAESana weights in ../shared/weights."""
+    monkeypatch.setenv(weights_mod.ENV_VAR, str(shared_weights))
+    return shared_weights
+
+
+class Cli:
+    """Runs `vae` in-process through Typer's CliRunner, with stdout and stderr kept apart."""
+
+    def __init__(self):
+        self.runner = CliRunner()
+
+    def __call__(self, *args):
+        return self.runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def vae() -> Cli:
+    return Cli()
+
+
+@pytest.fixture
+def small_image(tmp_path, shared_images) -> Path:
+    """A 61x45 RGB crop of chelsea.png (sizes not multiples of 8) for fast CLI runs."""
+    img = Image.open(shared_images / "chelsea.png").convert("RGB").crop((180, 60, 241, 105))
+    path = tmp_path / "small.png"
+    img.save(path)
+    return path
+
+
+def make_image(path: Path, size=(40, 24), mode="RGB", seed=0) -> Path:
+    """Write a smooth random test image of `size` (W, H) in `mode`."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.random((h // 4 + 1, w // 4 + 1, 3))
+    arr = (np.kron(base, np.ones((4, 4, 1)))[:h, :w] * 255).astype(np.uint8)
+    Image.fromarray(arr, "RGB").convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_taesd(tmp_path_factory) -> Path:
+    """A diffusers AutoencoderTiny (taesd config) with seeded random weights, saved in both layouts.
+
+    Returns a folder holding `diffusers/` (config.json + diffusion_pytorch_model.safetensors) and
+    `original/` (taesd_encoder.pth + taesd_decoder.pth in taesd.py's key names).
+    """
+    from diffusers import AutoencoderTiny
+
+    root = tmp_path_factory.mktemp("random-taesd")
+    torch.manual_seed(0)
+    model = AutoencoderTiny(latent_channels=4).eval()
+    # Perturb the default init so every parameter (biases too) is exercised with non-trivial values.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(root / "diffusers")
+    sd = model.state_dict()
+    enc = {k.removeprefix("encoder.layers."): v for k, v in sd.items() if k.startswith("encoder.")}
+    dec = {}
+    for k, v in sd.items():
+        if k.startswith("decoder.layers."):
+            idx, rest = k.removeprefix("decoder.layers.").split(".", 1)
+            dec[f"{int(idx) + 1}.{rest}"] = v
+    (root / "original").mkdir()
+    torch.save(enc, root / "original" / "taesd_encoder.pth")
+    torch.save(dec, root / "original" / "taesd_decoder.pth")
+    return root

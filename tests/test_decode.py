@@ -1,0 +1,154 @@
+"""`vae decode`: model from metadata, original size restored, output formats, and bad latents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vaecli.latents import load_latent
+
+
+@pytest.fixture
+def latent_file(vae, real_weights, small_image, tmp_path):
+    out = tmp_path / "small.latent"
+    assert vae("encode", small_image, "-o", out).exit_code == 0
+    return out
+
+
+def _only_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".bmp", ".tiff"])
+def test_decode_restores_original_size(vae, latent_file, tmp_path, ext):
+    out = tmp_path / f"decoded{ext}"
+    result = vae("decode", latent_file, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip() == f"{latent_file} -> {out}  taef2 61x45"
+    with Image.open(out) as img:
+        assert img.size == (61, 45)
+        assert img.mode == "RGB"
+
+
+def test_decode_default_output_name_strips_latent_marker(vae, real_weights, small_image, tmp_path):
+    lat = tmp_path / "small.latent.png"
+    assert vae("encode", small_image, "-o", lat).exit_code == 0
+    outdir = tmp_path / "dec"
+    result = vae("decode", lat, "-o", outdir, "--json")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record == {"input": str(lat), "output": str(outdir / "small.png"), "status": "ok", "error": None,
+                      "model": "taef2", "size": [61, 45]}
+
+
+def test_decode_png_latent_close_to_float(vae, real_weights, small_image, tmp_path):
+    assert vae("encode", small_image, "-o", tmp_path / "a.latent").exit_code == 0
+    assert vae("encode", small_image, "-o", tmp_path / "a.latent.png").exit_code == 0
+    assert vae("decode", tmp_path / "a.latent", "-o", tmp_path / "f.png").exit_code == 0
+    assert vae("decode", tmp_path / "a.latent.png", "-o", tmp_path / "q.png").exit_code == 0
+    import numpy as np
+
+    f = np.asarray(Image.open(tmp_path / "f.png"), dtype=np.float32)
+    q = np.asarray(Image.open(tmp_path / "q.png"), dtype=np.float32)
+    assert np.abs(f - q).mean() < 2.0
+
+
+def test_decode_with_other_model_of_wrong_channels(vae, latent_file, tmp_path):
+    out = tmp_path / "x.png"
+    result = vae("decode", latent_file, "-o", out, "--model", "taesd")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {latent_file}: expected 4 latent channels for taesd, "
+                                        f"got 32 (made by taef2)")
+    assert not out.exists()
+
+
+def test_decode_encoder_only_model(vae, real_weights, small_image, tmp_path):
+    lat = tmp_path / "s.latent"
+    assert vae("encode", small_image, "-o", lat, "--model", "taesana").exit_code == 0
+    result = vae("decode", lat, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {lat}: taesana has no decoder "
+                                        f"(encoder only: no decoder weights are published)")
+
+
+def test_truncated_safetensors(vae, latent_file, tmp_path):
+    bad = tmp_path / "bad.latent"
+    data = latent_file.read_bytes()
+    bad.write_bytes(data[: len(data) - 100])
+    out = tmp_path / "x.png"
+    result = vae("decode", bad, "-o", out)
+    assert result.exit_code == 1
+    assert _only_error_line(result).startswith(f"Error: {bad}: truncated or corrupt safetensors file (")
+    assert not out.exists()
+
+
+def test_foreign_safetensors(vae, real_weights, tmp_path):
+    foreign = tmp_path / "weights.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(foreign))
+    result = vae("decode", foreign, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {foreign}: not a vaecli latent file (a safetensors file with "
+                                        f"tensors conv.weight and no 'vaecli-latent' metadata)")
+
+
+def test_image_png_is_not_a_latent(vae, real_weights, small_image, tmp_path):
+    result = vae("decode", small_image, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {small_image}: a PNG without vaecli latent metadata "
+                                        f"(is it an image? use 'vae encode' on images)")
+
+
+def test_random_bytes_are_not_a_latent(vae, tmp_path):
+    junk = tmp_path / "junk.latent"
+    junk.write_bytes(b"\xff" * 64)
+    result = vae("decode", junk, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {junk}: not a latent file (expected .safetensors or a "
+                                        f"vaecli latent PNG)")
+
+
+def test_latent_from_unknown_model(vae, latent_file, tmp_path):
+    latent, meta = load_latent(latent_file)
+    from vaecli.latents import save_safetensors
+
+    odd = tmp_path / "odd.latent"
+    save_safetensors(odd, latent, {**meta, "model": "sd99"})
+    result = vae("decode", odd, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {odd}: made by model 'sd99', which this vaecli does not know; "
+                                        f"pass --model")
+
+
+def test_decode_refuses_to_overwrite_input(vae, real_weights, small_image, tmp_path):
+    lat = tmp_path / "x.png"
+    assert vae("encode", small_image, "-o", lat).exit_code == 0
+    before = lat.read_bytes()
+    result = vae("decode", lat, "-o", lat)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == f"Error: refusing to overwrite input {lat} (choose another -o)"
+    assert lat.read_bytes() == before
+
+
+def test_decode_unsupported_output_extension(vae, latent_file, tmp_path):
+    result = vae("decode", latent_file, "-o", tmp_path / "x.gifx")
+    assert result.exit_code == 2
+    assert _only_error_line(result) == ("Error: cannot write images as '.gifx': expected one of .png, .jpg, "
+                                        ".jpeg, .webp, .bmp, .tif, .tiff")
+
+
+def test_newer_format_version_is_refused(vae, latent_file, tmp_path):
+    latent, meta = load_latent(latent_file)
+    from vaecli.latents import save_safetensors
+
+    future = tmp_path / "future.latent"
+    save_safetensors(future, latent, {**meta, "version": 99})
+    result = vae("decode", future, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {future}: latent format version 99 is newer than this vaecli "
+                                        f"understands (1); upgrade vaecli")

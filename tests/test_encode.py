@@ -1,0 +1,197 @@
+"""`vae encode`: outputs, formats, metadata, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from tests.conftest import make_image
+from vaecli.latents import load_latent
+
+
+def test_encode_writes_safetensors_with_metadata(vae, real_weights, small_image, tmp_path):
+    out = tmp_path / "small.latent"
+    result = vae("encode", small_image, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip() == f"{small_image} -> {out}  taef2 latent [32, 6, 8]"
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert list(f.keys()) == ["latent"]
+        assert list(f.get_tensor("latent").shape) == [32, 6, 8]
+    assert meta["format"] == "vaecli-latent"
+    assert meta["version"] == "1"
+    assert meta["model"] == "taef2"
+    assert json.loads(meta["channels"]) == 32
+    assert json.loads(meta["image_size"]) == [61, 45]
+    assert json.loads(meta["padding"]) == [0, 0, 3, 3]
+    assert meta["dtype"] == "fp32"
+    assert meta["space"] == "native"
+
+
+def test_encode_png_format_by_extension(vae, real_weights, small_image, tmp_path):
+    out = tmp_path / "lat.png"
+    result = vae("encode", small_image, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    latent, meta = load_latent(out)
+    assert list(latent.shape) == [32, 6, 8]
+    assert meta["model"] == "taef2"
+    from PIL import Image
+
+    with Image.open(out) as img:
+        assert img.mode == "RGBA"
+        assert img.size == (8 * 4, 6 * 2)  # 8 groups of 4 channels in a 2x4 grid
+
+
+def test_encode_several_inputs_into_folder_with_json(vae, real_weights, tmp_path):
+    a = make_image(tmp_path / "a.png", (40, 24))
+    b = make_image(tmp_path / "b.jpg", (17, 33))
+    outdir = tmp_path / "latents"
+    result = vae("encode", a, b, "-o", outdir, "--format", "png", "--json")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["output"] for r in records] == [str(outdir / "a.latent.png"), str(outdir / "b.latent.png")]
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert records[1]["shape"] == [32, 5, 3]
+    assert all(r["error"] is None for r in records)
+
+
+def test_encode_default_output_is_beside_input(vae, real_weights, small_image):
+    result = vae("encode", small_image)
+    assert result.exit_code == 0, result.stderr
+    assert (small_image.parent / "small.latent").is_file()
+
+
+def test_encode_with_explicit_weights_files(vae, shared_weights, small_image, tmp_path):
+    out = tmp_path / "x.latent"
+    result = vae("encode", small_image, "-o", out, "--weights", shared_weights / "taef2_encoder.pth")
+    assert result.exit_code == 0, result.stderr
+    assert out.is_file()
+
+
+def test_encode_bf16(vae, real_weights, small_image, tmp_path):
+    out = tmp_path / "x.latent"
+    result = vae("encode", small_image, "-o", out, "--dtype", "bf16")
+    assert result.exit_code == 0, result.stderr
+    latent, meta = load_latent(out)
+    assert meta["dtype"] == "bf16"
+    assert str(latent.dtype) == "torch.bfloat16"
+
+
+def test_encode_taesana_is_32x(vae, real_weights, small_image, tmp_path):
+    out = tmp_path / "x.latent"
+    result = vae("encode", small_image, "-o", out, "--model", "taesana")
+    assert result.exit_code == 0, result.stderr
+    latent, meta = load_latent(out)
+    assert list(latent.shape) == [32, 2, 2]
+    assert meta["padding"] == [0, 0, 3, 19]
+
+
+# --- bad input: one line on stderr, exit code, no output left behind -------------------------------------
+
+def _only_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_missing_input(vae, real_weights, tmp_path):
+    out = tmp_path / "x.latent"
+    result = vae("encode", tmp_path / "nope.png", "-o", out)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == f"Error: {tmp_path / 'nope.png'}: no such file"
+    assert not out.exists()
+
+
+def test_directory_input(vae, real_weights, tmp_path):
+    out = tmp_path / "x.latent"
+    (tmp_path / "d").mkdir()
+    result = vae("encode", tmp_path / "d", "-o", out)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == f"Error: {tmp_path / 'd'}: is a folder, expected an image file"
+    assert not out.exists()
+
+
+def test_non_image_input(vae, real_weights, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("hello, not an image\n")
+    out = tmp_path / "x.latent"
+    result = vae("encode", bad, "-o", out)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == f"Error: {bad}: not an image file Pillow can read"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "rocket.jpg"])
+def test_truncated_image(vae, real_weights, shared_images, tmp_path, name):
+    data = (shared_images / name).read_bytes()
+    bad = tmp_path / name
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "x.latent"
+    result = vae("encode", bad, "-o", out)
+    assert result.exit_code == 1
+    assert _only_error_line(result).startswith(f"Error: {bad}: truncated or corrupt image (")
+    assert not out.exists()
+    assert list(tmp_path.glob(".*part")) == []
+
+
+def test_some_inputs_fail_others_are_written(vae, real_weights, tmp_path):
+    good = make_image(tmp_path / "good.png")
+    outdir = tmp_path / "out"
+    result = vae("encode", good, tmp_path / "missing.png", "-o", outdir, "--json")
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["ok", "error"]
+    assert records[1]["error"] == f"{tmp_path / 'missing.png'}: no such file"
+    assert records[1]["output"] is None
+    assert (outdir / "good.latent").is_file()
+    assert not (outdir / "missing.latent").exists()
+    assert result.stderr.strip().splitlines()[-1] == "1 of 2 inputs failed"
+
+
+def test_unknown_model_is_a_usage_error(vae, small_image):
+    result = vae("encode", small_image, "--model", "sd99")
+    assert result.exit_code == 2
+    assert "'sd99' is not one of" in result.stderr
+
+
+def test_bad_output_extension_is_a_usage_error(vae, real_weights, small_image, tmp_path):
+    result = vae("encode", small_image, "-o", tmp_path / "x.jpg")
+    assert result.exit_code == 2
+    assert _only_error_line(result) == (f"Error: -o {tmp_path / 'x.jpg'}: expected a latent file ending in "
+                                        f".latent, .safetensors or .png")
+
+
+def test_format_disagreeing_with_extension(vae, real_weights, small_image, tmp_path):
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--format", "png")
+    assert result.exit_code == 2
+    assert _only_error_line(result) == f"Error: --format png disagrees with the output name {tmp_path / 'x.latent'}"
+
+
+def test_several_inputs_into_a_file_is_a_usage_error(vae, real_weights, tmp_path):
+    a, b = make_image(tmp_path / "a.png"), make_image(tmp_path / "b.png")
+    target = tmp_path / "exists.latent"
+    target.write_bytes(b"keep me")
+    result = vae("encode", a, b, "-o", target)
+    assert result.exit_code == 2
+    assert _only_error_line(result) == f"Error: -o {target}: expected a folder for 2 inputs, got a file"
+    assert target.read_bytes() == b"keep me"
+
+
+def test_never_overwrites_an_input(vae, real_weights, small_image):
+    before = small_image.read_bytes()
+    result = vae("encode", small_image, "-o", small_image)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == f"Error: refusing to overwrite input {small_image} (choose another -o)"
+    assert small_image.read_bytes() == before
+
+
+def test_two_inputs_mapping_to_one_output(vae, real_weights, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a, b = make_image(tmp_path / "x" / "same.png"), make_image(tmp_path / "y" / "same.png")
+    result = vae("encode", a, b, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert _only_error_line(result) == f"Error: inputs {a} and {b} would both write {tmp_path / 'out' / 'same.latent'}"

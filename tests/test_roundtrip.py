@@ -1,0 +1,64 @@
+"""`vae roundtrip`: quality on the real TAEF2 weights, sizes and modes of the shared photos, PNG latents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+
+def test_astronaut_psnr(vae, real_weights, shared_images, tmp_path):
+    out = tmp_path / "recon.png"
+    result = vae("roundtrip", shared_images / "astronaut.png", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["status"] == "ok" and record["output"] == str(out)
+    assert record["psnr"] >= 30.5  # reference implementation: 31.19 dB
+    assert record["ssim"] > 0.9
+    assert result.stderr.strip() == (f"{shared_images / 'astronaut.png'} -> {out}  PSNR {record['psnr']:.2f} dB  "
+                                     f"SSIM {record['ssim']:.4f}")
+    with Image.open(out) as img:
+        assert img.size == (512, 512)
+
+    via_png = vae("roundtrip", shared_images / "astronaut.png", "--via", "png", "--json")
+    assert via_png.exit_code == 0, via_png.stderr
+    png_psnr = json.loads(via_png.stdout)["psnr"]
+    assert record["psnr"] - png_psnr <= 0.2
+    assert png_psnr >= 30.3
+
+
+@pytest.mark.parametrize("name, size", [("chelsea.png", (451, 300)), ("logo.png", (500, 500)),
+                                        ("brick.png", (512, 512))])
+def test_shared_photos_keep_their_size(vae, real_weights, shared_images, tmp_path, name, size):
+    out = tmp_path / "recon.png"
+    result = vae("roundtrip", shared_images / name, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["psnr"] > 20
+    with Image.open(out) as img:
+        assert img.size == size
+
+
+def test_roundtrip_without_output_only_reports(vae, real_weights, small_image):
+    result = vae("roundtrip", small_image, "--json")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["output"] is None
+    assert set(record) == {"input", "output", "status", "error", "model", "psnr", "ssim"}
+    assert sorted(p.name for p in small_image.parent.iterdir()) == ["small.png"]
+
+
+def test_roundtrip_encoder_only_model(vae, real_weights, small_image):
+    result = vae("roundtrip", small_image, "--model", "taesana")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("Error: taesana has no decoder (encoder only: no decoder weights are "
+                                     "published)")
+
+
+def test_roundtrip_several_into_folder(vae, real_weights, small_image, tmp_path):
+    other = tmp_path / "other.jpg"
+    Image.open(small_image).save(other, quality=90)
+    outdir = tmp_path / "recon"
+    result = vae("roundtrip", small_image, other, "-o", outdir)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in outdir.iterdir()) == ["other.png", "small.png"]

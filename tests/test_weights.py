@@ -1,0 +1,140 @@
+"""The weights search path, checksum verification, safe loading and readable layout errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import torch
+
+from vaecli import weights
+
+
+def _error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_missing_weights_message(vae, small_image, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_WEIGHTS_DIR", str(tmp_path / "a") + os.pathsep + str(tmp_path / "b"))
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent")
+    assert result.exit_code == 1
+    looked = ", ".join(str(p) for p in weights.search_path())
+    assert str(tmp_path / "a") in looked and str(tmp_path / "b") in looked
+    assert _error_line(result) == (
+        f"Error: taef2_encoder.pth (taef2 encoder) not found; looked in: {looked}; download it from "
+        f"https://github.com/madebyollin/taesd/raw/main/taef2_encoder.pth into one of those folders, "
+        f"or pass --weights PATH")
+    assert not (tmp_path / "x.latent").exists()
+
+
+def test_search_path_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_WEIGHTS_DIR", f"{tmp_path / 'one'}{os.pathsep}{tmp_path / 'two'}")
+    path = weights.search_path()
+    assert path[:2] == [tmp_path / "one", tmp_path / "two"]
+    assert path[2] == weights.PROJECT_WEIGHTS
+    assert path[3] == weights.cache_dir()
+
+
+def test_first_folder_on_the_path_wins(vae, shared_weights, small_image, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    shutil.copytree(shared_weights, second)
+    (first / "taef2_encoder.pth").write_bytes(b"corrupt")
+    monkeypatch.setenv("VAE_WEIGHTS_DIR", f"{first}{os.pathsep}{second}")
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent")
+    assert result.exit_code == 1
+    assert "checksum mismatch for " + str(first / "taef2_encoder.pth") in result.stderr
+
+
+def test_checksum_mismatch_and_no_verify(vae, shared_weights, small_image, tmp_path, monkeypatch):
+    sd = torch.load(shared_weights / "taef2_encoder.pth", weights_only=True)
+    torch.save({k: v.float() for k, v in sd.items()}, tmp_path / "taef2_encoder.pth")  # same values, other bytes
+    monkeypatch.setenv("VAE_WEIGHTS_DIR", str(tmp_path))
+    digest = weights.sha256_of(tmp_path / "taef2_encoder.pth")
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent")
+    assert result.exit_code == 1
+    assert _error_line(result) == (
+        f"Error: checksum mismatch for {tmp_path / 'taef2_encoder.pth'}: expected sha256 "
+        f"10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6, got {digest} "
+        f"(replace the file, or pass --no-verify to use it anyway)")
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--no-verify")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_user_named_weights_are_not_checksummed(vae, shared_weights, small_image, tmp_path):
+    sd = torch.load(shared_weights / "taef2_encoder.pth", weights_only=True)
+    torch.save({k: v.float() for k, v in sd.items()}, tmp_path / "finetuned.pth")
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", tmp_path / "finetuned.pth")
+    assert result.exit_code == 0, result.stderr
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_is_never_executed(vae, small_image, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"0.weight": Exploit()}, f, protocol=2)
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", evil)
+    assert result.exit_code == 1
+    assert _error_line(result).startswith(f"Error: cannot load weights from {evil}: ")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_wrong_architecture_gives_key_summary(vae, random_taesd, small_image, tmp_path):
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights",
+                 random_taesd / "original" / "taesd_encoder.pth")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert line.startswith(f"Error: {random_taesd / 'original' / 'taesd_encoder.pth'} as the taef2 encoder "
+                           f"does not fit: 12 missing: 11.pool.0.weight, 11.pool.1.weight, 11.pool.1.bias (+9 more); "
+                           f"2 mismatched (file vs model): 14.weight (4, 64, 3, 3) vs (32, 64, 3, 3), ")
+
+
+def test_foreign_checkpoint_keys(vae, small_image, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, str(tmp_path / "unet.safetensors"))
+    result = vae("encode", small_image, "--weights", tmp_path / "unet.safetensors")
+    assert result.exit_code == 1
+    assert _error_line(result) == (
+        f"Error: {tmp_path / 'unet.safetensors'} is not a tiny-autoencoder checkpoint: unexpected key "
+        f"'model.diffusion_model.x' (expected taesd.py keys like '0.weight' or diffusers keys like "
+        f"'encoder.layers.0.weight')")
+
+
+def test_diffusers_config_with_wrong_channels(vae, random_taesd, small_image, tmp_path):
+    result = vae("encode", small_image, "--model", "taef2", "--weights", random_taesd / "diffusers")
+    assert result.exit_code == 1
+    assert _error_line(result) == (f"Error: expected 32 latent channels for taef2, got 4 in "
+                                   f"{random_taesd / 'diffusers' / 'config.json'}")
+
+
+def test_weights_folder_without_files(vae, small_image, tmp_path):
+    (tmp_path / "w").mkdir()
+    result = vae("encode", small_image, "--weights", tmp_path / "w")
+    assert result.exit_code == 1
+    assert _error_line(result) == (f"Error: no weights for taef2 in folder {tmp_path / 'w'}: expected one of "
+                                   f"taef2_encoder.pth, taef2_decoder.pth, diffusion_pytorch_model.safetensors")
+
+
+def test_nonexistent_weights_path(vae, small_image, tmp_path):
+    result = vae("encode", small_image, "--weights", tmp_path / "nope.pth")
+    assert result.exit_code == 1
+    assert _error_line(result) == f"Error: weights path not found: {tmp_path / 'nope.pth'}"
+
+
+def test_taesd_via_cli_with_random_weights(vae, random_taesd, small_image, tmp_path):
+    lat = tmp_path / "x.latent"
+    result = vae("encode", small_image, "-o", lat, "--model", "taesd", "--weights", random_taesd / "diffusers")
+    assert result.exit_code == 0, result.stderr
+    result = vae("decode", lat, "-o", tmp_path / "x.png", "--weights", random_taesd / "original")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip() == f"{lat} -> {tmp_path / 'x.png'}  taesd 61x45"

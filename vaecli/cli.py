@@ -1,0 +1,308 @@
+"""The `vae` command line: parses options, wires the library together, prints results.
+
+torch is imported only inside commands that compute, so `vae --help` and `vae models` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaecli import __version__
+from vaecli.errors import UsageError, VaeError
+from vaecli.registry import DEFAULT_MODEL, REGISTRY
+
+app = typer.Typer(
+    name="vae",
+    help="Move images into diffusion-model latents and back: encode, decode, roundtrip.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelName = Enum("ModelName", {name: name for name in REGISTRY}, type=str)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Alpha(str, Enum):
+    white = "white"
+    black = "black"
+    drop = "drop"
+
+
+class LatentFormat(str, Enum):
+    safetensors = "safetensors"
+    png = "png"
+
+
+LATENT_EXTS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}
+
+OutputOpt = Annotated[Optional[Path], typer.Option(
+    "-o", "--output", help="Output file, or a folder for several inputs (default: beside each input).")]
+WeightsOpt = Annotated[Optional[list[Path]], typer.Option(
+    "-w", "--weights", help="Weights file or folder (original .pth, diffusers folder or .safetensors); "
+    "repeat for encoder and decoder files. Default: search VAE_WEIGHTS_DIR, weights/, ~/.cache/vaecli.")]
+NoVerifyOpt = Annotated[bool, typer.Option(
+    "--no-verify", help="Use weights found on the search path even if their SHA-256 does not match.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to compute.")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute dtype.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON object per input on stdout; human messages go to stderr.")]
+AlphaOpt = Annotated[Alpha, typer.Option(
+    "--alpha", help="Transparent images: composite on white or black, or drop the alpha channel.")]
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _fail(exc: VaeError) -> typer.Exit:
+    _say(f"Error: {exc}")
+    return typer.Exit(exc.exit_code)
+
+
+def _each(inputs: list[Path], outputs: list[Optional[Path]], as_json: bool,
+          work: Callable[[Path, Optional[Path]], tuple[str, dict]]) -> None:
+    """Run `work` per input, reporting each; exit 1 if any input failed, 0 otherwise."""
+    failed = 0
+    for src, dst in zip(inputs, outputs, strict=True):
+        record: dict = {"input": str(src), "output": str(dst) if dst else None, "status": "ok", "error": None}
+        try:
+            line, extra = work(src, dst)
+            record.update(extra)
+            _say(line)
+        except VaeError as exc:
+            failed += 1
+            msg = str(exc)
+            msg = msg if msg.startswith(str(src)) else f"{src}: {msg}"
+            record.update(status="error", error=msg, output=None)
+            _say(f"Error: {msg}")
+        if as_json:
+            typer.echo(json.dumps(record))
+    if failed:
+        if len(inputs) > 1:
+            _say(f"{failed} of {len(inputs)} inputs failed")
+        raise typer.Exit(1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vaecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """vaecli: a latent codec for diffusion autoencoders (TAESD family; default model taef2)."""
+
+
+def _latent_format(output: Optional[Path], n_inputs: int, fmt: Optional[LatentFormat]) -> str:
+    from vaecli.files import is_folder_target
+
+    if output is not None and not is_folder_target(output, n_inputs):
+        by_ext = LATENT_EXTS.get(output.suffix.lower())
+        if by_ext is None:
+            raise UsageError(f"-o {output}: expected a latent file ending in .latent, .safetensors or .png")
+        if fmt is not None and fmt.value != by_ext:
+            raise UsageError(f"--format {fmt.value} disagrees with the output name {output}")
+        return by_ext
+    return fmt.value if fmt else "safetensors"
+
+
+@app.command()
+def encode(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, BMP, TIFF).")],
+    output: OutputOpt = None,
+    model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
+    = DEFAULT_MODEL,
+    weights: WeightsOpt = None,
+    fmt: Annotated[Optional[LatentFormat], typer.Option(
+        "--format", help="Latent file format (default: from the -o extension, else safetensors).")] = None,
+    alpha: AlphaOpt = Alpha.white,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode images into latents (.latent/.safetensors with metadata, or 8-bit .png)."""
+    from vaecli import latents, media
+    from vaecli.codec import load_codec
+    from vaecli.files import plan_outputs
+
+    try:
+        kind = _latent_format(output, len(inputs), fmt)
+        ext = ".latent.png" if kind == "png" else ".latent"
+        outputs = plan_outputs(inputs, output, lambda p: p.stem + ext)
+        codec = load_codec(model.value, weights, ("encoder",), device.value, dtype.value, not no_verify)
+    except VaeError as exc:
+        raise _fail(exc) from None
+    save = latents.save_png if kind == "png" else latents.save_safetensors
+
+    def work(src: Path, dst: Path) -> tuple[str, dict]:
+        pixels, info = media.read_image(src, alpha.value)
+        latent, meta = codec.encode_image(pixels, info.size)
+        save(dst, latent, meta)
+        shape = list(latent.shape)
+        return f"{src} -> {dst}  {codec.spec.name} latent {shape}", {"model": codec.spec.name, "shape": shape}
+
+    _each(inputs, outputs, as_json, work)
+
+
+@app.command()
+def decode(
+    inputs: Annotated[list[Path], typer.Argument(help="Latent files written by 'vae encode'.")],
+    output: OutputOpt = None,
+    model: Annotated[Optional[ModelName], typer.Option(
+        "-m", "--model", help="Decode with this model instead of the one named in the latent's metadata.")] = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode latent files back to images (format from the -o extension: PNG, JPEG, WebP, BMP, TIFF)."""
+    from vaecli import latents, media
+    from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
+    from vaecli.errors import InputError
+    from vaecli.files import plan_outputs, strip_suffixes
+
+    try:
+        outputs = plan_outputs(inputs, output, lambda p: strip_suffixes(p, ".latent") + ".png")
+        for out in outputs:
+            media.check_output_extension(out)
+    except VaeError as exc:
+        raise _fail(exc) from None
+    codecs: dict[str, Codec] = {}
+
+    def work(src: Path, dst: Path) -> tuple[str, dict]:
+        latent, meta = latents.load_latent(src)
+        name = model.value if model else str(meta.get("model"))
+        if name not in REGISTRY:
+            raise InputError(f"{src}: made by model '{name}', which this vaecli does not know; pass --model")
+        check_latent_fits(get_spec(name), latent, meta)
+        if name not in codecs:
+            codecs[name] = load_codec(name, weights, ("decoder",), device.value, dtype.value, not no_verify)
+        pixels = codecs[name].decode_latent(latent, meta)
+        media.write_image(dst, pixels)
+        size = [pixels.shape[-1], pixels.shape[-2]]
+        return f"{src} -> {dst}  {name} {size[0]}x{size[1]}", {"model": name, "size": size}
+
+    _each(inputs, outputs, as_json, work)
+
+
+@app.command()
+def roundtrip(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files to pass through the autoencoder.")],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Write reconstructions here: a file, or a folder for several inputs "
+        "(default: only report the metrics).")] = None,
+    model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
+    = DEFAULT_MODEL,
+    weights: WeightsOpt = None,
+    via: Annotated[LatentFormat, typer.Option(
+        "--via", help="'png' quantizes the latent through the 8-bit PNG latent scheme, as a saved PNG latent "
+        "would be.")] = LatentFormat.safetensors,
+    alpha: AlphaOpt = Alpha.white,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode and decode images, reporting PSNR and SSIM of the reconstruction against the input."""
+    import torch
+
+    from vaecli import latents, media, metrics
+    from vaecli.codec import load_codec
+    from vaecli.files import plan_outputs
+
+    try:
+        outputs: list = plan_outputs(inputs, output, lambda p: p.stem + ".png") if output else [None] * len(inputs)
+        for out in outputs:
+            if out is not None:
+                media.check_output_extension(out)
+        codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify)
+    except VaeError as exc:
+        raise _fail(exc) from None
+
+    def work(src: Path, dst: Optional[Path]) -> tuple[str, dict]:
+        pixels, info = media.read_image(src, alpha.value)
+        latent, meta = codec.encode_image(pixels, info.size)
+        if via == LatentFormat.png:
+            latent = latents.quantize_png(latent)
+        recon = codec.decode_latent(latent, meta)
+        recon = torch.from_numpy(media.to_uint8(recon)).permute(2, 0, 1)[None].float() / 255
+        p, s = metrics.psnr(recon, pixels), metrics.ssim(recon, pixels)
+        if dst is not None:
+            media.write_image(dst, recon)
+        where = f" -> {dst}" if dst else ""
+        return (f"{src}{where}  PSNR {p:.2f} dB  SSIM {s:.4f}",
+                {"model": codec.spec.name, "psnr": round(p, 4), "ssim": round(s, 5)})
+
+    _each(inputs, outputs, as_json, work)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model on stdout.")] = False,
+    manifest: Annotated[bool, typer.Option(
+        "--manifest", help="Print the manifest of known weights files (weights/manifest.tsv).")] = False,
+) -> None:
+    """List the models vaecli knows, their latent shape rule, and whether their weights are found."""
+    from vaecli.registry import manifest_lines
+    from vaecli.weights import find_on_search_path
+
+    if manifest:
+        typer.echo("\n".join(manifest_lines()))
+        return
+    for spec in REGISTRY.values():
+        status = {}
+        for wf in spec.weights:
+            try:
+                status[wf.role] = str(find_on_search_path(spec, wf))
+            except VaeError as exc:
+                status[wf.role] = None if "not found" in str(exc) else "checksum mismatch"
+        f = spec.spatial_factor
+        rule = f"{spec.latent_channels} x H/{f} x W/{f}"
+        if as_json:
+            typer.echo(json.dumps({"name": spec.name, "family": spec.family, "channels": spec.latent_channels,
+                                   "spatial_factor": f, "latent_shape": rule, "weights": status,
+                                   "default": spec.name == DEFAULT_MODEL, "description": spec.description}))
+            continue
+        found = [r for r, s in status.items() if s and s != "checksum mismatch"]
+        state = "found" if len(found) == len(status) else "missing" if not found else "partial"
+        if "checksum mismatch" in status.values():
+            state = "checksum mismatch"
+        if not spec.config.has_decoder and found:
+            state += " (encoder only)"
+        default = " (default)" if spec.name == DEFAULT_MODEL else ""
+        typer.echo(f"{spec.name:<8} {rule:<18} {state:<24} {spec.description}{default}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _say("Interrupted")
+        sys.exit(130)

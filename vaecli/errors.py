@@ -1,0 +1,29 @@
+"""Typed, user-facing errors; only the CLI turns them into `Error: ...` lines and exit codes."""
+
+
+class VaeError(Exception):
+    """Base class: the message is one line a user can act on."""
+
+    exit_code = 1
+
+
+class UsageError(VaeError):
+    """The command line asks for something impossible (exit code 2)."""
+
+    exit_code = 2
+
+
+class InputError(VaeError):
+    """An input file is missing, unreadable or not what was expected."""
+
+
+class WeightsError(VaeError):
+    """Weights are missing, fail their checksum, or do not fit the model."""
+
+
+class LatentFormatError(InputError):
+    """A latent file is truncated, foreign, or for a different model."""
+
+
+class OutputError(VaeError):
+    """An output cannot be written (or would overwrite an input)."""

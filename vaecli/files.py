@@ -1,0 +1,72 @@
+"""Atomic output files and output-path planning: nothing half-written, no input overwritten."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from vaecli.errors import OutputError, UsageError
+
+
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; outputs get the permissions an ordinary open() would give them.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temp file beside `dest`, then rename it over `dest`; on any failure remove it."""
+    dest = Path(dest)
+    if dest.is_dir():
+        raise OutputError(f"{dest}: is a folder, expected an output file path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, dest)
+    except BaseException:  # also KeyboardInterrupt/SystemExit: never leave a partial file
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_folder_target(output: Path, n_inputs: int) -> bool:
+    """Whether `-o output` names a folder: several inputs, an existing folder, a trailing slash, or no extension."""
+    if n_inputs > 1 or output.is_dir() or str(output).endswith(("/", os.sep)):
+        return True
+    return not output.exists() and output.suffix == ""
+
+
+def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path], str]) -> list[Path]:
+    """One output path per input: beside it, at `output` (a file), or inside `output` (a folder)."""
+    if output is None:
+        outs = [p.parent / name(p) for p in inputs]
+    elif is_folder_target(output, len(inputs)):
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"-o {output}: expected a folder for {len(inputs)} inputs, got a file")
+        outs = [output / name(p) for p in inputs]
+    else:
+        outs = [output]
+    seen: dict[Path, Path] = {}
+    resolved_inputs = {p.resolve() for p in inputs}
+    for src, out in zip(inputs, outs, strict=True):
+        r = out.resolve()
+        if r in resolved_inputs:
+            raise OutputError(f"refusing to overwrite input {src} (choose another -o)")
+        if r in seen:
+            raise UsageError(f"inputs {seen[r]} and {src} would both write {out}")
+        seen[r] = src
+    return outs
+
+
+def strip_suffixes(path: Path, *suffixes: str) -> str:
+    """File name of `path` without its extension and without a trailing `.latent`-style marker."""
+    stem = path.stem
+    for s in suffixes:
+        if stem.endswith(s):
+            stem = stem[: -len(s)]
+    return stem

@@ -1,0 +1,168 @@
+"""Latent files: `.safetensors` with self-describing metadata, and 8-bit RGBA PNG mosaics (TAESD scheme)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from vaecli.errors import LatentFormatError
+from vaecli.files import atomic_write
+
+FORMAT = "vaecli-latent"
+VERSION = 1
+LATENT_MAGNITUDE = 3.0  # TAESD's PNG scheme maps [-3, 3] onto [0, 1]
+LATENT_SHIFT = 0.5
+PNG_KEY = "vaecli"
+STRING_KEYS = frozenset({"format", "model", "space", "dtype"})  # stored as plain strings, not JSON
+SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
+
+
+def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, int, int], dtype: str) -> dict:
+    """Metadata for a latent made by `spec` from an image of `image_size` (W, H) padded by `padding`."""
+    return {
+        "format": FORMAT, "version": VERSION, "model": spec.name, "channels": spec.latent_channels,
+        "spatial_factor": spec.spatial_factor, "space": spec.latent_space,
+        "scaling_factor": spec.scaling_factor, "shift_factor": spec.shift_factor,
+        "image_size": list(image_size), "padding": list(padding), "dtype": dtype,
+    }
+
+
+def _check_latent(latent: torch.Tensor, meta: dict, source: str) -> None:
+    if latent.dim() != 3:
+        raise LatentFormatError(f"{source}: expected a (C, h, w) latent, got shape {list(latent.shape)}")
+    if "channels" in meta and latent.shape[0] != int(meta["channels"]):
+        raise LatentFormatError(f"{source}: metadata says {meta['channels']} channels, tensor has {latent.shape[0]}")
+
+
+def save_safetensors(path: Path, latent: torch.Tensor, meta: dict) -> None:
+    """Write a (C, h, w) latent and its metadata (JSON-encoded values) to a `.safetensors` file atomically."""
+    from safetensors.torch import save_file
+
+    _check_latent(latent, meta, str(path))
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    tensor = latent.detach().to("cpu").contiguous()
+    atomic_write(Path(path), lambda tmp: save_file({"latent": tensor}, str(tmp), metadata=header))
+
+
+def _quantize(latent: torch.Tensor) -> torch.Tensor:
+    return latent.float().div(2 * LATENT_MAGNITUDE).add(LATENT_SHIFT).clamp(0, 1).mul(255).round()
+
+
+def _dequantize(q: torch.Tensor) -> torch.Tensor:
+    return q.div(255).sub(LATENT_SHIFT).mul(2 * LATENT_MAGNITUDE)
+
+
+def _grid(groups: int) -> tuple[int, int]:
+    # The factor pair closest to square, wider than tall: 8 groups -> 2 rows x 4 columns.
+    rows = max(r for r in range(1, int(math.isqrt(groups)) + 1) if groups % r == 0)
+    return rows, groups // rows
+
+
+def save_png(path: Path, latent: torch.Tensor, meta: dict) -> None:
+    """Write a (C, h, w) latent as an RGBA uint8 PNG: `clamp(x / 6 + 0.5, 0, 1) * 255`, 4-channel groups in a grid."""
+    _check_latent(latent, meta, str(path))
+    c, h, w = latent.shape
+    groups = -(-c // 4)
+    rows, cols = _grid(groups)
+    q = _quantize(latent.detach().cpu())
+    q = torch.cat([q, torch.full((groups * 4 - c, h, w), 128.0)])  # pad to whole groups with zero latents
+    mosaic = q.reshape(rows, cols, 4, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 4)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, json.dumps({**meta, "grid": [rows, cols], "latent_shape": [c, h, w]}))
+    img = Image.fromarray(mosaic.to(torch.uint8).numpy(), "RGBA")
+    atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
+
+
+def quantize_png(latent: torch.Tensor) -> torch.Tensor:
+    """A (C, h, w) latent as it comes back from a PNG latent file (8-bit TAESD scheme), same dtype."""
+    return _dequantize(_quantize(latent)).to(latent.dtype)
+
+
+def _decode_meta(raw: dict, source: str) -> dict:
+    meta = {}
+    for k, v in raw.items():
+        if k in STRING_KEYS and isinstance(v, str):
+            meta[k] = v
+            continue
+        try:
+            meta[k] = json.loads(v)
+        except (TypeError, ValueError):
+            meta[k] = v
+    if meta.get("format") != FORMAT:
+        raise LatentFormatError(f"{source}: not a vaecli latent file (no '{FORMAT}' format metadata)")
+    if int(meta.get("version", 0)) > VERSION:
+        raise LatentFormatError(f"{source}: latent format version {meta['version']} is newer than this vaecli "
+                                f"understands ({VERSION}); upgrade vaecli")
+    return meta
+
+
+def _load_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            keys = list(f.keys())
+            if raw.get("format") != FORMAT:
+                raise LatentFormatError(f"{path}: not a vaecli latent file (a safetensors file with tensors "
+                                        f"{', '.join(keys[:3])}{'...' if len(keys) > 3 else ''} and no "
+                                        f"'{FORMAT}' metadata)")
+            if "latent" not in keys:
+                raise LatentFormatError(f"{path}: no 'latent' tensor in the file")
+            latent = f.get_tensor("latent")
+    except LatentFormatError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for truncated/foreign files
+        raise LatentFormatError(f"{path}: truncated or corrupt safetensors file ({str(exc)[:120]})") from None
+    meta = _decode_meta(raw, str(path))
+    _check_latent(latent, meta, str(path))
+    return latent, meta
+
+
+def _load_png(path: Path) -> tuple[torch.Tensor, dict]:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            text = img.info.get(PNG_KEY)
+            if text is None:
+                raise LatentFormatError(f"{path}: a PNG without vaecli latent metadata (is it an image? "
+                                        f"use 'vae encode' on images)")
+            if img.mode != "RGBA":
+                raise LatentFormatError(f"{path}: expected an RGBA latent PNG, got mode {img.mode}")
+            arr = np.asarray(img)
+    except LatentFormatError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise LatentFormatError(f"{path}: truncated or corrupt PNG ({exc})") from None
+    meta = _decode_meta({k: v for k, v in json.loads(text).items()}, str(path)) if text.startswith("{") else None
+    if meta is None:
+        raise LatentFormatError(f"{path}: unreadable vaecli metadata")
+    rows, cols = meta.pop("grid")
+    c, h, w = meta.pop("latent_shape")
+    if arr.shape != (rows * h, cols * w, 4):
+        raise LatentFormatError(f"{path}: mosaic is {arr.shape[1]}x{arr.shape[0]}, expected "
+                                f"{cols * w}x{rows * h} for a {c}x{h}x{w} latent")
+    q = torch.from_numpy(arr.copy()).float().reshape(rows, h, cols, w, 4).permute(0, 2, 4, 1, 3)
+    latent = _dequantize(q.reshape(rows * cols * 4, h, w)[:c])
+    return latent, meta
+
+
+def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
+    """Read a latent file (safetensors or PNG, told apart by content) as a (C, h, w) tensor and its metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise LatentFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise LatentFormatError(f"{path}: is a folder, expected a latent file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x89PNG"):
+        return _load_png(path)
+    if len(head) == 8 and 2 <= int.from_bytes(head, "little") <= SAFETENSORS_MAGIC_MAX_HEADER:
+        return _load_safetensors(path)
+    raise LatentFormatError(f"{path}: not a latent file (expected .safetensors or a vaecli latent PNG)")

@@ -1,0 +1,128 @@
+"""Image I/O with Pillow, and padding/cropping to a model's spatial factor."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vaecli.errors import InputError, UsageError
+from vaecli.files import atomic_write
+
+DEFAULT_MAX_PIXELS = 1 << 28  # 16384 x 16384; above this an image is refused as a likely decompression bomb
+ALPHA_MODES = ("white", "black", "drop")
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                  ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def max_pixels() -> int:
+    """Largest pixel count an input image may have (`$VAE_MAX_PIXELS`, default 2**28)."""
+    value = os.environ.get("VAE_MAX_PIXELS", "")
+    return int(value) if value.isdigit() else DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What was read: source size (W, H), Pillow mode and whether an alpha channel was flattened."""
+
+    size: tuple[int, int]
+    mode: str
+    had_alpha: bool
+
+
+def _to_float_rgb(img: Image.Image, alpha: str) -> tuple[np.ndarray, bool]:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0, 1).astype(np.float32)
+        return np.repeat(arr[..., None], 3, axis=2), False
+    if mode == "F":
+        arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+        return np.repeat(arr[..., None], 3, axis=2), False
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        rgb, a = rgba[..., :3], rgba[..., 3:]
+        if alpha == "white":
+            rgb = rgb * a + (1.0 - a)
+        elif alpha == "black":
+            rgb = rgb * a
+        return np.ascontiguousarray(rgb), True
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, False
+
+
+def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInfo]:
+    """Read an image file as (1, 3, H, W) float32 in [0, 1], EXIF orientation applied, alpha flattened."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected an image file")
+    limit = max_pixels()
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow checks the header's size on open, before decoding any pixel data.
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                arr, had_alpha = _to_float_rgb(img, alpha)
+                mode = img.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: image is over the limit of {limit} pixels "
+                         f"(set VAE_MAX_PIXELS to allow larger images)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: truncated or corrupt image ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+    return pixels, ImageInfo(size=(arr.shape[1], arr.shape[0]), mode=mode, had_alpha=had_alpha)
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) or (3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded to nearest."""
+    if pixels.dim() == 4:
+        pixels = pixels[0]
+    return pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def check_output_extension(path: Path) -> str:
+    """Pillow format name for an output image path, or a UsageError naming the supported extensions."""
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"cannot write images as '{Path(path).suffix or path}': "
+                         f"expected one of {', '.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
+def write_image(path: Path, pixels: torch.Tensor) -> None:
+    """Write (1, 3, H, W) float in [0, 1] atomically, format from the extension (JPEG/WebP at quality 95)."""
+    fmt = check_output_extension(path)
+    img = Image.fromarray(to_uint8(pixels), "RGB")
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    atomic_write(Path(path), lambda tmp: img.save(tmp, format=fmt, **options))
+
+
+def pad_to_multiple(pixels: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Pad (B, C, H, W) on the right/bottom to multiples of `factor` (reflect; replicate when too small)."""
+    h, w = pixels.shape[-2:]
+    pad_b, pad_r = (-h) % factor, (-w) % factor
+    if pad_b == 0 and pad_r == 0:
+        return pixels, (0, 0, 0, 0)
+    mode = "reflect" if pad_b < h and pad_r < w else "replicate"
+    return F.pad(pixels, (0, pad_r, 0, pad_b), mode=mode), (0, 0, pad_r, pad_b)
+
+
+def crop(pixels: torch.Tensor, size: tuple[int, int], padding: tuple[int, int, int, int]) -> torch.Tensor:
+    """Undo `pad_to_multiple`: crop (B, C, H, W) to `size` (W, H) after the `padding` (left, top, right, bottom)."""
+    left, top = padding[0], padding[1]
+    return pixels[..., top: top + size[1], left: left + size[0]]

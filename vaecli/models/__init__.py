@@ -1,0 +1,1 @@
+"""Autoencoder networks, one self-contained file per family."""

@@ -1,0 +1,99 @@
+"""TAESD-family tiny autoencoders (taesd, taesdxl, taesd3, taef1, taef2, taesana).
+
+Layer indices follow the original `taesd.py` Sequentials, so the published `*_encoder.pth` /
+`*_decoder.pth` state dicts load with a plain strict `load_state_dict` into `.encoder` / `.decoder`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vaecli.registry import TinyConfig
+
+
+def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
+    """3x3 convolution with 'same' padding."""
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class Clamp(nn.Module):
+    """Soft clamp of latents to (-3, 3), as the decoders were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) any range -> same shape in (-3, 3)."""
+        return torch.tanh(x / 3) * 3
+
+
+class Block(nn.Module):
+    """Residual block; with `midblock_gn` a 1x1-conv/GroupNorm branch is added first (TAEF2)."""
+
+    def __init__(self, n_in: int, n_out: int, midblock_gn: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU()
+        self.pool = None
+        if midblock_gn:
+            # GroupNorm pools statistics over the whole image: the only non-local op in the family.
+            n_gn = 4 * n_in
+            self.pool = nn.Sequential(
+                nn.Conv2d(n_in, n_gn, 1, bias=False), nn.GroupNorm(4, n_gn), nn.ReLU(),
+                nn.Conv2d(n_gn, n_in, 1, bias=False),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_in, H, W) -> (B, n_out, H, W)."""
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+def make_encoder(cfg: TinyConfig) -> nn.Sequential:
+    """Encoder: pixels (B, 3, H, W) in [0, 1] -> latents (B, C, H/f, W/f)."""
+    w, gn = cfg.width, cfg.midblock_gn
+    if cfg.encoder_stem:
+        stem: list[nn.Module] = []
+        n_in = 3
+        for n_out in cfg.encoder_stem:
+            stem += [conv(n_in, n_out, stride=2), nn.ReLU()]
+            n_in = n_out
+    else:
+        stem = [conv(3, w)]
+    return nn.Sequential(
+        *stem, Block(w, w),
+        conv(w, w, stride=2, bias=False), Block(w, w), Block(w, w), Block(w, w),
+        conv(w, w, stride=2, bias=False), Block(w, w), Block(w, w), Block(w, w),
+        conv(w, w, stride=2, bias=False), Block(w, w, gn), Block(w, w, gn), Block(w, w, gn),
+        conv(w, cfg.latent_channels),
+    )
+
+
+def make_decoder(cfg: TinyConfig) -> nn.Sequential:
+    """Decoder: latents (B, C, h, w) -> pixels (B, 3, 8h, 8w), roughly in [0, 1] (not clamped)."""
+    w, gn = cfg.width, cfg.midblock_gn
+    return nn.Sequential(
+        Clamp(), conv(cfg.latent_channels, w), nn.ReLU(),
+        Block(w, w, gn), Block(w, w, gn), Block(w, w, gn), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
+        Block(w, w), Block(w, w), Block(w, w), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
+        Block(w, w), Block(w, w), Block(w, w), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
+        Block(w, w), conv(w, 3),
+    )
+
+
+class TinyAutoencoder(nn.Module):
+    """A TAESD-family autoencoder; either half may be absent (e.g. TAESana has no decoder)."""
+
+    def __init__(self, cfg: TinyConfig, encoder: bool = True, decoder: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = make_encoder(cfg) if encoder else None
+        self.decoder = make_decoder(cfg) if decoder and cfg.has_decoder else None
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1], H and W multiples of the spatial factor -> latents (B, C, H/f, W/f)."""
+        return self.encoder(pixels)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) clamped to [0, 1]."""
+        return self.decoder(latents).clamp(0, 1)

@@ -1,0 +1,83 @@
+"""Finding weights files on the search path, verifying their checksums, and loading them safely."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from vaecli.errors import WeightsError
+from vaecli.registry import ModelSpec, WeightFile
+
+ENV_VAR = "VAE_WEIGHTS_DIR"
+PROJECT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for weights (`$XDG_CACHE_HOME/vaecli` or `~/.cache/vaecli`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vaecli"
+
+
+def search_path() -> list[Path]:
+    """Folders searched for weights by file name, in order: `$VAE_WEIGHTS_DIR`, project `weights/`, cache."""
+    dirs = [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    return dirs + [PROJECT_WEIGHTS, cache_dir()]
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_on_search_path(spec: ModelSpec, wf: WeightFile, verify: bool = True) -> Path:
+    """Path of `wf` on the search path, checksum-verified against the registry unless `verify` is False."""
+    dirs = search_path()
+    for d in dirs:
+        path = d / wf.name
+        if path.is_file():
+            if verify and wf.sha256 is not None:
+                digest = sha256_of(path)
+                if digest != wf.sha256:
+                    raise WeightsError(
+                        f"checksum mismatch for {path}: expected sha256 {wf.sha256}, got {digest} "
+                        f"(replace the file, or pass --no-verify to use it anyway)"
+                    )
+            return path
+    looked = ", ".join(str(d) for d in dirs)
+    raise WeightsError(
+        f"{wf.name} ({spec.name} {wf.role}) not found; looked in: {looked}; "
+        f"download it from {wf.url} into one of those folders, or pass --weights PATH"
+    )
+
+
+def load_state_dict(path: Path) -> dict:
+    """Tensors of a `.safetensors` or PyTorch (`.pth`/`.pt`/`.ckpt`) file, loaded without unpickling code."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.is_dir():
+        raise WeightsError(f"expected a weights file, got a folder: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    try:
+        if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:  # PyTorch zip or legacy pickle: only tensors and plain containers are unpickled
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for foreign/corrupt files
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot load weights from {path}: {msg[:200]}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return sd
