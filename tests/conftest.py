@@ -117,3 +117,62 @@ def random_taesd(tmp_path_factory) -> Path:
     torch.save(enc, root / "original" / "taesd_encoder.pth")
     torch.save(dec, root / "original" / "taesd_decoder.pth")
     return root
+
+
+def diffusers_kl(name: str, seed: int = 0):
+    """A diffusers reference model for registry entry `name` at its production channel configuration,
+    with seeded random weights (FLUX.2: random batch-norm statistics too)."""
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+
+    from vaecli.registry import REGISTRY
+
+    cfg = REGISTRY[name].config
+    widths = tuple(cfg.channels * m for m in cfg.channel_mult)
+    torch.manual_seed(seed)
+    common = dict(block_out_channels=widths, latent_channels=cfg.latent_channels, layers_per_block=cfg.num_res_blocks,
+                  use_quant_conv=cfg.quant_conv, use_post_quant_conv=cfg.quant_conv)
+    if cfg.batch_norm:
+        model = AutoencoderKLFlux2(**common)
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    else:
+        n = len(widths)
+        model = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                              scaling_factor=REGISTRY[name].scaling_factor,
+                              shift_factor=REGISTRY[name].shift_factor, **common)
+    with torch.no_grad():  # non-trivial GroupNorm affines, so a swapped norm would show
+        for key, p in model.named_parameters():
+            if "norm" in key:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def kl_files(tmp_path_factory):
+    """Factory: random-weight checkpoints for a KL registry entry, in diffusers and original layouts.
+
+    Returns {"diffusers": folder, "ldm": bare LDM/BFL file, "full": full-checkpoint file with the
+    `first_stage_model.` prefix, saved in fp16}; made once per model name.
+    """
+    from safetensors.torch import save_file
+
+    from vaecli.checkpoints import kl_state_dict
+
+    made: dict = {}
+
+    def make(name: str) -> dict:
+        if name not in made:
+            root = tmp_path_factory.mktemp(f"kl-{name}")
+            model = diffusers_kl(name)
+            model.save_pretrained(root / "diffusers")
+            ldm = kl_state_dict(model.state_dict(), len(model.config.block_out_channels), "test")
+            save_file({k: v.contiguous() for k, v in ldm.items()}, str(root / "ldm.safetensors"))
+            full = {f"first_stage_model.{k}": v.half().contiguous() if v.is_floating_point() else v
+                    for k, v in ldm.items()}
+            full["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4)
+            save_file(full, str(root / "full.safetensors"))
+            made[name] = {"diffusers": root / "diffusers", "ldm": root / "ldm.safetensors",
+                          "full": root / "full.safetensors", "reference": model}
+        return made[name]
+
+    return make

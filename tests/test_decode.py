@@ -152,3 +152,65 @@ def test_newer_format_version_is_refused(vae, latent_file, tmp_path):
     assert result.exit_code == 1
     assert _only_error_line(result) == (f"Error: {future}: latent format version 99 is newer than this vaecli "
                                         f"understands (1); upgrade vaecli")
+
+
+# --- KL models and latent spaces --------------------------------------------------------------------------
+
+def test_decode_kl_latent_uses_metadata(vae, kl_files, small_image, tmp_path):
+    files = kl_files("sd15")
+    lat = tmp_path / "x.latent"
+    assert vae("encode", small_image, "-o", lat, "--model", "sd15", "--weights", files["diffusers"]).exit_code == 0
+    result = vae("decode", lat, "-o", tmp_path / "x.png", "--weights", files["diffusers"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip() == f"{lat} -> {tmp_path / 'x.png'}  sd15 61x45"
+
+
+@pytest.mark.parametrize("space", ["scaled", "raw"])
+def test_decode_inverts_the_recorded_space(vae, kl_files, small_image, tmp_path, space):
+    files = kl_files("flux1")
+    ref = files["reference"]
+    lat = tmp_path / "x.latent"
+    result = vae("encode", small_image, "-o", lat, "--model", "flux1", "--weights", files["ldm"],
+                 "--latent-space", space)
+    assert result.exit_code == 0, result.stderr
+    from vaecli.codec import load_codec
+
+    codec = load_codec("flux1", [files["ldm"]], device="cpu")
+    latent, meta = load_latent(lat)
+    pixels = codec.decode_latent(latent, meta)
+    raw = latent if space == "raw" else latent / 0.3611 + 0.1159
+    with torch.inference_mode():
+        expected = ((ref.decode(raw[None]).sample + 1) / 2).clamp(0, 1)[..., :45, :61]
+    assert (pixels - expected).abs().max().item() <= 1e-4
+
+
+def test_normalized_latent_needs_flux2(vae, kl_files, small_image, tmp_path):
+    files = kl_files("flux2")
+    lat = tmp_path / "n.latent"
+    result = vae("encode", small_image, "-o", lat, "--model", "flux2", "--weights", files["diffusers"],
+                 "--latent-space", "normalized")
+    assert result.exit_code == 0, result.stderr
+    latent, meta = load_latent(lat)
+    assert list(latent.shape) == [128, 3, 4] and meta["padding"] == [0, 0, 3, 3]
+    result = vae("decode", lat, "-o", tmp_path / "x.png", "--model", "taef2")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {lat}: 'normalized' latents (made by flux2) need FLUX.2's "
+                                        f"batch-norm statistics: decode with --model flux2, not taef2")
+    result = vae("decode", lat, "-o", tmp_path / "x.png", "--weights", files["diffusers"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_tiny_decoder_previews_a_kl_latent(vae, kl_files, random_taesd, small_image, tmp_path):
+    """A scaled sd15 latent decodes with taesd as is; a raw one is scaled first, giving the same picture."""
+    files = kl_files("sd15")
+    for space in ("scaled", "raw"):
+        assert vae("encode", small_image, "-o", tmp_path / f"{space}.latent", "--model", "sd15",
+                   "--weights", files["diffusers"], "--latent-space", space).exit_code == 0
+        result = vae("decode", tmp_path / f"{space}.latent", "-o", tmp_path / f"{space}.png", "--model", "taesd",
+                     "--weights", random_taesd / "original")
+        assert result.exit_code == 0, result.stderr
+    import numpy as np
+
+    a = np.asarray(Image.open(tmp_path / "scaled.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "raw.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from tests.conftest import make_image
@@ -27,7 +28,7 @@ def test_encode_writes_safetensors_with_metadata(vae, real_weights, small_image,
     assert json.loads(meta["image_size"]) == [61, 45]
     assert json.loads(meta["padding"]) == [0, 0, 3, 3]
     assert meta["dtype"] == "fp32"
-    assert meta["space"] == "native"
+    assert meta["space"] == "raw"
 
 
 def test_encode_png_format_by_extension(vae, real_weights, small_image, tmp_path):
@@ -195,3 +196,55 @@ def test_two_inputs_mapping_to_one_output(vae, real_weights, tmp_path):
     result = vae("encode", a, b, "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert _only_error_line(result) == f"Error: inputs {a} and {b} would both write {tmp_path / 'out' / 'same.latent'}"
+
+
+# --- KL models (random weights in the official layouts) -------------------------------------------------
+
+def test_encode_kl_scaled_by_default(vae, kl_files, small_image, tmp_path):
+    files = kl_files("sd15")
+    out = tmp_path / "x.latent"
+    result = vae("encode", small_image, "-o", out, "--model", "sd15", "--weights", files["ldm"])
+    assert result.exit_code == 0, result.stderr
+    latent, meta = load_latent(out)
+    assert list(latent.shape) == [4, 6, 8]
+    assert (meta["space"], meta["scaling_factor"], meta["shift_factor"]) == ("scaled", 0.18215, 0.0)
+
+
+def test_encode_kl_raw_and_sample(vae, kl_files, small_image, tmp_path):
+    files = kl_files("flux1")
+    args = ["encode", small_image, "--model", "flux1", "--weights", files["diffusers"]]
+    assert vae(*args, "-o", tmp_path / "scaled.latent").exit_code == 0
+    assert vae(*args, "-o", tmp_path / "raw.latent", "--latent-space", "raw").exit_code == 0
+    assert vae(*args, "-o", tmp_path / "s1.latent", "--sample", "--seed", "3").exit_code == 0
+    assert vae(*args, "-o", tmp_path / "s2.latent", "--sample", "--seed", "3").exit_code == 0
+    scaled, meta = load_latent(tmp_path / "scaled.latent")
+    raw, raw_meta = load_latent(tmp_path / "raw.latent")
+    assert raw_meta["space"] == "raw" and (raw_meta["scaling_factor"], raw_meta["shift_factor"]) == (1.0, 0.0)
+    assert torch.allclose(scaled, (raw - 0.1159) * 0.3611, atol=1e-6)
+    s1, m1 = load_latent(tmp_path / "s1.latent")
+    s2, _ = load_latent(tmp_path / "s2.latent")
+    assert torch.equal(s1, s2) and not torch.equal(s1, scaled)
+    assert m1["sample_seed"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "sd15", "--latent-space", "normalized"],
+     "Error: sd15 cannot write 'normalized' latents: expected one of scaled, raw"),
+    (["--sample"], "Error: taef2 is deterministic: --sample needs a KL model"),
+    (["--seed", "1"], "Error: --seed only applies with --sample"),
+])
+def test_encode_option_errors(vae, kl_files, real_weights, small_image, tmp_path, args, message):
+    weights = ["--weights", kl_files("sd15")["diffusers"]] if "sd15" in args else []
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", *args, *weights)
+    assert result.exit_code == 2
+    assert _only_error_line(result) == message
+    assert not (tmp_path / "x.latent").exists()
+
+
+def test_kl_checkpoint_for_another_model(vae, kl_files, small_image, tmp_path):
+    result = vae("encode", small_image, "--model", "flux1", "--weights", kl_files("sd15")["ldm"])
+    assert result.exit_code == 1
+    line = _only_error_line(result)
+    assert line.startswith(f"Error: {kl_files('sd15')['ldm']} as the flux1 encoder does not fit: 2 unexpected: "
+                           f"quant_conv.bias, quant_conv.weight; 2 mismatched (file vs model): "
+                           f"encoder.conv_out.weight (8, 512, 3, 3) vs (32, 512, 3, 3)")

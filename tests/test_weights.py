@@ -94,8 +94,9 @@ def test_wrong_architecture_gives_key_summary(vae, random_taesd, small_image, tm
     assert result.exit_code == 1
     line = _error_line(result)
     assert line.startswith(f"Error: {random_taesd / 'original' / 'taesd_encoder.pth'} as the taef2 encoder "
-                           f"does not fit: 12 missing: 11.pool.0.weight, 11.pool.1.weight, 11.pool.1.bias (+9 more); "
-                           f"2 mismatched (file vs model): 14.weight (4, 64, 3, 3) vs (32, 64, 3, 3), ")
+                           f"does not fit: 12 missing: encoder.11.pool.0.weight, encoder.11.pool.1.weight, "
+                           f"encoder.11.pool.1.bias (+9 more); "
+                           f"2 mismatched (file vs model): encoder.14.weight (4, 64, 3, 3) vs (32, 64, 3, 3), ")
 
 
 def test_foreign_checkpoint_keys(vae, small_image, tmp_path):

@@ -77,19 +77,25 @@ def _check_diffusers_config(spec: ModelSpec, config: Path) -> None:
         )
 
 
-def tiny_state_dicts(spec: ModelSpec, paths: list[Path]) -> dict[str, tuple[dict, Path]]:
-    """Encoder/decoder state dicts (original keys) found in user-named files or folders, with their source."""
+def model_state_dict(spec: ModelSpec, sd: dict, source: str) -> dict:
+    """A checkpoint's tensors in any layout known for `spec`'s family, renamed to vaecli's module keys."""
+    if spec.family == "tiny":
+        halves = split_tiny_state_dict(sd, source)
+        return {f"{role}.{k}": v for role, part in halves.items() for k, v in part.items()}
+    return kl_state_dict(sd, len(spec.config.channel_mult), source)
+
+
+def read_weights(spec: ModelSpec, path: Path) -> dict:
+    """Tensors from a user-named weights file or folder, in vaecli's module keys for `spec`."""
     from vaecli.weights import load_state_dict
 
-    found: dict[str, tuple[dict, Path]] = {}
-    for p in paths:
-        p = Path(p).expanduser()
-        if not p.exists():
-            raise WeightsError(f"weights path not found: {p}")
-        for f in _folder_files(spec, p) if p.is_dir() else [p]:
-            for role, sd in split_tiny_state_dict(load_state_dict(f), str(f)).items():
-                found[role] = (sd, f)
-    return found
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights path not found: {path}")
+    out: dict = {}
+    for f in _folder_files(spec, path) if path.is_dir() else [path]:
+        out.update(model_state_dict(spec, load_state_dict(f), str(f)))
+    return out
 
 
 def load_strict(module, sd: dict, what: str) -> None:
@@ -108,3 +114,50 @@ def load_strict(module, sd: dict, what: str) -> None:
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
         raise WeightsError(f"{what} does not fit: {'; '.join(parts)}")
     module.load_state_dict(sd, strict=True)
+
+
+# --- KL family ------------------------------------------------------------------------------------------
+
+_KL_PREFIXES = ("first_stage_model.", "vae.")  # full SD checkpoints; some single-file exports
+
+
+def _diffusers_kl_key(key: str, n_levels: int) -> str:
+    """One diffusers AutoencoderKL key in LDM/BFL names (`decoder.up_blocks.0` is the deepest level, `up.3`)."""
+    k = key
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)$", k)
+    if m:
+        level = n_levels - 1 - int(m.group(1))
+        k = (f"decoder.up.{level}.block.{m.group(3)}.{m.group(4)}" if m.group(2) == "resnets"
+             else f"decoder.up.{level}.upsample.{m.group(4)}")
+    k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.",
+               lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.", k)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # current and pre-0.14 names
+    m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", k)
+    if m and m.group(2) in attn:
+        k = f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
+    k = k.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
+    return k
+
+
+def kl_state_dict(sd: dict, n_levels: int, source: str) -> dict:
+    """A KL autoencoder state dict in any known layout (diffusers, LDM, BFL, full checkpoint) in LDM/BFL keys."""
+    for prefix in _KL_PREFIXES:
+        if any(k.startswith(prefix + "encoder.") or k.startswith(prefix + "decoder.") for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    if not any(k.startswith(("encoder.", "decoder.")) for k in sd):
+        sample = ", ".join(list(sd)[:2])
+        raise WeightsError(f"{source} is not an autoencoder checkpoint: no encoder./decoder. keys "
+                           f"(found {sample or 'no tensors'})")
+    if not any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in sd):
+        return dict(sd)
+    out = {}
+    for key, value in sd.items():
+        new = _diffusers_kl_key(key, n_levels)
+        if ".mid.attn_1." in new and new.endswith(".weight") and value.dim() == 2:
+            value = value[:, :, None, None]  # diffusers stores the attention projections as Linear
+        out[new] = value
+    return out

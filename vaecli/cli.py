@@ -48,6 +48,12 @@ class Alpha(str, Enum):
     drop = "drop"
 
 
+class Space(str, Enum):
+    scaled = "scaled"
+    raw = "raw"
+    normalized = "normalized"
+
+
 class LatentFormat(str, Enum):
     safetensors = "safetensors"
     png = "png"
@@ -139,6 +145,12 @@ def encode(
     weights: WeightsOpt = None,
     fmt: Annotated[Optional[LatentFormat], typer.Option(
         "--format", help="Latent file format (default: from the -o extension, else safetensors).")] = None,
+    space: Annotated[Optional[Space], typer.Option(
+        "--latent-space", help="KL models: 'scaled' = (mean - shift) * scale, what the denoiser consumes (default); "
+        "'raw' = the posterior itself; 'normalized' = FLUX.2's 2x2-patchified, batch-normed latents.")] = None,
+    sample: Annotated[bool, typer.Option(
+        "--sample", help="KL models: draw from the posterior instead of taking its mean.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (reproducible draws).")] = None,
     alpha: AlphaOpt = Alpha.white,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
@@ -154,14 +166,17 @@ def encode(
         kind = _latent_format(output, len(inputs), fmt)
         ext = ".latent.png" if kind == "png" else ".latent"
         outputs = plan_outputs(inputs, output, lambda p: p.stem + ext)
+        if seed is not None and not sample:
+            raise UsageError("--seed only applies with --sample")
         codec = load_codec(model.value, weights, ("encoder",), device.value, dtype.value, not no_verify)
+        codec.check_encode_options(space.value if space else None, sample)
     except VaeError as exc:
         raise _fail(exc) from None
     save = latents.save_png if kind == "png" else latents.save_safetensors
 
     def work(src: Path, dst: Path) -> tuple[str, dict]:
         pixels, info = media.read_image(src, alpha.value)
-        latent, meta = codec.encode_image(pixels, info.size)
+        latent, meta = codec.encode_image(pixels, info.size, space.value if space else None, sample, seed)
         save(dst, latent, meta)
         shape = list(latent.shape)
         return f"{src} -> {dst}  {codec.spec.name} latent {shape}", {"model": codec.spec.name, "shape": shape}
@@ -293,7 +308,7 @@ def models(
         state = "found" if len(found) == len(status) else "missing" if not found else "partial"
         if "checksum mismatch" in status.values():
             state = "checksum mismatch"
-        if not spec.config.has_decoder and found:
+        if not spec.has_decoder and found:
             state += " (encoder only)"
         default = " (default)" if spec.name == DEFAULT_MODEL else ""
         typer.echo(f"{spec.name:<8} {rule:<18} {state:<24} {spec.description}{default}")

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from vaecli import media
-from vaecli.checkpoints import load_strict, tiny_state_dicts
-from vaecli.errors import LatentFormatError, UsageError, WeightsError
+from vaecli.checkpoints import load_strict, model_state_dict, read_weights
+from vaecli.errors import LatentFormatError, UsageError
 from vaecli.latents import make_metadata
+from vaecli.models.kl import KLAutoencoder
 from vaecli.models.tiny import TinyAutoencoder
 from vaecli.registry import REGISTRY, ModelSpec
 from vaecli.weights import find_on_search_path, load_state_dict
@@ -50,7 +51,7 @@ class Codec:
     """A loaded model on a device, ready to encode (B, 3, H, W) pixels in [0, 1] and decode latents."""
 
     spec: ModelSpec
-    model: TinyAutoencoder
+    model: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
 
@@ -59,33 +60,100 @@ class Codec:
         """The compute dtype's short name (fp32/fp16/bf16)."""
         return next(k for k, v in DTYPES.items() if v == self.dtype)
 
-    def encode_image(self, pixels: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-        """(1, 3, H, W) in [0, 1] -> a (C, h, w) latent and its metadata (padding recorded for the decode)."""
+    def check_encode_options(self, space: str | None, sample: bool) -> str:
+        """The latent space to write (default: the model's own); a UsageError if this model can't do it."""
+        space = space or self.spec.latent_space
+        if space not in self.spec.spaces:
+            raise UsageError(f"{self.spec.name} cannot write '{space}' latents: expected one of "
+                             f"{', '.join(self.spec.spaces)}")
+        if sample and self.spec.family == "tiny":
+            raise UsageError(f"{self.spec.name} is deterministic: --sample needs a KL model")
+        return space
+
+    def encode_image(self, pixels: torch.Tensor, size: tuple[int, int], space: str | None = None,
+                     sample: bool = False, seed: int | None = None) -> tuple[torch.Tensor, dict]:
+        """(1, 3, H, W) in [0, 1] -> a (C, h, w) latent in `space` and its metadata (padding recorded)."""
         if self.model.encoder is None:
             raise UsageError(f"{self.spec.name} has no encoder loaded")
-        padded, padding = media.pad_to_multiple(pixels, self.spec.spatial_factor)
+        space = self.check_encode_options(space, sample)
+        patch = self.spec.config.patch_size if space == "normalized" else 1
+        padded, padding = media.pad_to_multiple(pixels, self.spec.spatial_factor * patch)
         with torch.inference_mode():
-            latent = self.model.encode(padded.to(self.device, self.dtype))
-        return latent[0], make_metadata(self.spec, size, padding, self.dtype_name)
+            x = padded.to(self.device, self.dtype)
+            if self.spec.family == "tiny":
+                raw = self.model.encode(x)
+            else:
+                gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+                raw = self.model.encode(x, generator=gen, sample=sample)
+            latent = self._from_raw(raw, space)
+        meta = make_metadata(self.spec, size, padding, self.dtype_name, space, latent.shape[1])
+        if sample:
+            meta["sample_seed"] = seed
+        return latent[0], meta
 
     def decode_latent(self, latent: torch.Tensor, meta: dict) -> torch.Tensor:
         """A (C, h, w) latent with its metadata -> (1, 3, H, W) pixels in [0, 1], cropped to the source size."""
         if self.model.decoder is None:
             raise UsageError(f"{self.spec.name} has no decoder" + (f" ({self.spec.notes})" if self.spec.notes else ""))
         check_latent_fits(self.spec, latent, meta)
+        dec_dtype = next(self.model.decoder.parameters()).dtype  # fp32 when the model forces an upcast
         with torch.inference_mode():
-            pixels = self.model.decode(latent[None].to(self.device, self.dtype)).float().cpu()
+            z = self._to_input(latent[None].to(self.device, torch.float32), meta)
+            pixels = self.model.decode(z.to(dec_dtype)).float().cpu()
         size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
         padding = tuple(meta.get("padding") or (0, 0, 0, 0))
         return media.crop(pixels, size, padding)
+
+    def _from_raw(self, raw: torch.Tensor, space: str) -> torch.Tensor:
+        if space == self.spec.latent_space and self.spec.family == "tiny":
+            return raw  # a tiny model already produces its family's denoiser space
+        if space == "scaled":
+            return (raw - self.spec.shift_factor) * self.spec.scaling_factor
+        if space == "normalized":
+            return self.model.normalize(raw)
+        return raw
+
+    def _to_input(self, z: torch.Tensor, meta: dict) -> torch.Tensor:
+        """A latent in the space its metadata names -> what this model's decoder consumes."""
+        space = meta.get("space", self.spec.latent_space)
+        if self.spec.family == "tiny" and space == self.spec.latent_space and (
+                space != "scaled" or (meta.get("scaling_factor"), meta.get("shift_factor", 0.0))
+                == (self.spec.scaling_factor, self.spec.shift_factor)):
+            return z
+        if space == "scaled":
+            raw = z / float(meta["scaling_factor"]) + float(meta.get("shift_factor", 0.0))
+        elif space == "normalized":
+            raw = self.model.denormalize(z)
+        else:
+            raw = z
+        if self.spec.family == "tiny" and self.spec.latent_space == "scaled":
+            return (raw - self.spec.shift_factor) * self.spec.scaling_factor
+        return raw
 
 
 def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None:
     """Raise a LatentFormatError when a (C, h, w) latent cannot be decoded by `spec`."""
     made_by = f" (made by {meta['model']})" if meta.get("model") and meta["model"] != spec.name else ""
-    if latent.shape[0] != spec.latent_channels:
-        raise LatentFormatError(f"expected {spec.latent_channels} latent channels for {spec.name}, "
+    space = meta.get("space", spec.latent_space)
+    if space == "normalized" and not getattr(spec.config, "batch_norm", False):
+        raise LatentFormatError(f"'normalized' latents{made_by} need FLUX.2's batch-norm statistics: "
+                                f"decode with --model flux2, not {spec.name}")
+    if (space == "native") != (spec.latent_space == "native") or (space == "native" and made_by):
+        raise LatentFormatError(f"{spec.name} cannot decode '{space}' latents{made_by}")
+    expected = spec.latent_channels * (spec.config.patch_size ** 2 if space == "normalized" else 1)
+    if latent.shape[0] != expected:
+        raise LatentFormatError(f"expected {expected} latent channels for {spec.name}, "
                                 f"got {latent.shape[0]}{made_by}")
+
+
+HALVES = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}
+
+
+def build_model(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> torch.nn.Module:
+    """An uninitialised network for `spec` with the requested halves."""
+    if spec.family == "tiny":
+        return TinyAutoencoder(spec.config, encoder=encoder, decoder=decoder)
+    return KLAutoencoder(spec.config, encoder=encoder, decoder=decoder)
 
 
 def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, ...] = ("encoder", "decoder"),
@@ -94,20 +162,28 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
     spec = get_spec(name)
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}': expected one of {', '.join(DTYPES)}")
-    if "decoder" in roles and not spec.config.has_decoder:
+    if "decoder" in roles and not spec.has_decoder:
         raise UsageError(f"{spec.name} has no decoder ({spec.notes})")
     dev = resolve_device(device)
-    found = tiny_state_dicts(spec, list(weights or []))
-    model = TinyAutoencoder(spec.config, encoder="encoder" in roles, decoder="decoder" in roles)
+    sd: dict = {}
+    sources: list[str] = []
+    for path in weights or []:
+        sd.update(read_weights(spec, path))
+        sources.append(str(path))
     for role in roles:
-        if role in found:
-            sd, source = found[role]
-        else:
+        if not any(k.startswith(f"{role}.") for k in sd):
             wf = spec.weight(role)
-            if wf is None:
-                raise WeightsError(f"{spec.name} has no {role} weights")
-            source = find_on_search_path(spec, wf, verify=verify)
-            sd = load_state_dict(source)
-        load_strict(getattr(model, role), sd, f"{source} as the {spec.name} {role}")
+            path = find_on_search_path(spec, wf, verify=verify)
+            if str(path) not in sources:
+                sd.update(model_state_dict(spec, load_state_dict(path), str(path)))
+                sources.append(str(path))
+    absent = [prefix for half, prefixes in HALVES.items() if half not in roles for prefix in prefixes]
+    sd = {k: v for k, v in sd.items() if not k.startswith(tuple(absent))}
+    model = build_model(spec, encoder="encoder" in roles, decoder="decoder" in roles)
+    load_strict(model, sd, f"{' + '.join(sources)} as the {spec.name} {' and '.join(roles)}")
     model = model.to(dev, DTYPES[dtype]).eval()
+    if spec.force_upcast and dtype == "fp16" and model.decoder is not None:
+        model.decoder.float()
+        if getattr(model, "post_quant_conv", None) is not None:
+            model.post_quant_conv.float()
     return Codec(spec=spec, model=model, device=dev, dtype=DTYPES[dtype])

@@ -22,12 +22,17 @@ STRING_KEYS = frozenset({"format", "model", "space", "dtype"})  # stored as plai
 SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
 
 
-def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, int, int], dtype: str) -> dict:
+def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, int, int], dtype: str,
+                  space: str | None = None, channels: int | None = None) -> dict:
     """Metadata for a latent made by `spec` from an image of `image_size` (W, H) padded by `padding`."""
+    space = space or spec.latent_space
+    scaled = space == "scaled"
+    patch = spec.config.patch_size if space == "normalized" else 1
     return {
-        "format": FORMAT, "version": VERSION, "model": spec.name, "channels": spec.latent_channels,
-        "spatial_factor": spec.spatial_factor, "space": spec.latent_space,
-        "scaling_factor": spec.scaling_factor, "shift_factor": spec.shift_factor,
+        "format": FORMAT, "version": VERSION, "model": spec.name, "channels": channels or spec.latent_channels,
+        "spatial_factor": spec.spatial_factor * patch, "space": space,
+        "scaling_factor": spec.scaling_factor if scaled else 1.0,
+        "shift_factor": spec.shift_factor if scaled else 0.0,
         "image_size": list(image_size), "padding": list(padding), "dtype": dtype,
     }
 

@@ -88,7 +88,7 @@ class TinyAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = make_encoder(cfg) if encoder else None
-        self.decoder = make_decoder(cfg) if decoder and cfg.has_decoder else None
+        self.decoder = make_decoder(cfg) if decoder else None
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of the spatial factor -> latents (B, C, H/f, W/f)."""

@@ -1,0 +1,116 @@
+"""Numerical parity of the KL family with diffusers (AutoencoderKL, AutoencoderKLFlux2) on random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import diffusers_kl
+from vaecli.checkpoints import kl_state_dict
+from vaecli.codec import build_model, load_codec
+from vaecli.registry import REGISTRY
+
+KL_MODELS = [name for name, spec in REGISTRY.items() if spec.family == "kl"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    torch.manual_seed(3)
+    return torch.rand(1, 3, 48, 64)
+
+
+@pytest.mark.parametrize("name", KL_MODELS)
+def test_every_kl_entry_matches_diffusers(name, pixels):
+    """Encode (posterior mean and log-variance) and decode, at the production channel configuration."""
+    spec = REGISTRY[name]
+    ref = diffusers_kl(name)
+    ours = build_model(spec).eval()
+    ours.load_state_dict(kl_state_dict(ref.state_dict(), len(spec.config.channel_mult), name), strict=True)
+    with torch.inference_mode():
+        post = ref.encode(pixels * 2 - 1).latent_dist
+        mean, logvar = ours.moments(pixels)
+        assert mean.shape == (1, spec.latent_channels, 6, 8)
+        assert (mean - post.mean).abs().max().item() <= TOL
+        assert (logvar - post.logvar).abs().max().item() <= TOL
+        ref_pixels = ((ref.decode(post.mean).sample + 1) / 2).clamp(0, 1)
+        assert (ours.decode(post.mean) - ref_pixels).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux1", "flux2"])
+@pytest.mark.parametrize("layout", ["diffusers", "ldm", "full"])
+def test_checkpoint_layouts_load_to_the_same_model(kl_files, name, layout, pixels):
+    files = kl_files(name)
+    ref = files["reference"]
+    codec = load_codec(name, [files[layout]], device="cpu")
+    spec = REGISTRY[name]
+    with torch.inference_mode():
+        latent, meta = codec.encode_image(pixels, (64, 48))
+        mean = ref.encode(pixels * 2 - 1).latent_dist.mean
+        expected = (mean - spec.shift_factor) * spec.scaling_factor  # diffusers' convention
+        tol = TOL if layout != "full" else 2e-2  # the full checkpoint is stored in fp16
+        assert (latent - expected[0]).abs().max().item() <= tol
+        decoded = codec.decode_latent(latent, meta)
+        ref_pixels = ((ref.decode(mean).sample + 1) / 2).clamp(0, 1)
+        assert (decoded - ref_pixels).abs().max().item() <= (TOL if layout != "full" else 5e-2)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd3", "flux2"])
+def test_original_layout_is_what_diffusers_converter_reads(name):
+    """The LDM/BFL file vaecli reads is mapped back to the identical diffusers state dict by diffusers' converter."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    ref = diffusers_kl(name)
+    ldm = kl_state_dict(ref.state_dict(), 4, name)
+    back = convert_ldm_vae_checkpoint(ldm, dict(ref.config))
+    ref_sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("bn.")}
+    back = {k: v for k, v in back.items() if not k.startswith("bn.")}
+    assert set(back) == set(ref_sd)
+    for k, v in ref_sd.items():
+        assert torch.equal(back[k].reshape(v.shape), v), k
+
+
+def test_flux2_normalized_space_matches_pipeline(kl_files, pixels):
+    """FLUX.2's opt-in latent space is the pipeline's patchify + batch-norm normalization, and inverts exactly."""
+    files = kl_files("flux2")
+    ref = files["reference"]
+    codec = load_codec("flux2", [files["diffusers"]], device="cpu")
+    with torch.inference_mode():
+        latent, meta = codec.encode_image(pixels, (64, 48), space="normalized")
+        assert meta["space"] == "normalized" and meta["channels"] == 128 and meta["spatial_factor"] == 16
+        mean = ref.encode(pixels * 2 - 1).latent_dist.mean
+        b, c, h, w = mean.shape
+        patched = mean.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+        bn_mean = ref.bn.running_mean.view(1, -1, 1, 1)
+        bn_std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + ref.config.batch_norm_eps)
+        assert (latent - ((patched - bn_mean) / bn_std)[0]).abs().max().item() <= TOL
+        raw, _ = codec.encode_image(pixels, (64, 48), space="raw")
+        back = codec.model.denormalize(latent[None])[0]
+        assert (back - raw).abs().max().item() <= 1e-5
+        decoded = codec.decode_latent(latent, meta)
+        ref_pixels = ((ref.decode(mean).sample + 1) / 2).clamp(0, 1)
+        assert (decoded - ref_pixels).abs().max().item() <= TOL
+
+
+def test_sampling_is_seeded_and_follows_the_posterior(kl_files, pixels):
+    codec = load_codec("sd15", [kl_files("sd15")["diffusers"]], roles=("encoder",), device="cpu")
+    a, meta = codec.encode_image(pixels, (64, 48), sample=True, seed=7)
+    b, _ = codec.encode_image(pixels, (64, 48), sample=True, seed=7)
+    c, _ = codec.encode_image(pixels, (64, 48), sample=True, seed=8)
+    mode, _ = codec.encode_image(pixels, (64, 48))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert meta["sample_seed"] == 7
+    mean, logvar = codec.model.moments(pixels)
+    gen = torch.Generator().manual_seed(7)
+    expected = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * 0.18215
+    assert (a - expected[0]).abs().max().item() <= 1e-5
+    assert not torch.equal(a, mode)
+
+
+def test_fp16_upcast_for_sdxl(kl_files):
+    files = kl_files("sd15")  # same architecture as sdxl
+    codec = load_codec("sdxl", [files["diffusers"]], device="cpu", dtype="fp16")
+    assert next(codec.model.encoder.parameters()).dtype == torch.float16
+    assert next(codec.model.decoder.parameters()).dtype == torch.float32
+    fixed = load_codec("sdxl-fp16-fix", [files["diffusers"]], device="cpu", dtype="fp16")
+    assert next(fixed.model.decoder.parameters()).dtype == torch.float16
