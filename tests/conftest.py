@@ -122,7 +122,7 @@ def random_taesd(tmp_path_factory) -> Path:
 def diffusers_kl(name: str, seed: int = 0):
     """A diffusers reference model for registry entry `name` at its production channel configuration,
     with seeded random weights (FLUX.2: random batch-norm statistics too)."""
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLTemporalDecoder
 
     from vaecli.registry import REGISTRY
 
@@ -131,7 +131,10 @@ def diffusers_kl(name: str, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(block_out_channels=widths, latent_channels=cfg.latent_channels, layers_per_block=cfg.num_res_blocks,
                   use_quant_conv=cfg.quant_conv, use_post_quant_conv=cfg.quant_conv)
-    if cfg.batch_norm:
+    if cfg.temporal_decoder:
+        del common["use_quant_conv"], common["use_post_quant_conv"]
+        model = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * len(widths), **common)
+    elif cfg.batch_norm:
         model = AutoencoderKLFlux2(**common)
         model.bn.running_mean.normal_()
         model.bn.running_var.uniform_(0.5, 2.0)
@@ -142,7 +145,7 @@ def diffusers_kl(name: str, seed: int = 0):
                               shift_factor=REGISTRY[name].shift_factor, **common)
     with torch.no_grad():  # non-trivial GroupNorm affines, so a swapped norm would show
         for key, p in model.named_parameters():
-            if "norm" in key:
+            if "norm" in key or "mix_factor" in key:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 

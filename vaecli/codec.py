@@ -104,6 +104,29 @@ class Codec:
         padding = tuple(meta.get("padding") or (0, 0, 0, 0))
         return media.crop(pixels, size, padding)
 
+    def decode_frames(self, latents: torch.Tensor, meta: dict, chunk: int | None = None) -> torch.Tensor:
+        """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1], decoded `chunk` frames at a time.
+
+        A temporal decoder (SVD) mixes the frames within each chunk, as diffusers' `decode_chunk_size` does.
+        """
+        if self.model.decoder is None:
+            raise UsageError(f"{self.spec.name} has no decoder")
+        chunk = chunk or latents.shape[0]
+        if chunk < 1:
+            raise UsageError(f"--chunk must be at least 1, got {chunk}")
+        dec_dtype = next(self.model.decoder.parameters()).dtype
+        out = []
+        with torch.inference_mode():
+            for i in range(0, latents.shape[0], chunk):
+                part = latents[i:i + chunk]
+                check_latent_fits(self.spec, part[0], meta)
+                z = self._to_input(part.to(self.device, torch.float32), meta).to(dec_dtype)
+                frames = self.model.decode(z, part.shape[0]) if self.spec.family == "kl" else self.model.decode(z)
+                out.append(frames.float().cpu())
+        pixels = torch.cat(out)
+        size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
+        return media.crop(pixels, size, tuple(meta.get("padding") or (0, 0, 0, 0)))
+
     def _from_raw(self, raw: torch.Tensor, space: str) -> torch.Tensor:
         if space == self.spec.latent_space and self.spec.family == "tiny":
             return raw  # a tiny model already produces its family's denoiser space

@@ -52,6 +52,7 @@ class KLConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     quant_conv: bool = True  # SD 1/2/XL and FLUX.2 have 1x1 quant/post-quant convs; SD3 and FLUX.1 do not
+    post_quant_conv: bool | None = None  # None: same as quant_conv (SVD has a quant_conv only)
     batch_norm: bool = False  # FLUX.2: batch-norm statistics of the patchified latents
     patch_size: int = 1
     batch_norm_eps: float = 1e-4
@@ -186,6 +187,9 @@ REGISTRY.update({
                "sd3_vae.safetensors", HF + "stabilityai/stable-diffusion-3-medium-diffusers", **SD3_SCALING),
     "flux1": _kl("flux1", "FLUX.1 autoencoder (16 ch)", KLConfig(latent_channels=16, quant_conv=False),
                  "ae.safetensors", HF + "black-forest-labs/FLUX.1-schnell", **FLUX1_SCALING),
+    "svd": _kl("svd", "Stable Video Diffusion VAE (temporal decoder mixes frames)",
+               KLConfig(latent_channels=4, post_quant_conv=False, temporal_decoder=True), "svd_vae.safetensors",
+               HF + "stabilityai/stable-video-diffusion-img2vid-xt", **SD_SCALING),
     "flux2": _kl("flux2", "FLUX.2 autoencoder (32 ch; --latent-space normalized: 2x2 patches, batch-norm)",
                  KLConfig(latent_channels=32, batch_norm=True, patch_size=2), "flux2_ae.safetensors",
                  HF + "black-forest-labs/FLUX.2-dev", **FLUX2_SCALING),

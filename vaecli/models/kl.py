@@ -170,9 +170,17 @@ class KLAutoencoder(nn.Module):
         self.cfg = cfg
         c = cfg.latent_channels
         self.encoder = Encoder(cfg) if encoder else None
-        self.decoder = Decoder(cfg) if decoder else None
+        self.decoder = None
+        if decoder:
+            if cfg.temporal_decoder:
+                from vaecli.models.temporal import TemporalDecoder
+
+                self.decoder = TemporalDecoder(cfg)
+            else:
+                self.decoder = Decoder(cfg)
+        post_quant = cfg.quant_conv if cfg.post_quant_conv is None else cfg.post_quant_conv
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.quant_conv and encoder else None
-        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.quant_conv and decoder else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if post_quant and decoder else None
         # FLUX.2: running statistics of the 2x2-patchified latents, used to normalize them for the denoiser.
         p = cfg.patch_size
         self.bn = (nn.BatchNorm2d(c * p * p, eps=cfg.batch_norm_eps, affine=False)
@@ -195,11 +203,18 @@ class KLAutoencoder(nn.Module):
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + torch.exp(0.5 * logvar) * noise
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents (B, C, h, w) -> pixels (B, 3, f*h, f*w) clamped to [0, 1]."""
+    def decode(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Raw latents (B, C, h, w) -> pixels (B, 3, f*h, f*w) clamped to [0, 1].
+
+        A temporal decoder treats the batch as clips of `num_frames` consecutive frames (default: one clip).
+        """
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return ((self.decoder(z) + 1) / 2).clamp(0, 1)
+        if self.cfg.temporal_decoder:
+            pixels = self.decoder(z, num_frames or z.shape[0])
+        else:
+            pixels = self.decoder(z)
+        return ((pixels + 1) / 2).clamp(0, 1)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """FLUX.2: raw (B, C, h, w) -> patchified, batch-norm-normalized (B, 4C, h/2, w/2), as the denoiser takes."""
