@@ -25,7 +25,7 @@ demo: venv
 	@echo "outputs: $$(ls out/astronaut.* | tr '\n' ' ')"
 
 lint: venv
-	$(BIN)/ruff check vaecli tests
+	$(BIN)/ruff check vaecli tests bench
 
 test: venv lint
 	$(BIN)/python -m pytest -q

@@ -191,34 +191,59 @@ def decode(
     model: Annotated[Optional[ModelName], typer.Option(
         "-m", "--model", help="Decode with this model instead of the one named in the latent's metadata.")] = None,
     weights: WeightsOpt = None,
+    chunk: Annotated[int, typer.Option("--chunk", help="Latent videos: frames decoded at a time (SVD mixes "
+                                                     "frames within a chunk).")] = 8,
+    as_frames: Annotated[bool, typer.Option(
+        "--as-frames", help="Latent videos: write a folder of PNG frames (frame_000000.png, ...).")] = False,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Decode latent files back to images (format from the -o extension: PNG, JPEG, WebP, BMP, TIFF)."""
-    from vaecli import latents, media
+    """Decode latent files back to images (PNG, JPEG, WebP, BMP, TIFF) or latent videos to clips (by -o extension)."""
+    from vaecli import clips, latents, media, video
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
     from vaecli.errors import InputError
     from vaecli.files import plan_outputs, strip_suffixes
 
+    def default_name(p: Path) -> str:
+        try:
+            is_video = latents.read_metadata(p).get("kind") == "video"
+        except VaeError:
+            is_video = False  # reported when the input itself is processed
+        return strip_suffixes(p, ".latent") + ("" if as_frames else ".mp4" if is_video else ".png")
+
     try:
-        outputs = plan_outputs(inputs, output, lambda p: strip_suffixes(p, ".latent") + ".png")
+        outputs = plan_outputs(inputs, output, default_name)
         for out in outputs:
-            media.check_output_extension(out)
+            if out.suffix.lower() not in media.OUTPUT_FORMATS:
+                video.check_video_output(out, as_frames)
     except VaeError as exc:
         raise _fail(exc) from None
     codecs: dict[str, Codec] = {}
 
+    def codec_for(name: str) -> Codec:
+        if name not in codecs:
+            codecs[name] = load_codec(name, weights, ("decoder",), device.value, dtype.value, not no_verify)
+        return codecs[name]
+
     def work(src: Path, dst: Path) -> tuple[str, dict]:
-        latent, meta = latents.load_latent(src)
+        meta = latents.read_metadata(src)
         name = model.value if model else str(meta.get("model"))
         if name not in REGISTRY:
             raise InputError(f"{src}: made by model '{name}', which this vaecli does not know; pass --model")
+        if meta.get("kind") == "video":
+            if dst.suffix.lower() in media.OUTPUT_FORMATS and not as_frames:
+                raise InputError(f"{src}: a latent video; write it as .mp4, .mov, .mkv, .webm, .gif "
+                                 f"or use --as-frames")
+            info = clips.decode_clip(codec_for(name), src, dst, chunk, as_frames)
+            return (f"{src} -> {dst}  {name} {info['frames']} frames {info['size'][0]}x{info['size'][1]} "
+                    f"@ {info['fps']:g} fps", {"model": name, **info})
+        if dst.suffix.lower() not in media.OUTPUT_FORMATS or as_frames:
+            raise InputError(f"{src}: an image latent; write it as {', '.join(media.OUTPUT_FORMATS)}")
+        latent, meta = latents.load_latent(src)
         check_latent_fits(get_spec(name), latent, meta)
-        if name not in codecs:
-            codecs[name] = load_codec(name, weights, ("decoder",), device.value, dtype.value, not no_verify)
-        pixels = codecs[name].decode_latent(latent, meta)
+        pixels = codec_for(name).decode_latent(latent, meta)
         media.write_image(dst, pixels)
         size = [pixels.shape[-1], pixels.shape[-2]]
         return f"{src} -> {dst}  {name} {size[0]}x{size[1]}", {"model": name, "size": size}
@@ -275,6 +300,72 @@ def roundtrip(
                 {"model": codec.spec.name, "psnr": round(p, 4), "ssim": round(s, 5)})
 
     _each(inputs, outputs, as_json, work)
+
+
+@app.command("video")
+def video_cmd(
+    source: Annotated[Path, typer.Argument(help="A clip ffmpeg can read: mp4, mov, webm, mkv, gif, ...")],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Latent video file (.latent/.safetensors; default: beside the clip).")] = None,
+    frames: Annotated[Optional[int], typer.Option(
+        "--frames", help="Encode at most this many frames (a clip that ends sooner is encoded to its end).")] = None,
+    start: Annotated[int, typer.Option("--start", help="First source frame (0-based).")] = 0,
+    stride: Annotated[int, typer.Option("--stride", help="Keep every K-th frame.")] = 1,
+    fps: Annotated[Optional[float], typer.Option(
+        "--fps", help="Resample to this frame rate instead of --stride.")] = None,
+    model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
+    = DEFAULT_MODEL,
+    weights: WeightsOpt = None,
+    chunk: Annotated[int, typer.Option(
+        "--chunk", help="Frames encoded (and decoded) at a time; SVD's temporal decoder mixes frames within "
+        "a chunk, like diffusers' decode_chunk_size.")] = 8,
+    roundtrip: Annotated[bool, typer.Option(
+        "--roundtrip", help="Also decode the latents, write the reconstructed clip and report PSNR per frame.")]
+    = False,
+    recon: Annotated[Optional[Path], typer.Option(
+        "--recon", help="Where --roundtrip writes the clip (default: <output>.recon.mp4).")] = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode a video clip into a latent video [frames, channels, h, w], streaming (audio is not carried)."""
+    from vaecli import clips, video
+    from vaecli.codec import load_codec
+    from vaecli.files import plan_outputs, strip_suffixes
+
+    try:
+        clips.check_selection(start, frames, stride, fps, chunk)
+        if output is not None and output.suffix.lower() not in (".latent", ".safetensors"):
+            raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors")
+        out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
+        if roundtrip:
+            recon = recon or out.with_name(strip_suffixes(out, ".latent") + ".recon.mp4")
+            video.check_video_output(recon)
+            plan_outputs([source], recon, lambda p: p.name)
+        elif recon is not None:
+            raise UsageError("--recon needs --roundtrip")
+        roles = ("encoder", "decoder") if roundtrip else ("encoder",)
+        codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify)
+    except VaeError as exc:
+        raise _fail(exc) from None
+
+    def work(src: Path, dst: Path) -> tuple[str, dict]:
+        report = clips.encode_clip(codec, src, dst, start=start, frames=frames, stride=stride, fps=fps,
+                                   chunk=chunk, recon=recon if roundtrip else None)
+        if frames is not None and report.frames < frames:
+            _say(f"note: {src} has only {report.frames} frames to select from frame {start}; "
+                 f"encoded {report.frames} of --frames {frames}")
+        extra = {"model": codec.spec.name, "frames": report.frames, "shape": report.shape, "fps": report.fps,
+                 "size": list(report.size)}
+        line = f"{src} -> {dst}  {codec.spec.name} latent {report.shape} @ {report.fps:g} fps"
+        if roundtrip:
+            extra.update(recon=str(recon), written_size=list(report.written_size),
+                         psnr=[round(p, 4) for p in report.psnr], mean_psnr=round(report.mean_psnr, 4))
+            line += f"; recon -> {recon}  mean PSNR {report.mean_psnr:.2f} dB"
+        return line, extra
+
+    _each([source], [out], as_json, work)
 
 
 @app.command()

@@ -73,6 +73,12 @@ class Codec:
     def encode_image(self, pixels: torch.Tensor, size: tuple[int, int], space: str | None = None,
                      sample: bool = False, seed: int | None = None) -> tuple[torch.Tensor, dict]:
         """(1, 3, H, W) in [0, 1] -> a (C, h, w) latent in `space` and its metadata (padding recorded)."""
+        latents, meta = self.encode_batch(pixels, size, space, sample, seed)
+        return latents[0], meta
+
+    def encode_batch(self, pixels: torch.Tensor, size: tuple[int, int], space: str | None = None,
+                     sample: bool = False, seed: int | None = None) -> tuple[torch.Tensor, dict]:
+        """(B, 3, H, W) same-sized images in [0, 1] -> (B, C, h, w) latents in `space` and their shared metadata."""
         if self.model.encoder is None:
             raise UsageError(f"{self.spec.name} has no encoder loaded")
         space = self.check_encode_options(space, sample)
@@ -85,11 +91,11 @@ class Codec:
             else:
                 gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
                 raw = self.model.encode(x, generator=gen, sample=sample)
-            latent = self._from_raw(raw, space)
+            latent = self._from_raw(raw, space).cpu()
         meta = make_metadata(self.spec, size, padding, self.dtype_name, space, latent.shape[1])
         if sample:
             meta["sample_seed"] = seed
-        return latent[0], meta
+        return latent, meta
 
     def decode_latent(self, latent: torch.Tensor, meta: dict) -> torch.Tensor:
         """A (C, h, w) latent with its metadata -> (1, 3, H, W) pixels in [0, 1], cropped to the source size."""

@@ -10,8 +10,8 @@ from pathlib import Path
 from vaecli.errors import OutputError, UsageError
 
 
-def _file_mode() -> int:
-    # mkstemp creates 0600 files; outputs get the permissions an ordinary open() would give them.
+def output_file_mode() -> int:
+    """Permission bits an ordinary open() would give a new file (mkstemp's temp files are 0600)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -27,7 +27,7 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, output_file_mode())
         os.replace(tmp, dest)
     except BaseException:  # also KeyboardInterrupt/SystemExit: never leave a partial file
         Path(tmp).unlink(missing_ok=True)

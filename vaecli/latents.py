@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,10 @@ def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, in
 
 
 def _check_latent(latent: torch.Tensor, meta: dict, source: str) -> None:
+    if meta.get("kind") == "video":
+        if latent.dim() != 4:
+            raise LatentFormatError(f"{source}: expected a (T, C, h, w) latent video, got shape {list(latent.shape)}")
+        latent = latent[0]
     if latent.dim() != 3:
         raise LatentFormatError(f"{source}: expected a (C, h, w) latent, got shape {list(latent.shape)}")
     if "channels" in meta and latent.shape[0] != int(meta["channels"]):
@@ -171,3 +178,95 @@ def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
     if len(head) == 8 and 2 <= int.from_bytes(head, "little") <= SAFETENSORS_MAGIC_MAX_HEADER:
         return _load_safetensors(path)
     raise LatentFormatError(f"{path}: not a latent file (expected .safetensors or a vaecli latent PNG)")
+
+
+# --- latent videos: (T, C, h, w), written and read a few frames at a time -----------------------------------
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class LatentVideoWriter:
+    """Streams (n, C, h, w) latent chunks into one `.safetensors` file holding a (T, C, h, w) `latent`.
+
+    Frames go to a temp file as they come; `close(meta)` writes header + data beside the destination and
+    renames it into place, so memory stays flat in clip length and no partial file is ever visible.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._data = tempfile.TemporaryFile(dir=self.path.parent)
+        self.shape: list[int] | None = None
+        self.dtype: torch.dtype | None = None
+
+    def write(self, latents: torch.Tensor) -> None:
+        """Append (n, C, h, w) latents."""
+        latents = latents.detach().cpu().contiguous()
+        if self.shape is None:
+            self.shape, self.dtype = [0, *latents.shape[1:]], latents.dtype
+        self.shape[0] += latents.shape[0]
+        raw = latents.view(torch.int16) if latents.dtype == torch.bfloat16 else latents
+        self._data.write(raw.numpy().tobytes())
+
+    def close(self, meta: dict) -> None:
+        """Write the file with `meta` (JSON-encoded values) and move it into place."""
+        if self.shape is None or self.shape[0] == 0:
+            raise LatentFormatError(f"{self.path}: no frames were encoded")
+        size = self._data.tell()
+        header = {"latent": {"dtype": _ST_DTYPES[self.dtype], "shape": self.shape, "data_offsets": [0, size]},
+                  "__metadata__": {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+
+        def write(tmp: Path) -> None:
+            self._data.seek(0)
+            with open(tmp, "wb") as out:
+                out.write(len(blob).to_bytes(8, "little"))
+                out.write(blob)
+                shutil.copyfileobj(self._data, out, 1 << 20)
+
+        try:
+            atomic_write(self.path, write)
+        finally:
+            self._data.close()
+
+    def abort(self) -> None:
+        """Discard everything written so far."""
+        self._data.close()
+
+
+def read_metadata(path: Path) -> dict:
+    """A latent file's metadata without reading its tensor (safetensors header or PNG text chunk)."""
+    path = Path(path)
+    if not path.is_file():
+        return load_latent(path)[1]  # raises the right "no such file" / "is a folder" error
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x89PNG"):
+        return load_latent(path)[1]
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            shape = list(f.get_slice("latent").get_shape()) if "latent" in f.keys() else None
+    except Exception:
+        return load_latent(path)[1]  # reports the precise format error
+    meta = _decode_meta(raw, str(path))
+    meta["shape"] = shape
+    return meta
+
+
+def open_latent_video(path: Path) -> tuple[dict, list[int], Callable[[int, int], torch.Tensor]]:
+    """Metadata, shape (T, C, h, w) and a reader of frames [i, j) of a latent video, without loading it all."""
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt")
+    meta = _decode_meta(handle.metadata() or {}, str(path))
+    part = handle.get_slice("latent")
+    shape = list(part.get_shape())
+
+    def frames(i: int, j: int) -> torch.Tensor:
+        return part[i:j]
+
+    return meta, shape, frames
