@@ -138,8 +138,9 @@ def test_decode_refuses_to_overwrite_input(vae, real_weights, small_image, tmp_p
 def test_decode_unsupported_output_extension(vae, latent_file, tmp_path):
     result = vae("decode", latent_file, "-o", tmp_path / "x.gifx")
     assert result.exit_code == 2
-    assert _only_error_line(result) == ("Error: cannot write images as '.gifx': expected one of .png, .jpg, "
-                                        ".jpeg, .webp, .bmp, .tif, .tiff")
+    assert _only_error_line(result) == ("Error: cannot write '.gifx': expected an image extension (.png, .jpg, "
+                                        ".jpeg, .webp, .bmp, .tif, .tiff) or a video extension (.avi, .gif, .m4v, "
+                                        ".mkv, .mov, .mp4, .webm)")
 
 
 def test_newer_format_version_is_refused(vae, latent_file, tmp_path):

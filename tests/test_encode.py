@@ -106,12 +106,14 @@ def test_missing_input(vae, real_weights, tmp_path):
     assert not out.exists()
 
 
-def test_directory_input(vae, real_weights, tmp_path):
-    out = tmp_path / "x.latent"
-    (tmp_path / "d").mkdir()
+def test_folder_without_images(vae, real_weights, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    make_image(tmp_path / "d" / "sub" / "deep.png")
     result = vae("encode", tmp_path / "d", "-o", out)
-    assert result.exit_code == 1
-    assert _only_error_line(result) == f"Error: {tmp_path / 'd'}: is a folder, expected an image file"
+    assert result.exit_code == 2
+    assert _only_error_line(result) == (f"Error: no .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff files in folder "
+                                        f"{tmp_path / 'd'} (use -r to look in subfolders)")
     assert not out.exists()
 
 
@@ -143,13 +145,15 @@ def test_some_inputs_fail_others_are_written(vae, real_weights, tmp_path):
     outdir = tmp_path / "out"
     result = vae("encode", good, tmp_path / "missing.png", "-o", outdir, "--json")
     assert result.exit_code == 1
-    records = [json.loads(line) for line in result.stdout.splitlines()]
+    records = sorted(map(json.loads, result.stdout.splitlines()), key=lambda r: r["input"])
+    assert [r["input"] for r in records] == [str(good), str(tmp_path / "missing.png")]
     assert [r["status"] for r in records] == ["ok", "error"]
     assert records[1]["error"] == f"{tmp_path / 'missing.png'}: no such file"
     assert records[1]["output"] is None
     assert (outdir / "good.latent").is_file()
     assert not (outdir / "missing.latent").exists()
-    assert result.stderr.strip().splitlines()[-1] == "1 of 2 inputs failed"
+    assert result.stderr.strip().splitlines()[-3:] == ["done: 1 ok, 0 skipped, 1 failed", "1 of 2 inputs failed:",
+                                                       f"  {tmp_path / 'missing.png'}: no such file"]
 
 
 def test_unknown_model_is_a_usage_error(vae, small_image):

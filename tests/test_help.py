@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["encode", "decode", "roundtrip", "models"]
+COMMANDS = ["encode", "decode", "roundtrip", "video", "info", "models"]
 
 
 def test_top_level_help_lists_every_command(vae):
@@ -22,7 +22,7 @@ def test_every_command_has_help(vae, name):
     assert "Usage: vae " + name in " ".join(result.stdout.split())
     from vaecli.cli import app
 
-    command = next(c for c in app.registered_commands if c.callback.__name__ == name)
+    command = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == name)
     assert command.callback.__doc__ and len(command.callback.__doc__.strip()) > 20
 
 

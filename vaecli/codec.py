@@ -56,6 +56,11 @@ class Codec:
     dtype: torch.dtype
 
     @property
+    def max_batch_pixels(self) -> int:
+        """Pixels one forward pass may take at once: activations of KL models are ~8x those of tiny ones."""
+        return 1 << 21 if self.spec.family == "tiny" else 1 << 18
+
+    @property
     def dtype_name(self) -> str:
         """The compute dtype's short name (fp32/fp16/bf16)."""
         return next(k for k, v in DTYPES.items() if v == self.dtype)

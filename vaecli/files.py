@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from glob import escape as glob_escape
 from pathlib import Path
 
 from vaecli.errors import OutputError, UsageError
@@ -23,6 +24,8 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
     if dest.is_dir():
         raise OutputError(f"{dest}: is a folder, expected an output file path")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
+        stale.unlink(missing_ok=True)  # left by a run that was killed outright (SIGKILL)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     os.close(fd)
     try:
@@ -41,14 +44,17 @@ def is_folder_target(output: Path, n_inputs: int) -> bool:
     return not output.exists() and output.suffix == ""
 
 
-def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path], str]) -> list[Path]:
-    """One output path per input: beside it, at `output` (a file), or inside `output` (a folder)."""
+def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path], str],
+                 rels: list[Path] | None = None) -> list[Path]:
+    """One output path per input: beside it, at `output` (a file), or inside `output` (a folder), where
+    each input's relative path in `rels` (from a walked folder) is mirrored."""
     if output is None:
         outs = [p.parent / name(p) for p in inputs]
     elif is_folder_target(output, len(inputs)):
         if output.exists() and not output.is_dir():
             raise UsageError(f"-o {output}: expected a folder for {len(inputs)} inputs, got a file")
-        outs = [output / name(p) for p in inputs]
+        rels = rels or [Path(p.name) for p in inputs]
+        outs = [output / rel.parent / name(p) for p, rel in zip(inputs, rels, strict=True)]
     else:
         outs = [output]
     seen: dict[Path, Path] = {}

@@ -243,7 +243,8 @@ def read_metadata(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
-        return load_latent(path)[1]
+        latent, meta = load_latent(path)
+        return {**meta, "shape": list(latent.shape)}
     from safetensors import safe_open
 
     try:
@@ -252,6 +253,8 @@ def read_metadata(path: Path) -> dict:
             shape = list(f.get_slice("latent").get_shape()) if "latent" in f.keys() else None
     except Exception:
         return load_latent(path)[1]  # reports the precise format error
+    if raw.get("format") != FORMAT or shape is None:
+        return load_latent(path)[1]
     meta = _decode_meta(raw, str(path))
     meta["shape"] = shape
     return meta

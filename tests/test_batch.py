@@ -1,0 +1,185 @@
+"""Batches over folders: input expansion, mirrored outputs, resuming, failures, batching, interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vaecli.latents import load_latent
+
+
+@pytest.fixture
+def tree(tmp_path, shared_images) -> Path:
+    """A folder tree of real photo crops (varied sizes and modes) with broken files mixed in."""
+    root = tmp_path / "photos"
+    (root / "cats" / "close").mkdir(parents=True)
+    (root / "misc").mkdir()
+    crops = {"cats/chelsea.png": ("chelsea.png", (150, 40, 214, 88)),
+             "cats/close/chelsea2.jpg": ("chelsea.png", (100, 100, 148, 140)),
+             "misc/rocket.jpg": ("rocket.jpg", (200, 100, 264, 164)),
+             "misc/brick.png": ("brick.png", (0, 0, 40, 40)),
+             "misc/logo.png": ("logo.png", (100, 100, 164, 164)),
+             "top.png": ("astronaut.png", (200, 100, 264, 164))}
+    for rel, (name, box) in crops.items():
+        img = Image.open(shared_images / name).crop(box)
+        img.save(root / rel, quality=95) if rel.endswith(".jpg") else img.save(root / rel)
+    data = (root / "top.png").read_bytes()
+    (root / "misc" / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "cats" / "notes.jpg").write_text("not an image")
+    (root / "misc" / "readme.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def _records(result) -> dict[str, dict]:
+    return {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+
+
+def test_tree_mirrors_reports_failures_and_resumes(vae, real_weights, tree, tmp_path):
+    out = tmp_path / "latents"
+    result = vae("encode", tree, "-r", "-o", out, "--json")
+    assert result.exit_code == 1
+    records = _records(result)
+    assert len(records) == 8
+    assert {n for n, r in records.items() if r["status"] == "error"} == {"truncated.png", "notes.jpg"}
+    assert records["notes.jpg"]["error"] == f"{tree / 'cats' / 'notes.jpg'}: not an image file Pillow can read"
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["cats/chelsea.latent", "cats/close/chelsea2.latent", "misc/brick.latent",
+                       "misc/logo.latent", "misc/rocket.latent", "top.latent"]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-4] == "done: 6 ok, 0 skipped, 2 failed"
+    assert lines[-3] == "2 of 8 inputs failed:"
+    listed = sorted(lines[-2:])
+    assert listed[0] == f"  {tree / 'cats' / 'notes.jpg'}: not an image file Pillow can read"
+    assert listed[1].startswith(f"  {tree / 'misc' / 'truncated.png'}: truncated or corrupt image (")
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.latent")}
+
+    again = vae("encode", tree, "-r", "-o", out, "--json")
+    assert again.exit_code == 1
+    statuses = {n: r["status"] for n, r in _records(again).items()}
+    assert [n for n, s in statuses.items() if s == "ok"] == []
+    assert sum(s == "skipped" for s in statuses.values()) == 6
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.latent")} == stamps
+
+    forced = vae("encode", tree, "-r", "-o", out, "--overwrite", "--json")
+    assert sum(r["status"] == "ok" for r in _records(forced).values()) == 6
+
+
+def test_stdin_list_and_globs(vae, real_weights, tree, tmp_path):
+    paths = [tree / "cats" / "chelsea.png", tree / "misc" / "rocket.jpg"]
+    out = tmp_path / "from-stdin"
+    result = vae.runner.invoke(__import__("vaecli.cli").cli.app, ["encode", "-", "-o", str(out)],
+                               input="\n".join(map(str, paths)) + "\n", catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.latent")) == ["cats/chelsea.latent",
+                                                                              "misc/rocket.latent"]
+    result = vae("encode", str(tree / "misc" / "*.png"), "-o", tmp_path / "globbed", "--json")
+    assert {Path(r["input"]).name for r in map(json.loads, result.stdout.splitlines())} == {
+        "brick.png", "logo.png", "truncated.png"}
+    result = vae("encode", str(tmp_path / "nothing" / "*.png"), "-o", tmp_path / "g2")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"Error: no files match {tmp_path / 'nothing' / '*.png'}"
+
+
+def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
+    result = vae("encode", tree / "top.png", tree / "misc" / "brick.png", "-o", tmp_path / "n",
+                 "--name", "{stem}.{model}{ext}")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["brick.taef2.latent", "top.taef2.latent"]
+    result = vae("encode", tree / "top.png", "-o", tmp_path / "s/", "--suffix", "_v1", "--format", "png")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "s" / "top_v1.latent.png").is_file()
+    result = vae("encode", tree / "top.png", "-o", tmp_path / "b/", "--name", "{nope}")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "Error: --name {nope}: use only {stem}, {ext}, {model} and {suffix}"
+
+
+def test_fail_fast_stops_at_first_failure(vae, real_weights, tree, tmp_path):
+    (tree / "aaa_broken.png").write_text("broken")
+    result = vae("encode", tree, "-o", tmp_path / "ff", "--fail-fast", "--batch-size", "1", "--json")
+    assert result.exit_code == 1
+    statuses = [r["status"] for r in map(json.loads, result.stdout.splitlines())]
+    assert statuses[0] == "error" and statuses.count("ok") < 2
+
+
+def test_batched_equals_one_by_one(vae, real_weights, tmp_path, shared_images):
+    src = tmp_path / "same"
+    src.mkdir()
+    for i in range(5):
+        Image.open(shared_images / "coffee.png").crop((i * 40, 50, i * 40 + 64, 98)).save(src / f"c{i}.png")
+    assert vae("encode", src, "-o", tmp_path / "b8", "--batch-size", "8").exit_code == 0
+    assert vae("encode", src, "-o", tmp_path / "b1", "--batch-size", "1").exit_code == 0
+    for i in range(5):
+        a, _ = load_latent(tmp_path / "b8" / f"c{i}.latent")
+        b, _ = load_latent(tmp_path / "b1" / f"c{i}.latent")
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_decode_and_roundtrip_take_folders(vae, real_weights, tree, tmp_path):
+    vae("encode", tree, "-r", "-o", tmp_path / "lat")
+    result = vae("decode", tmp_path / "lat", "-r", "-o", tmp_path / "dec", "--ext", "jpg")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(str(p.relative_to(tmp_path / "dec")) for p in (tmp_path / "dec").rglob("*.jpg")) == [
+        "cats/chelsea.jpg", "cats/close/chelsea2.jpg", "misc/brick.jpg", "misc/logo.jpg", "misc/rocket.jpg",
+        "top.jpg"]
+    result = vae("roundtrip", tree / "misc", "--json")
+    assert result.exit_code == 1
+    assert {Path(r["input"]).name: r["status"] for r in map(json.loads, result.stdout.splitlines())} == {
+        "brick.png": "ok", "logo.png": "ok", "rocket.jpg": "ok", "truncated.png": "error"}
+
+
+def test_sigint_leaves_only_complete_files_and_rerun_finishes(real_weights, tmp_path, shared_images):
+    src = tmp_path / "many"
+    src.mkdir()
+    base = Image.open(shared_images / "astronaut.png")
+    for i in range(40):
+        base.crop((i * 8, i * 4, i * 8 + 192, i * 4 + 192)).save(src / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "vaecli", "encode", str(src), "-o", str(out), "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.latent"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert "Interrupted: finished outputs are complete; rerun to do the rest" in err.decode()
+    done = sorted(out.glob("*.latent"))
+    assert 3 <= len(done) < 40
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    for p in done:
+        latent, meta = load_latent(p)
+        assert list(latent.shape) == [32, 24, 24]
+    rerun = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=os.environ.copy())
+    assert rerun.returncode == 0, rerun.stderr
+    statuses = [json.loads(line)["status"] for line in rerun.stdout.splitlines()]
+    assert statuses.count("skipped") == len(done) and statuses.count("ok") == 40 - len(done)
+    assert len(list(out.glob("*.latent"))) == 40
+
+
+def test_sigterm_is_handled_like_sigint(real_weights, tmp_path, shared_images):
+    src = tmp_path / "many"
+    src.mkdir()
+    base = Image.open(shared_images / "astronaut.png")
+    for i in range(30):
+        base.crop((i * 8, 0, i * 8 + 160, 160)).save(src / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "vaecli", "encode", str(src), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.latent")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    for p in out.glob("*.latent"):
+        assert list(load_latent(p)[0].shape) == [32, 20, 20]

@@ -1,0 +1,170 @@
+"""Many inputs through one loaded model: input expansion, output mirroring, and a threaded pipeline.
+
+Reading and writing run in background threads with bounded queues, so memory stays flat however many
+files there are; same-sized items are computed together in batches. Knows nothing of the CLI: results
+are handed to a callback as they complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaecli.errors import UsageError, VaeError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+LATENT_EXTS = (".latent", ".safetensors", ".latent.png")
+
+
+@dataclass
+class Job:
+    """One input, its output path (None: report only) and, once done, its result record."""
+
+    src: Path
+    dst: Path | None
+    status: str = "pending"  # ok | error | skipped
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+    payload: Any = None
+
+
+def _matches(path: Path, exts: tuple[str, ...]) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(e) for e in exts)
+
+
+def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
+                  stdin: Iterable[str] | None = None) -> list[tuple[Path, Path]]:
+    """(path, path relative to its root) for every input: files, folders (`recursive` walks), globs, `-` (stdin).
+
+    Folder entries are filtered by `exts`; named files are taken as given, so a broken file is reported
+    rather than silently skipped. The relative path is what an output folder mirrors.
+    """
+    found: list[tuple[Path, Path]] = []
+    for arg in args:
+        if arg == "-":
+            lines = [line.strip() for line in (stdin if stdin is not None else sys.stdin) if line.strip()]
+            paths = [Path(line) for line in lines]
+            root = Path(os.path.commonpath([p.resolve().parent for p in paths])) if paths else Path()
+            found += [(p, p.resolve().relative_to(root)) for p in paths]
+        elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise UsageError(f"no files match {arg}")
+            found += [(Path(m), Path(Path(m).name)) for m in matches if Path(m).is_file()]
+        elif Path(arg).is_dir():
+            root = Path(arg)
+            walker = root.rglob("*") if recursive else root.glob("*")
+            files = sorted(p for p in walker if p.is_file() and _matches(p, exts) and not p.name.startswith("."))
+            if not files:
+                more = "" if recursive else " (use -r to look in subfolders)"
+                raise UsageError(f"no {'/'.join(exts)} files in folder {root}{more}")
+            found += [(p, p.relative_to(root)) for p in files]
+        else:
+            found.append((Path(arg), Path(Path(arg).name)))
+    return found
+
+
+def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job]], None],
+        write: Callable[[Job], None], on_done: Callable[[Job], None], batch_size: int = 1,
+        key: Callable[[Job], Hashable] = id, fail_fast: bool = False,
+        skip: Callable[[Job], bool] = lambda job: False) -> None:
+    """Run every job through read -> compute (in batches of equal `key`) -> write, reporting each via `on_done`.
+
+    `read` fills `job.payload`; `compute` gets up to `batch_size` jobs whose payloads share a key and
+    replaces their payloads with results; `write` stores a result. A `VaeError` marks only its job failed
+    (or, with `fail_fast`, stops the run). On KeyboardInterrupt only the write in progress is finished.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    stop, failed = threading.Event(), threading.Event()
+    read_q: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2)
+    write_q: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2)
+    done_lock = threading.Lock()
+
+    def finish(job: Job, exc: VaeError | None = None) -> None:
+        if exc is not None:
+            job.status, job.error, job.payload = "error", str(exc), None
+            if fail_fast:
+                failed.set()
+        elif job.status == "pending":
+            job.status = "ok"
+        with done_lock:
+            on_done(job)
+
+    def reader() -> None:
+        for job in jobs:
+            if stop.is_set() or failed.is_set():
+                break
+            if skip(job):
+                job.status = "skipped"
+                finish(job)
+                continue
+            try:
+                job.payload = read(job)
+            except VaeError as exc:
+                finish(job, exc)
+                continue
+            read_q.put(job)
+        read_q.put(_DONE)
+
+    def writer() -> None:
+        while (job := write_q.get()) is not _DONE:
+            try:
+                write(job)
+                job.payload = None
+                finish(job)
+            except VaeError as exc:
+                finish(job, exc)
+
+    def flush(batch: list[Job]) -> None:
+        try:
+            compute(batch)
+        except VaeError as exc:
+            for job in batch:
+                finish(job, exc)
+            return
+        for job in batch:
+            write_q.put(job)
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+    pending: dict[Hashable, list[Job]] = {}
+    try:
+        while (job := read_q.get()) is not _DONE and not failed.is_set():
+            group = pending.setdefault(key(job), [])
+            group.append(job)
+            if len(group) >= batch_size:
+                flush(pending.pop(key(job)))
+            elif sum(map(len, pending.values())) >= 2 * batch_size:
+                flush(pending.pop(next(iter(pending))))  # many sizes in flight: don't hold them all
+        for group in pending.values():
+            if not failed.is_set():
+                flush(group)
+    except BaseException:
+        _drain(write_q)  # interrupted: finish only the write in progress
+        raise
+    finally:
+        stop.set()
+        _drain(read_q)  # unblock a reader waiting on a full queue
+        write_q.put(_DONE)
+        threads[1].join()
+
+
+_DONE = object()
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
