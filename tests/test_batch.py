@@ -136,6 +136,11 @@ def test_decode_and_roundtrip_take_folders(vae, real_weights, tree, tmp_path):
         "brick.png": "ok", "logo.png": "ok", "rocket.jpg": "ok", "truncated.png": "error"}
 
 
+def _default_sigint() -> None:
+    # A shell's background jobs inherit SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_leaves_only_complete_files_and_rerun_finishes(real_weights, tmp_path, shared_images):
     src = tmp_path / "many"
     src.mkdir()
@@ -144,7 +149,8 @@ def test_sigint_leaves_only_complete_files_and_rerun_finishes(real_weights, tmp_
         base.crop((i * 8, i * 4, i * 8 + 192, i * 4 + 192)).save(src / f"img{i:02d}.png")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "vaecli", "encode", str(src), "-o", str(out), "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(),
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.latent"))) < 3:
         time.sleep(0.05)

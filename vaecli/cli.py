@@ -84,6 +84,11 @@ SkipOpt = Annotated[Optional[bool], typer.Option(
     "interrupted batch resumes), or recompute everything.", show_default=False)]
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or per-file lines; errors only.")]
+TileOpt = Annotated[str, typer.Option(
+    "--tile", help="Tiny models: 'auto' tiles when the image would not fit --max-memory; 'off'; or a tile size in "
+    "pixels. Tiles overlap by the receptive field and keep only exact centres: no seams.")]
+MaxMemOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Memory budget for activations, e.g. 2GB (default: 1GiB, or half the free RAM if less).")]
 NameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Output file name template with {stem}, {ext}, {model}, e.g. '{stem}.{model}{ext}'.")]
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
@@ -206,6 +211,13 @@ def _plan(inputs: list[str], output: Optional[Path], recursive: bool, exts: tupl
     return [Job(src, dst) for src, dst in zip(srcs, outs, strict=True)], skip
 
 
+def _tiling(tile: str, max_memory: Optional[str]) -> dict:
+    """`load_codec` keyword arguments for --tile and --max-memory."""
+    from vaecli import tiling
+
+    return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0}
+
+
 def _split(group: list, codec) -> list[list]:
     """Cut a group of same-sized image jobs into forward passes that stay within the model's pixel budget."""
     h, w = group[0].payload[0].shape[-2:]
@@ -278,6 +290,8 @@ def encode(
     fail_fast: FailFastOpt = False,
     name: NameOpt = None,
     suffix: SuffixOpt = "",
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -298,7 +312,8 @@ def encode(
                            skip_existing)
         if seed is not None and not sample:
             raise UsageError("--seed only applies with --sample")
-        codec = load_codec(model.value, weights, ("encoder",), device.value, dtype.value, not no_verify)
+        codec = load_codec(model.value, weights, ("encoder",), device.value, dtype.value, not no_verify,
+                           **_tiling(tile, max_memory))
         codec.check_encode_options(space.value if space else None, sample)
     except VaeError as exc:
         raise _fail(exc) from None
@@ -336,6 +351,9 @@ def decode(
                                                      "frames within a chunk).")] = 8,
     as_frames: Annotated[bool, typer.Option(
         "--as-frames", help="Latent videos: write a folder of PNG frames (frame_000000.png, ...).")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Also decode a window around a tile seam untiled and report the max abs difference and "
+        "PSNR of the tiled result there.")] = False,
     image_ext: Annotated[str, typer.Option(
         "--ext", help="Image extension for outputs vaecli names (png, jpg, webp, ...).")] = "png",
     recursive: RecursiveOpt = False,
@@ -343,6 +361,8 @@ def decode(
     fail_fast: FailFastOpt = False,
     name: NameOpt = None,
     suffix: SuffixOpt = "",
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -365,6 +385,7 @@ def decode(
         return _namer(name, suffix, ext, model.value if model else "")(p)
 
     try:
+        tiling_options = _tiling(tile, max_memory)
         media.check_output_extension(Path("x" + image_suffix))
         jobs, skip = _plan(inputs, output, recursive, batch.LATENT_EXTS, default_name, skip_existing)
         for job in jobs:
@@ -379,7 +400,8 @@ def decode(
 
     def codec_for(name: str) -> Codec:
         if name not in codecs:
-            codecs[name] = load_codec(name, weights, ("decoder",), device.value, dtype.value, not no_verify)
+            codecs[name] = load_codec(name, weights, ("decoder",), device.value, dtype.value, not no_verify,
+                                      **tiling_options)
         return codecs[name]
 
     def read(job):
@@ -408,15 +430,23 @@ def decode(
                              "line": f"{job.src} -> {job.dst}  {name} {info['frames']} frames "
                                      f"{info['size'][0]}x{info['size'][1]} @ {info['fps']:g} fps"}
             else:
-                job.payload = (name, codec_for(name).decode_latent(latent, meta))
+                pixels = codec_for(name).decode_latent(latent, meta)
+                check = codec_for(name).verify_tiling(latent, meta, pixels) if verify else None
+                job.payload = (name, pixels, check)
 
     def write(job) -> None:
         if job.payload is None:
             return
-        name, pixels = job.payload
+        name, pixels, check = job.payload
         media.write_image(job.dst, pixels)
         size = [pixels.shape[-1], pixels.shape[-2]]
-        job.extra = {"model": name, "size": size, "line": f"{job.src} -> {job.dst}  {name} {size[0]}x{size[1]}"}
+        line = f"{job.src} -> {job.dst}  {name} {size[0]}x{size[1]}"
+        job.extra = {"model": name, "size": size}
+        if check is not None:
+            job.extra["verify"] = check
+            line += (f"  verify: max diff {check['max_abs_diff'] * 255:.3f}/255, PSNR {check['psnr']:.2f} dB"
+                     if check["tiled"] else "  verify: not tiled")
+        job.extra["line"] = line
 
     _run_batch(jobs, as_json, quiet, read=read, compute=compute, write=write, fail_fast=fail_fast,
                skip=lambda job: skip and job.dst.exists())
@@ -442,6 +472,8 @@ def roundtrip(
     fail_fast: FailFastOpt = False,
     name: NameOpt = None,
     suffix: SuffixOpt = "",
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -460,7 +492,8 @@ def roundtrip(
         for job in jobs:
             if job.dst is not None:
                 media.check_output_extension(job.dst)
-        codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify)
+        codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify,
+                           **_tiling(tile, max_memory))
     except VaeError as exc:
         raise _fail(exc) from None
 
@@ -510,6 +543,8 @@ def video_cmd(
     = False,
     recon: Annotated[Optional[Path], typer.Option(
         "--recon", help="Where --roundtrip writes the clip (default: <output>.recon.mp4).")] = None,
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -532,7 +567,8 @@ def video_cmd(
         elif recon is not None:
             raise UsageError("--recon needs --roundtrip")
         roles = ("encoder", "decoder") if roundtrip else ("encoder",)
-        codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify)
+        codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
+                           **_tiling(tile, max_memory))
     except VaeError as exc:
         raise _fail(exc) from None
 

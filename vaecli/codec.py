@@ -5,12 +5,13 @@ Knows nothing of the CLI; every user-facing failure is a `VaeError`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vaecli import media
+from vaecli import media, tiling
 from vaecli.checkpoints import load_strict, model_state_dict, read_weights
 from vaecli.errors import LatentFormatError, UsageError
 from vaecli.latents import make_metadata
@@ -54,6 +55,67 @@ class Codec:
     model: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+    tile: int | str | None = "auto"  # "auto": from `budget`; None: never; N: tiles of N pixels
+    budget: int = 0  # bytes for activations; 0: half of the memory available when used
+
+    def tile_size(self, pixels: int) -> int | None:
+        """Tile side in pixels for a forward pass over `pixels` pixels, or None to run it whole."""
+        if self.spec.family != "tiny" or self.tile is None:
+            return None
+        if self.tile != "auto":
+            return int(self.tile)
+        bytes_per_pixel = self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
+        halo = 72 * self.spec.spatial_factor // 8
+        return tiling.tile_for_budget(pixels, bytes_per_pixel, self.budget or tiling.default_budget(), halo,
+                                      self.spec.spatial_factor)
+
+    def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
+        """Decode a window around a tile seam untiled and compare it with `pixels`, the tiled (1, 3, H, W) result."""
+        f = self.spec.spatial_factor
+        tile = self.tile_size(latent.shape[-2] * latent.shape[-1] * f * f)
+        if tile is None:
+            return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+        cells = max(1, tile // f)
+        head, local = self.model.decoder_segments()
+        halo = math.ceil(tiling.receptive_radius(local))
+        h, w = latent.shape[-2:]
+        # A tile-sized window straddling the first seams (tiles start at multiples of `cells`).
+        y0, x0 = min(cells // 2, max(0, h - cells)), min(cells // 2, max(0, w - cells))
+        y1, x1 = min(h, y0 + cells), min(w, x0 + cells)
+        with torch.inference_mode():
+            z = self._to_input(latent[None].to(self.device, torch.float32), meta)
+            top = head(z.to(next(self.model.decoder.parameters()).dtype))
+            ry0, rx0 = max(0, y0 - halo), max(0, x0 - halo)
+            ref = local(top[:, :, ry0:min(h, y1 + halo), rx0:min(w, x1 + halo)]).clamp(0, 1).float().cpu()
+        ref = ref[:, :, (y0 - ry0) * f:(y1 - ry0) * f, (x0 - rx0) * f:(x1 - rx0) * f]
+        ours = pixels[:, :, y0 * f:y1 * f, x0 * f:x1 * f]
+        ref = ref[:, :, :ours.shape[-2], :ours.shape[-1]]
+        from vaecli import metrics
+
+        return {"tiled": True, "window": [x0 * f, y0 * f, x1 * f, y1 * f],
+                "max_abs_diff": (ours - ref).abs().max().item(), "psnr": metrics.psnr(ours, ref)}
+
+    def _encode_raw(self, x: torch.Tensor, sample: bool, seed: int | None) -> torch.Tensor:
+        if self.spec.family != "tiny":
+            gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+            return self.model.encode(x, generator=gen, sample=sample)
+        tile = self.tile_size(x.shape[0] * x.shape[-2] * x.shape[-1])
+        if tile is None:
+            return self.model.encode(x)
+        local, rest = self.model.encoder_segments()
+        f = self.spec.spatial_factor
+        return rest(tiling.tiled(local, x, tile, tiling.receptive_radius(local), 1 / f, align=f))
+
+    def _decode_raw(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        f = self.spec.spatial_factor
+        tile = self.tile_size(z.shape[0] * z.shape[-2] * z.shape[-1] * f * f)
+        if self.spec.family != "tiny":
+            return self.model.decode(z, num_frames) if self.spec.config.temporal_decoder else self.model.decode(z)
+        if tile is None:
+            return self.model.decode(z)
+        head, local = self.model.decoder_segments()
+        h = head(z)
+        return tiling.tiled(local, h, max(1, tile // f), tiling.receptive_radius(local), f).clamp(0, 1)
 
     @property
     def max_batch_pixels(self) -> int:
@@ -90,12 +152,7 @@ class Codec:
         patch = self.spec.config.patch_size if space == "normalized" else 1
         padded, padding = media.pad_to_multiple(pixels, self.spec.spatial_factor * patch)
         with torch.inference_mode():
-            x = padded.to(self.device, self.dtype)
-            if self.spec.family == "tiny":
-                raw = self.model.encode(x)
-            else:
-                gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-                raw = self.model.encode(x, generator=gen, sample=sample)
+            raw = self._encode_raw(padded.to(self.device, self.dtype), sample, seed)
             latent = self._from_raw(raw, space).cpu()
         meta = make_metadata(self.spec, size, padding, self.dtype_name, space, latent.shape[1])
         if sample:
@@ -110,7 +167,7 @@ class Codec:
         dec_dtype = next(self.model.decoder.parameters()).dtype  # fp32 when the model forces an upcast
         with torch.inference_mode():
             z = self._to_input(latent[None].to(self.device, torch.float32), meta)
-            pixels = self.model.decode(z.to(dec_dtype)).float().cpu()
+            pixels = self._decode_raw(z.to(dec_dtype)).float().cpu()
         size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
         padding = tuple(meta.get("padding") or (0, 0, 0, 0))
         return media.crop(pixels, size, padding)
@@ -132,8 +189,7 @@ class Codec:
                 part = latents[i:i + chunk]
                 check_latent_fits(self.spec, part[0], meta)
                 z = self._to_input(part.to(self.device, torch.float32), meta).to(dec_dtype)
-                frames = self.model.decode(z, part.shape[0]) if self.spec.family == "kl" else self.model.decode(z)
-                out.append(frames.float().cpu())
+                out.append(self._decode_raw(z, part.shape[0]).float().cpu())
         pixels = torch.cat(out)
         size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
         return media.crop(pixels, size, tuple(meta.get("padding") or (0, 0, 0, 0)))
@@ -191,7 +247,8 @@ def build_model(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> 
 
 
 def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, ...] = ("encoder", "decoder"),
-               device: str = "auto", dtype: str = "fp32", verify: bool = True) -> Codec:
+               device: str = "auto", dtype: str = "fp32", verify: bool = True, tile: int | str | None = "auto",
+               budget: int = 0) -> Codec:
     """Build model `name` and load the halves in `roles`: from `weights` files/folders, else the search path."""
     spec = get_spec(name)
     if dtype not in DTYPES:
@@ -220,4 +277,6 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
         model.decoder.float()
         if getattr(model, "post_quant_conv", None) is not None:
             model.post_quant_conv.float()
-    return Codec(spec=spec, model=model, device=dev, dtype=DTYPES[dtype])
+    if isinstance(tile, int) and spec.family != "tiny":
+        raise UsageError(f"--tile {tile}: tiling is implemented for the tiny (TAESD) family so far, not {spec.name}")
+    return Codec(spec=spec, model=model, device=dev, dtype=DTYPES[dtype], tile=tile, budget=budget)

@@ -90,6 +90,16 @@ class TinyAutoencoder(nn.Module):
         self.encoder = make_encoder(cfg) if encoder else None
         self.decoder = make_decoder(cfg) if decoder else None
 
+    def encoder_segments(self) -> tuple[nn.Sequential, nn.Sequential]:
+        """The encoder as (local part up to the last downsampling, the rest at latent resolution)."""
+        last_down = max(i for i, m in enumerate(self.encoder) if isinstance(m, nn.Conv2d) and m.stride[0] == 2)
+        return self.encoder[: last_down + 1], self.encoder[last_down + 1:]
+
+    def decoder_segments(self) -> tuple[nn.Sequential, nn.Sequential]:
+        """The decoder as (the part at latent resolution, holding any GroupNorm; the local rest)."""
+        first_up = next(i for i, m in enumerate(self.decoder) if isinstance(m, nn.Upsample))
+        return self.decoder[:first_up], self.decoder[first_up:]
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of the spatial factor -> latents (B, C, H/f, W/f)."""
         return self.encoder(pixels)
