@@ -7,7 +7,7 @@ export VAE_WEIGHTS_DIR ?= $(SHARED)/weights
 # pip resolves torch to the local CPU wheel only when pinned; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint bench clean
 
 $(BIN)/vae: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,3 +32,9 @@ test: venv lint
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+bench: venv
+	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/tiling_memory.py
+	$(BIN)/python bench/batch_throughput.py
+	$(BIN)/python bench/video_memory.py --scale 256:160

@@ -152,7 +152,8 @@ class Codec:
         patch = self.spec.config.patch_size if space == "normalized" else 1
         padded, padding = media.pad_to_multiple(pixels, self.spec.spatial_factor * patch)
         with torch.inference_mode():
-            raw = self._encode_raw(padded.to(self.device, self.dtype), sample, seed)
+            x = padded.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+            raw = self._encode_raw(x, sample, seed)
             latent = self._from_raw(raw, space).cpu()
         meta = make_metadata(self.spec, size, padding, self.dtype_name, space, latent.shape[1])
         if sample:
@@ -167,7 +168,7 @@ class Codec:
         dec_dtype = next(self.model.decoder.parameters()).dtype  # fp32 when the model forces an upcast
         with torch.inference_mode():
             z = self._to_input(latent[None].to(self.device, torch.float32), meta)
-            pixels = self._decode_raw(z.to(dec_dtype)).float().cpu()
+            pixels = self._decode_raw(z.to(dec_dtype).contiguous(memory_format=torch.channels_last)).float().cpu()
         size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
         padding = tuple(meta.get("padding") or (0, 0, 0, 0))
         return media.crop(pixels, size, padding)
@@ -273,6 +274,10 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
     model = build_model(spec, encoder="encoder" in roles, decoder="decoder" in roles)
     load_strict(model, sd, f"{' + '.join(sources)} as the {spec.name} {' and '.join(roles)}")
     model = model.to(dev, DTYPES[dtype]).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            # channels_last: oneDNN's fast conv layout on CPU (~1.8x here), the tensor-core one on CUDA.
+            module.to(memory_format=torch.channels_last)
     if spec.force_upcast and dtype == "fp16" and model.decoder is not None:
         model.decoder.float()
         if getattr(model, "post_quant_conv", None) is not None:

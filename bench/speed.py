@@ -1,0 +1,206 @@
+"""Speed bench: vaecli vs diffusers on the same weights and inputs, in one run; prints a table and JSON.
+
+Cases (each in a fresh process, so peak RSS is its own):
+- conv peak: one 3x3 conv, 64->64 at 256x256, NCHW/channels_last, fp32/bf16 (this machine's ceiling);
+- taesd layout (random weights): vaecli vs diffusers AutoencoderTiny, encode and decode, 512 and 1024;
+- taef2 (real weights) fp32 and bf16: time, achieved GFLOP/s, PSNR over ../shared/images;
+- sd15 configuration (random weights): decode vs diffusers AutoencoderKL (512; 1024 with --full).
+Run: `make bench` or `python bench/speed.py [--full] [--json out.json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+
+def conv_flops(model: torch.nn.Module, run) -> int:
+    """FLOPs of every Conv2d in `model` during `run()` (2 * MACs)."""
+    total = 0
+
+    def hook(mod, inp, out):
+        nonlocal total
+        k = mod.kernel_size[0] * mod.kernel_size[1]
+        total += 2 * out.numel() * mod.in_channels // mod.groups * k
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def best_time(fn, repeat: int = 3) -> float:
+    """Fastest of `repeat` timed runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def case_conv() -> dict:
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("nchw", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            c = conv.to(dtype=dtype, memory_format=fmt)
+            x = torch.randn(1, 64, 256, 256, dtype=dtype).contiguous(memory_format=fmt)
+            secs = best_time(lambda c=c, x=x: c(x), repeat=5)
+            out[f"{str(dtype)[6:]}_{layout}"] = 2 * 64 * 64 * 9 * 256 * 256 / secs / 1e9
+    return {"gflops": out}
+
+
+def _taesd_pair():
+    from diffusers import AutoencoderTiny
+
+    from vaecli.checkpoints import model_state_dict
+    from vaecli.codec import build_model
+    from vaecli.registry import REGISTRY
+
+    torch.manual_seed(0)
+    ref = AutoencoderTiny().eval()
+    spec = REGISTRY["taesd"]
+    ours = build_model(spec).eval()
+    ours.load_state_dict(model_state_dict(spec, ref.state_dict(), "bench"))
+    return ref, ours.to(memory_format=torch.channels_last)
+
+
+def case_taesd(size: int) -> dict:
+    ref, ours = _taesd_pair()
+    x = torch.rand(1, 3, size, size)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    z = ours.encode(xl)
+    zl = z.contiguous(memory_format=torch.channels_last)
+    res = {
+        "ours_encode": best_time(lambda: ours.encode(xl)), "ours_decode": best_time(lambda: ours.decode(zl)),
+        "ref_encode": best_time(lambda: ref.encode(x * 2 - 1)), "ref_decode": best_time(lambda: ref.decode(z)),
+        "max_abs_diff": max((ours.encode(xl) - ref.encode(x * 2 - 1).latents).abs().max().item(),
+                            (ours.decoder(zl) - (ref.decode(z).sample + 1) / 2).abs().max().item()),
+    }
+    res["flops_decode"] = conv_flops(ours, lambda: ours.decode(zl))
+    return res
+
+
+def case_taef2(dtype: str) -> dict:
+    import os
+
+    from vaecli import media, metrics
+    from vaecli.codec import load_codec
+    os.environ.setdefault("VAE_WEIGHTS_DIR", str(SHARED / "weights"))
+    codec = load_codec("taef2", device="cpu", dtype=dtype, tile=None)
+    x, info = media.read_image(SHARED / "images" / "astronaut.png")
+    enc = best_time(lambda: codec.encode_image(x, info.size))
+    latent, meta = codec.encode_image(x, info.size)
+    dec = best_time(lambda: codec.decode_latent(latent, meta))
+    z = latent[None].to(codec.dtype).contiguous(memory_format=torch.channels_last)
+    flops = conv_flops(codec.model, lambda: codec.model.decode(z))
+    psnrs = {}
+    for path in sorted((SHARED / "images").iterdir()):
+        if path.name == "retina.jpg":
+            continue  # the largest photo; PSNR change is the same story at a quarter of the time
+        img, info = media.read_image(path)
+        lat, m = codec.encode_image(img, info.size)
+        y = codec.decode_latent(lat, m)
+        y = torch.from_numpy(media.to_uint8(y)).permute(2, 0, 1)[None].float() / 255
+        psnrs[path.name] = metrics.psnr(y, img)
+    return {"encode": enc, "decode": dec, "flops_decode": flops, "psnr": psnrs}
+
+
+def case_sd15(size: int) -> dict:
+    from tests.conftest import diffusers_kl
+    from vaecli.checkpoints import kl_state_dict
+    from vaecli.codec import build_model
+    from vaecli.registry import REGISTRY
+
+    ref = diffusers_kl("sd15")
+    ours = build_model(REGISTRY["sd15"]).eval()
+    ours.load_state_dict(kl_state_dict(ref.state_dict(), 4, "bench"))
+    ours = ours.to(memory_format=torch.channels_last)
+    z = torch.randn(1, 4, size // 8, size // 8)
+    zl = z.contiguous(memory_format=torch.channels_last)
+    t = time.perf_counter()
+    a = ours.decode(zl)
+    ours_s = time.perf_counter() - t
+    peak_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    b = (ref.decode(z).sample + 1) / 2
+    ref_s = time.perf_counter() - t
+    return {"ours_decode": ours_s, "ref_decode": ref_s, "max_abs_diff": (a - b.clamp(0, 1)).abs().max().item(),
+            "peak_rss_after_ours_mb": peak_ours}
+
+
+CASES = {"conv": case_conv, "taesd512": lambda: case_taesd(512), "taesd1024": lambda: case_taesd(1024),
+         "taef2_fp32": lambda: case_taef2("fp32"), "taef2_bf16": lambda: case_taef2("bf16"),
+         "sd15_512": lambda: case_sd15(512), "sd15_1024": lambda: case_sd15(1024)}
+
+
+def run_case(name: str) -> dict:
+    """Run one case in a fresh interpreter; its result plus that process's peak RSS."""
+    out = subprocess.run([sys.executable, __file__, "--case", name], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--full", action="store_true", help="include sd15 at 1024x1024 (slow)")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
+    args = parser.parse_args()
+    if args.case:
+        with torch.inference_mode():
+            result = CASES[args.case]()
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    names = ["conv", "taesd512", "taesd1024", "taef2_fp32", "taef2_bf16", "sd15_512"] + (["sd15_1024"] if args.full
+                                                                                        else [])
+    results = {}
+    for name in names:
+        results[name] = run_case(name)
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    peak = results["conv"]["gflops"]
+    print("\n| case | ours s | diffusers s | ratio | GFLOP/s | % of conv peak | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size in (512, 1024):
+        r = results[f"taesd{size}"]
+        ours, ref = r["ours_encode"] + r["ours_decode"], r["ref_encode"] + r["ref_decode"]
+        gf = r["flops_decode"] / r["ours_decode"] / 1e9
+        print(f"| taesd fp32 {size} enc+dec | {ours:.2f} | {ref:.2f} | {ours / ref:.2f} | {gf:.0f} (dec) | "
+              f"{100 * gf / peak['float32_channels_last']:.0f}% | {r['peak_rss_mb']:.0f} |")
+    for dtype, key in (("fp32", "float32_channels_last"), ("bf16", "bfloat16_channels_last")):
+        r = results[f"taef2_{dtype}"]
+        gf = r["flops_decode"] / r["decode"] / 1e9
+        print(f"| taef2 {dtype} 512 enc+dec | {r['encode'] + r['decode']:.2f} | - | - | {gf:.0f} (dec) | "
+              f"{100 * gf / peak[key]:.0f}% | {r['peak_rss_mb']:.0f} |")
+    for name in [n for n in names if n.startswith("sd15")]:
+        r = results[name]
+        print(f"| {name} fp32 decode | {r['ours_decode']:.2f} | {r['ref_decode']:.2f} | "
+              f"{r['ours_decode'] / r['ref_decode']:.2f} | - | - | {r['peak_rss_mb']:.0f} (both) |")
+    f32, b16 = results["taef2_fp32"], results["taef2_bf16"]
+    speedup = (f32["encode"] + f32["decode"]) / (b16["encode"] + b16["decode"])
+    loss = {k: round(f32["psnr"][k] - b16["psnr"][k], 3) for k in f32["psnr"]}
+    print(f"\nbf16 vs fp32 (taef2): {speedup:.2f}x faster; PSNR loss per photo (dB): {loss}")
+    print(f"conv peak GFLOP/s: {json.dumps({k: round(v) for k, v in peak.items()})}")
+    args.json.write_text(json.dumps({"time": time.time(), "results": results}, indent=1))
+    print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
