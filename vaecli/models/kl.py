@@ -128,6 +128,22 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
+def up_stages(cfg: KLConfig, block: type[nn.Module]) -> nn.ModuleList:
+    """The decoder's levels, `up[i]` at level i: `num_res_blocks + 1` blocks each, then an upsample (not level 0)."""
+    widths = [cfg.channels * m for m in cfg.channel_mult]
+    n_in, up = widths[-1], []
+    for level in reversed(range(len(widths))):
+        stage = nn.Module()
+        stage.block = nn.ModuleList()
+        for _ in range(cfg.num_res_blocks + 1):
+            stage.block.append(block(n_in, widths[level]))
+            n_in = widths[level]
+        if level != 0:
+            stage.upsample = Upsample(n_in)
+        up.insert(0, stage)
+    return nn.ModuleList(up)
+
+
 class Decoder(nn.Module):
     """Latents (B, C, h, w) -> pixels (B, 3, f*h, f*w) in about [-1, 1]; `up[i]` is level i, applied deepest first."""
 
@@ -137,19 +153,9 @@ class Decoder(nn.Module):
         n_in = widths[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, n_in, 3, padding=1)
         self.mid = MidBlock(n_in)
-        up = []
-        for level in reversed(range(len(widths))):
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(n_in, widths[level]))
-                n_in = widths[level]
-            if level != 0:
-                stage.upsample = Upsample(n_in)
-            up.insert(0, stage)
-        self.up = nn.ModuleList(up)
-        self.norm_out = norm(n_in)
-        self.conv_out = nn.Conv2d(n_in, 3, 3, padding=1)
+        self.up = up_stages(cfg, ResnetBlock)
+        self.norm_out = norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, 3, f*h, f*w)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaecli.models.kl import AttnBlock, ResnetBlock, Upsample, norm
+from vaecli.models.kl import AttnBlock, ResnetBlock, norm, up_stages
 from vaecli.registry import KLConfig
 
 
@@ -74,19 +74,9 @@ class TemporalDecoder(nn.Module):
         self.mid.block_1 = SpatioTemporalBlock(n_in, n_in)
         self.mid.attn_1 = AttnBlock(n_in)
         self.mid.block_2 = SpatioTemporalBlock(n_in, n_in)
-        up = []
-        for level in reversed(range(len(widths))):
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(SpatioTemporalBlock(n_in, widths[level]))
-                n_in = widths[level]
-            if level != 0:
-                stage.upsample = Upsample(n_in)
-            up.insert(0, stage)
-        self.up = nn.ModuleList(up)
-        self.norm_out = norm(n_in)
-        self.conv_out = nn.Conv2d(n_in, 3, 3, padding=1)
+        self.up = up_stages(cfg, SpatioTemporalBlock)
+        self.norm_out = norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
         self.time_conv_out = nn.Conv3d(3, 3, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
