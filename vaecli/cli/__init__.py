@@ -1,0 +1,17 @@
+"""The `vae` command line: one module per command; they only parse options, call the library and print."""
+
+import sys
+
+from vaecli.cli import decode, encode, info, models, roundtrip, video_cmd  # noqa: F401  (registers the commands)
+from vaecli.cli.common import app, say
+
+__all__ = ["app", "run"]
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        say("Interrupted")
+        sys.exit(130)

@@ -1,0 +1,254 @@
+"""What every `vae` command shares: the Typer app, option types, reporting, batch running and naming.
+
+torch is imported only inside commands that compute, so `vae --help` and `vae models` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaecli import __version__
+from vaecli.errors import UsageError, VaeError
+from vaecli.registry import REGISTRY
+
+app = typer.Typer(
+    name="vae",
+    help="Move images into diffusion-model latents and back: encode, decode, roundtrip.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelName = Enum("ModelName", {name: name for name in REGISTRY}, type=str)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Alpha(str, Enum):
+    white = "white"
+    black = "black"
+    drop = "drop"
+
+
+class Space(str, Enum):
+    scaled = "scaled"
+    raw = "raw"
+    normalized = "normalized"
+
+
+class LatentFormat(str, Enum):
+    safetensors = "safetensors"
+    png = "png"
+
+
+LATENT_EXTS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}
+
+OutputOpt = Annotated[Optional[Path], typer.Option(
+    "-o", "--output", help="Output file, or a folder for several inputs (default: beside each input).")]
+WeightsOpt = Annotated[Optional[list[Path]], typer.Option(
+    "-w", "--weights", help="Weights file or folder (original .pth, diffusers folder or .safetensors); "
+    "repeat for encoder and decoder files. Default: search VAE_WEIGHTS_DIR, weights/, ~/.cache/vaecli.")]
+NoVerifyOpt = Annotated[bool, typer.Option(
+    "--no-verify", help="Use weights found on the search path even if their SHA-256 does not match.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to compute.")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute dtype.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON object per input on stdout; human messages go to stderr.")]
+AlphaOpt = Annotated[Alpha, typer.Option(
+    "--alpha", help="Transparent images: composite on white or black, or drop the alpha channel.")]
+
+
+RecursiveOpt = Annotated[bool, typer.Option("-r", "--recursive", help="Walk folders recursively.")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch-size", help="Same-sized images computed together (split further to stay within memory).")]
+SkipOpt = Annotated[Optional[bool], typer.Option(
+    "--skip-existing/--overwrite", help="Skip inputs whose output exists (default with -o FOLDER, so an "
+    "interrupted batch resumes), or recompute everything.", show_default=False)]
+FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or per-file lines; errors only.")]
+TileOpt = Annotated[str, typer.Option(
+    "--tile", help="Tiny models: 'auto' tiles when the image would not fit --max-memory; 'off'; or a tile size in "
+    "pixels. Tiles overlap by the receptive field and keep only exact centres: no seams.")]
+MaxMemOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Memory budget for activations, e.g. 2GB (default: 1GiB, or half the free RAM if less).")]
+NameOpt = Annotated[Optional[str], typer.Option(
+    "--name", help="Output file name template with {stem}, {ext}, {model}, e.g. '{stem}.{model}{ext}'.")]
+SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
+
+
+def say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def fail(exc: VaeError) -> typer.Exit:
+    say(f"Error: {exc}")
+    return typer.Exit(exc.exit_code)
+
+
+class Reporter:
+    """Reports finished inputs: JSON lines on stdout; a rich progress bar on a terminal, else plain lines."""
+
+    def __init__(self, total: int, as_json: bool, quiet: bool):
+        self.total, self.as_json, self.quiet = total, as_json, quiet
+        self.counts = {"ok": 0, "skipped": 0, "error": 0}
+        self.failures: list[str] = []
+        self.progress = None
+        if sys.stderr.isatty() and not quiet and total > 1:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class Rate(ProgressColumn):
+                def render(self, task) -> Text:
+                    speed = task.finished_speed or task.speed
+                    return Text(f"{speed:.2f} files/s" if speed else "")
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                                     TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.task = self.progress.add_task("vae", total=total)
+            self.progress.start()
+
+    def __call__(self, job) -> None:
+        self.counts[job.status] += 1
+        if job.status == "error":
+            msg = job.error if job.error.startswith(str(job.src)) else f"{job.src}: {job.error}"
+            self.failures.append(msg)
+            self._line(f"Error: {msg}", always=True)
+        elif job.status == "skipped":
+            self._line(f"{job.src} -> {job.dst}  skipped (exists; --overwrite to redo)")
+        else:
+            self._line(job.extra.pop("line"))
+        if self.as_json:
+            record = {"input": str(job.src), "output": str(job.dst) if job.dst and job.status != "error" else None,
+                      "status": job.status, "error": job.error, **job.extra}
+            typer.echo(json.dumps(record))
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def _line(self, text: str, always: bool = False) -> None:
+        if self.progress is not None:
+            if always:
+                self.progress.console.print(text, markup=False, highlight=False)
+        elif always or not self.quiet:
+            say(text)
+
+    def finish(self) -> int:
+        """Print the summary; the exit code: 0 all done, 1 some failed."""
+        if self.progress is not None:
+            self.progress.stop()
+        if self.total > 1 and not self.quiet:
+            say(f"done: {self.counts['ok']} ok, {self.counts['skipped']} skipped, {self.counts['error']} failed")
+        if self.total > 1 and self.failures:
+            say(f"{len(self.failures)} of {self.total} inputs failed:")
+            for msg in self.failures:
+                say(f"  {msg}")
+        return 1 if self.failures else 0
+
+
+def run_batch(jobs, as_json: bool, quiet: bool, **stages) -> None:
+    """Run jobs through `vaecli.batch.run`, report them, and exit with 0, 1, or 130 when interrupted."""
+    import signal
+
+    from vaecli import batch
+
+    reporter = Reporter(len(jobs), as_json, quiet)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        batch.run(jobs, on_done=reporter, **stages)
+    except KeyboardInterrupt:
+        reporter.finish()
+        say("Interrupted: finished outputs are complete; rerun to do the rest")
+        raise typer.Exit(130) from None
+    except VaeError as exc:
+        raise fail(exc) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(reporter.finish())
+
+
+def plan_jobs(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...],
+          name: Callable[[Path], str], skip_existing: Optional[bool], beside: bool = True):
+    """Expand inputs, plan their outputs (none without -o unless `beside`), and whether existing ones are skipped."""
+    from vaecli.batch import Job, expand_inputs
+    from vaecli.files import is_folder_target, plan_outputs
+
+    pairs = expand_inputs(inputs, recursive, exts)
+    if not pairs:
+        raise UsageError("no inputs (stdin was empty)")
+    srcs, rels = [p for p, _ in pairs], [r for _, r in pairs]
+    outs = plan_outputs(srcs, output, name, rels) if output is not None or beside else [None] * len(srcs)
+    folder = output is not None and is_folder_target(output, len(srcs))
+    skip = folder if skip_existing is None else skip_existing
+    return [Job(src, dst) for src, dst in zip(srcs, outs, strict=True)], skip
+
+
+def tiling_kwargs(tile: str, max_memory: Optional[str]) -> dict:
+    """`load_codec` keyword arguments for --tile and --max-memory."""
+    from vaecli import tiling
+
+    return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0}
+
+
+def split_batch(group: list, codec) -> list[list]:
+    """Cut a group of same-sized image jobs into forward passes that stay within the model's pixel budget."""
+    h, w = group[0].payload[0].shape[-2:]
+    per = max(1, codec.max_batch_pixels // (h * w))
+    return [group[i:i + per] for i in range(0, len(group), per)]
+
+
+def namer(template: Optional[str], suffix: str, ext: str, model: str = "") -> Callable[[Path], str]:
+    from vaecli.files import strip_suffixes
+
+    template = template or "{stem}{suffix}{ext}"
+
+    def name(p: Path) -> str:
+        stem = strip_suffixes(p, ".latent")
+        try:
+            return template.format(stem=stem, ext=ext, model=model, suffix=suffix)
+        except (KeyError, IndexError, ValueError):
+            raise UsageError(f"--name {template}: use only {{stem}}, {{ext}}, {{model}} and {{suffix}}") from None
+
+    return name
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vaecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """vaecli: a latent codec for diffusion autoencoders (TAESD family; default model taef2)."""

@@ -1,0 +1,150 @@
+"""`vae decode`: latent files back to images and clips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaecli.cli.common import (
+    REGISTRY,
+    Device,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    FailFastOpt,
+    JsonOpt,
+    MaxMemOpt,
+    ModelName,
+    NameOpt,
+    NoVerifyOpt,
+    OutputOpt,
+    QuietOpt,
+    RecursiveOpt,
+    SkipOpt,
+    SuffixOpt,
+    TileOpt,
+    UsageError,
+    VaeError,
+    WeightsOpt,
+    app,
+    fail,
+    namer,
+    plan_jobs,
+    run_batch,
+    tiling_kwargs,
+)
+
+
+@app.command()
+def decode(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Latent files written by 'vae encode' or 'vae video', folders, globs, or - for stdin.")],
+    output: OutputOpt = None,
+    model: Annotated[Optional[ModelName], typer.Option(
+        "-m", "--model", help="Decode with this model instead of the one named in the latent's metadata.")] = None,
+    weights: WeightsOpt = None,
+    chunk: Annotated[int, typer.Option("--chunk", help="Latent videos: frames decoded at a time (SVD mixes "
+                                                     "frames within a chunk).")] = 8,
+    as_frames: Annotated[bool, typer.Option(
+        "--as-frames", help="Latent videos: write a folder of PNG frames (frame_000000.png, ...).")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Also decode a window around a tile seam untiled and report the max abs difference and "
+        "PSNR of the tiled result there.")] = False,
+    image_ext: Annotated[str, typer.Option(
+        "--ext", help="Image extension for outputs vaecli names (png, jpg, webp, ...).")] = "png",
+    recursive: RecursiveOpt = False,
+    skip_existing: SkipOpt = None,
+    fail_fast: FailFastOpt = False,
+    name: NameOpt = None,
+    suffix: SuffixOpt = "",
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decode latent files back to images (PNG, JPEG, WebP, BMP, TIFF) or latent videos to clips (by -o extension)."""
+    from vaecli import batch, clips, latents, media, video
+    from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
+    from vaecli.errors import InputError
+
+    image_suffix = "." + image_ext.lstrip(".").lower()
+
+    def default_name(p: Path) -> str:
+        try:
+            is_video = latents.read_metadata(p).get("kind") == "video"
+        except VaeError:
+            is_video = False  # reported when the input itself is processed
+        ext = "" if as_frames else ".mp4" if is_video else image_suffix
+        return namer(name, suffix, ext, model.value if model else "")(p)
+
+    try:
+        tiling_options = tiling_kwargs(tile, max_memory)
+        media.check_output_extension(Path("x" + image_suffix))
+        jobs, skip = plan_jobs(inputs, output, recursive, batch.LATENT_EXTS, default_name, skip_existing)
+        for job in jobs:
+            suffix_ = job.dst.suffix.lower()
+            if not as_frames and suffix_ not in media.OUTPUT_FORMATS and suffix_ not in video.VIDEO_EXTS:
+                raise UsageError(f"cannot write '{suffix_ or job.dst}': expected an image extension "
+                                 f"({', '.join(media.OUTPUT_FORMATS)}) or a video extension "
+                                 f"({', '.join(sorted(video.VIDEO_EXTS))})")
+    except VaeError as exc:
+        raise fail(exc) from None
+    codecs: dict[str, Codec] = {}
+
+    def codec_for(name: str) -> Codec:
+        if name not in codecs:
+            codecs[name] = load_codec(name, weights, ("decoder",), device.value, dtype.value, not no_verify,
+                                      **tiling_options)
+        return codecs[name]
+
+    def read(job):
+        meta = latents.read_metadata(job.src)
+        name = model.value if model else str(meta.get("model"))
+        if name not in REGISTRY:
+            raise InputError(f"{job.src}: made by model '{name}', which this vaecli does not know; pass --model")
+        if meta.get("kind") == "video":
+            if job.dst.suffix.lower() in media.OUTPUT_FORMATS and not as_frames:
+                raise InputError(f"{job.src}: a latent video; write it as .mp4, .mov, .mkv, .webm, .gif "
+                                 f"or use --as-frames")
+            return name, None, meta
+        if job.dst.suffix.lower() not in media.OUTPUT_FORMATS or as_frames:
+            raise InputError(f"{job.src}: an image latent; write it as {', '.join(media.OUTPUT_FORMATS)}")
+        latent, meta = latents.load_latent(job.src)
+        check_latent_fits(get_spec(name), latent, meta)
+        return name, latent, meta
+
+    def compute(group) -> None:
+        for job in group:
+            name, latent, meta = job.payload
+            if latent is None:  # a latent video streams straight to its output
+                info = clips.decode_clip(codec_for(name), job.src, job.dst, chunk, as_frames)
+                job.payload = None
+                job.extra = {"model": name, **info,
+                             "line": f"{job.src} -> {job.dst}  {name} {info['frames']} frames "
+                                     f"{info['size'][0]}x{info['size'][1]} @ {info['fps']:g} fps"}
+            else:
+                pixels = codec_for(name).decode_latent(latent, meta)
+                check = codec_for(name).verify_tiling(latent, meta, pixels) if verify else None
+                job.payload = (name, pixels, check)
+
+    def write(job) -> None:
+        if job.payload is None:
+            return
+        name, pixels, check = job.payload
+        media.write_image(job.dst, pixels)
+        size = [pixels.shape[-1], pixels.shape[-2]]
+        line = f"{job.src} -> {job.dst}  {name} {size[0]}x{size[1]}"
+        job.extra = {"model": name, "size": size}
+        if check is not None:
+            job.extra["verify"] = check
+            line += (f"  verify: max diff {check['max_abs_diff'] * 255:.3f}/255, PSNR {check['psnr']:.2f} dB"
+                     if check["tiled"] else "  verify: not tiled")
+        job.extra["line"] = line
+
+    run_batch(jobs, as_json, quiet, read=read, compute=compute, write=write, fail_fast=fail_fast,
+               skip=lambda job: skip and job.dst.exists())

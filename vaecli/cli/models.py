@@ -1,0 +1,49 @@
+"""`vae models`: the registry and whether weights are found."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from vaecli.cli.common import app
+from vaecli.errors import VaeError
+from vaecli.registry import DEFAULT_MODEL, REGISTRY
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model on stdout.")] = False,
+    manifest: Annotated[bool, typer.Option(
+        "--manifest", help="Print the manifest of known weights files (weights/manifest.tsv).")] = False,
+) -> None:
+    """List the models vaecli knows, their latent shape rule, and whether their weights are found."""
+    from vaecli.registry import manifest_lines
+    from vaecli.weights import find_on_search_path
+
+    if manifest:
+        typer.echo("\n".join(manifest_lines()))
+        return
+    for spec in REGISTRY.values():
+        status = {}
+        for wf in spec.weights:
+            try:
+                status[wf.role] = str(find_on_search_path(spec, wf))
+            except VaeError as exc:
+                status[wf.role] = None if "not found" in str(exc) else "checksum mismatch"
+        f = spec.spatial_factor
+        rule = f"{spec.latent_channels} x H/{f} x W/{f}"
+        if as_json:
+            typer.echo(json.dumps({"name": spec.name, "family": spec.family, "channels": spec.latent_channels,
+                                   "spatial_factor": f, "latent_shape": rule, "weights": status,
+                                   "default": spec.name == DEFAULT_MODEL, "description": spec.description}))
+            continue
+        found = [r for r, s in status.items() if s and s != "checksum mismatch"]
+        state = "found" if len(found) == len(status) else "missing" if not found else "partial"
+        if "checksum mismatch" in status.values():
+            state = "checksum mismatch"
+        if not spec.has_decoder and found:
+            state += " (encoder only)"
+        default = " (default)" if spec.name == DEFAULT_MODEL else ""
+        typer.echo(f"{spec.name:<8} {rule:<18} {state:<24} {spec.description}{default}")

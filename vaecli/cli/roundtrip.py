@@ -1,0 +1,109 @@
+"""`vae roundtrip`: images through the autoencoder, with PSNR and SSIM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaecli.cli.common import (
+    Alpha,
+    AlphaOpt,
+    BatchOpt,
+    Device,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    FailFastOpt,
+    JsonOpt,
+    LatentFormat,
+    MaxMemOpt,
+    ModelName,
+    NameOpt,
+    NoVerifyOpt,
+    QuietOpt,
+    RecursiveOpt,
+    SkipOpt,
+    SuffixOpt,
+    TileOpt,
+    VaeError,
+    WeightsOpt,
+    app,
+    fail,
+    namer,
+    plan_jobs,
+    run_batch,
+    split_batch,
+    tiling_kwargs,
+)
+from vaecli.registry import DEFAULT_MODEL
+
+
+@app.command()
+def roundtrip(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Images to pass through the autoencoder, folders, globs, or - for stdin.")],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Write reconstructions here: a file, or a folder for several inputs "
+        "(default: only report the metrics).")] = None,
+    model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
+    = DEFAULT_MODEL,
+    weights: WeightsOpt = None,
+    via: Annotated[LatentFormat, typer.Option(
+        "--via", help="'png' quantizes the latent through the 8-bit PNG latent scheme, as a saved PNG latent "
+        "would be.")] = LatentFormat.safetensors,
+    alpha: AlphaOpt = Alpha.white,
+    recursive: RecursiveOpt = False,
+    batch_size: BatchOpt = 8,
+    skip_existing: SkipOpt = None,
+    fail_fast: FailFastOpt = False,
+    name: NameOpt = None,
+    suffix: SuffixOpt = "",
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode and decode images, reporting PSNR and SSIM of the reconstruction against the input."""
+    import torch
+
+    from vaecli import batch, latents, media, metrics
+    from vaecli.codec import load_codec
+
+    try:
+        jobs, skip = plan_jobs(inputs, output, recursive, batch.IMAGE_EXTS,
+                           namer(name, suffix, ".png", model.value), skip_existing, beside=False)
+        for job in jobs:
+            if job.dst is not None:
+                media.check_output_extension(job.dst)
+        codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify,
+                           **tiling_kwargs(tile, max_memory))
+    except VaeError as exc:
+        raise fail(exc) from None
+
+    def compute(group) -> None:
+        size = group[0].payload[1].size
+        for part in split_batch(group, codec):
+            out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), size)
+            for job, latent in zip(part, out, strict=True):
+                if via == LatentFormat.png:
+                    latent = latents.quantize_png(latent)
+                recon = codec.decode_latent(latent, meta)
+                recon = torch.from_numpy(media.to_uint8(recon)).permute(2, 0, 1)[None].float() / 255
+                job.payload = (recon, metrics.psnr(recon, job.payload[0]), metrics.ssim(recon, job.payload[0]))
+
+    def write(job) -> None:
+        recon, p, s = job.payload
+        if job.dst is not None:
+            media.write_image(job.dst, recon)
+        where = f" -> {job.dst}" if job.dst else ""
+        job.extra = {"model": codec.spec.name, "psnr": round(p, 4), "ssim": round(s, 5),
+                     "line": f"{job.src}{where}  PSNR {p:.2f} dB  SSIM {s:.4f}"}
+
+    run_batch(jobs, as_json, quiet, read=lambda job: media.read_image(job.src, alpha.value), compute=compute,
+               write=write, batch_size=batch_size, fail_fast=fail_fast, key=lambda job: tuple(job.payload[0].shape),
+               skip=lambda job: skip and job.dst is not None and job.dst.exists())

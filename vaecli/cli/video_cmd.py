@@ -1,0 +1,102 @@
+"""`vae video`: clips to latent videos, streaming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaecli.cli.common import (
+    Device,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    JsonOpt,
+    MaxMemOpt,
+    ModelName,
+    NoVerifyOpt,
+    TileOpt,
+    UsageError,
+    VaeError,
+    WeightsOpt,
+    app,
+    fail,
+    run_batch,
+    say,
+    tiling_kwargs,
+)
+from vaecli.registry import DEFAULT_MODEL
+
+
+@app.command("video")
+def video_cmd(
+    source: Annotated[Path, typer.Argument(help="A clip ffmpeg can read: mp4, mov, webm, mkv, gif, ...")],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Latent video file (.latent/.safetensors; default: beside the clip).")] = None,
+    frames: Annotated[Optional[int], typer.Option(
+        "--frames", help="Encode at most this many frames (a clip that ends sooner is encoded to its end).")] = None,
+    start: Annotated[int, typer.Option("--start", help="First source frame (0-based).")] = 0,
+    stride: Annotated[int, typer.Option("--stride", help="Keep every K-th frame.")] = 1,
+    fps: Annotated[Optional[float], typer.Option(
+        "--fps", help="Resample to this frame rate instead of --stride.")] = None,
+    model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
+    = DEFAULT_MODEL,
+    weights: WeightsOpt = None,
+    chunk: Annotated[int, typer.Option(
+        "--chunk", help="Frames encoded (and decoded) at a time; SVD's temporal decoder mixes frames within "
+        "a chunk, like diffusers' decode_chunk_size.")] = 8,
+    roundtrip: Annotated[bool, typer.Option(
+        "--roundtrip", help="Also decode the latents, write the reconstructed clip and report PSNR per frame.")]
+    = False,
+    recon: Annotated[Optional[Path], typer.Option(
+        "--recon", help="Where --roundtrip writes the clip (default: <output>.recon.mp4).")] = None,
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode a video clip into a latent video [frames, channels, h, w], streaming (audio is not carried)."""
+    from vaecli import clips, video
+    from vaecli.codec import load_codec
+    from vaecli.files import plan_outputs, strip_suffixes
+
+    try:
+        clips.check_selection(start, frames, stride, fps, chunk)
+        if output is not None and output.suffix.lower() not in (".latent", ".safetensors"):
+            raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors")
+        out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
+        if roundtrip:
+            recon = recon or out.with_name(strip_suffixes(out, ".latent") + ".recon.mp4")
+            video.check_video_output(recon)
+            plan_outputs([source], recon, lambda p: p.name)
+        elif recon is not None:
+            raise UsageError("--recon needs --roundtrip")
+        roles = ("encoder", "decoder") if roundtrip else ("encoder",)
+        codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
+                           **tiling_kwargs(tile, max_memory))
+    except VaeError as exc:
+        raise fail(exc) from None
+
+    def compute(group) -> None:
+        job = group[0]
+        report = clips.encode_clip(codec, job.src, job.dst, start=start, frames=frames, stride=stride, fps=fps,
+                                   chunk=chunk, recon=recon if roundtrip else None)
+        if frames is not None and report.frames < frames:
+            say(f"note: {job.src} has only {report.frames} frames to select from frame {start}; "
+                 f"encoded {report.frames} of --frames {frames}")
+        job.extra = {"model": codec.spec.name, "frames": report.frames, "shape": report.shape, "fps": report.fps,
+                     "size": list(report.size)}
+        line = f"{job.src} -> {job.dst}  {codec.spec.name} latent {report.shape} @ {report.fps:g} fps"
+        if roundtrip:
+            job.extra.update(recon=str(recon), written_size=list(report.written_size),
+                             psnr=[round(p, 4) for p in report.psnr], mean_psnr=round(report.mean_psnr, 4))
+            line += f"; recon -> {recon}  mean PSNR {report.mean_psnr:.2f} dB"
+        job.extra["line"] = line
+
+    from vaecli.batch import Job
+
+    run_batch([Job(source, out)], as_json, False, read=lambda job: None, compute=compute,
+               write=lambda job: None)
