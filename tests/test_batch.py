@@ -189,3 +189,39 @@ def test_sigterm_is_handled_like_sigint(real_weights, tmp_path, shared_images):
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     for p in out.glob("*.latent"):
         assert list(load_latent(p)[0].shape) == [32, 20, 20]
+
+
+def test_progress_bar_on_a_terminal(real_weights, tree, tmp_path):
+    """With stderr a terminal, a rich progress bar (count, files/s, ETA) replaces the per-file lines."""
+    import pty
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vaecli", "encode", str(tree / "misc"), "-o", str(tmp_path / "p")],
+                            stdout=subprocess.PIPE, stderr=child, env={**os.environ, "COLUMNS": "100"})
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(main)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 1  # truncated.png
+    assert "/4" in text and "━" in text  # the bar and its "n/4" count were drawn
+    assert "done: 3 ok, 0 skipped, 1 failed" in text
+    assert f"{tree / 'misc' / 'brick.png'} -> " not in text  # no per-file lines under a progress bar
+
+
+def test_quiet_prints_errors_only(vae, real_weights, tree, tmp_path):
+    result = vae("encode", tree / "misc", "-o", tmp_path / "q", "--quiet")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"Error: {tree / 'misc' / 'truncated.png'}: truncated or corrupt image")
+    assert lines[1:] == ["1 of 4 inputs failed:", lines[0].replace("Error: ", "  ", 1)]
+    ok = vae("encode", tree / "top.png", "-o", tmp_path / "q1.latent", "--quiet")
+    assert ok.exit_code == 0 and ok.stderr == ""

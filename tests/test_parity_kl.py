@@ -139,3 +139,24 @@ def test_fp16_upcast_for_sdxl(kl_files):
     assert next(codec.model.decoder.parameters()).dtype == torch.float32
     fixed = load_codec("sdxl-fp16-fix", [files["diffusers"]], device="cpu", dtype="fp16")
     assert next(fixed.model.decoder.parameters()).dtype == torch.float16
+
+
+def test_diffusers_fp16_variant_folder(kl_files, tmp_path, pixels):
+    """A diffusers folder holding only `diffusion_pytorch_model.fp16.safetensors` loads into fp32."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    files = kl_files("flux1")
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    shutil.copy(files["diffusers"] / "config.json", folder / "config.json")
+    ref = files["reference"]
+    save_file({k: v.half().contiguous() for k, v in ref.state_dict().items()},
+              str(folder / "diffusion_pytorch_model.fp16.safetensors"))
+    codec = load_codec("flux1", [tmp_path], device="cpu")  # the model folder's vae/ subfolder is found too
+    assert {p.dtype for p in codec.model.parameters()} == {torch.float32}
+    latent, _ = codec.encode_image(pixels, (64, 48))
+    with torch.inference_mode():
+        expected = (ref.encode(pixels * 2 - 1).latent_dist.mean - 0.1159) * 0.3611
+    assert (latent - expected[0]).abs().max().item() <= 2e-2
