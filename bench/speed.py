@@ -86,8 +86,8 @@ def case_taesd(size: int) -> dict:
     ref, ours = _taesd_pair()
     x = torch.rand(1, 3, size, size)
     xl = x.contiguous(memory_format=torch.channels_last)
-    z = ours.encode(xl)
-    zl = z.contiguous(memory_format=torch.channels_last)
+    zl = ours.encode(xl).contiguous(memory_format=torch.channels_last)
+    z = zl.contiguous()  # diffusers as users call it: NCHW tensors
     res = {
         "ours_encode": best_time(lambda: ours.encode(xl)), "ours_decode": best_time(lambda: ours.decode(zl)),
         "ref_encode": best_time(lambda: ref.encode(x * 2 - 1)), "ref_decode": best_time(lambda: ref.decode(z)),
@@ -133,7 +133,7 @@ def case_sd15(size: int) -> dict:
     ours = build_model(REGISTRY["sd15"]).eval()
     ours.load_state_dict(kl_state_dict(ref.state_dict(), 4, "bench"))
     ours = ours.to(memory_format=torch.channels_last)
-    z = torch.randn(1, 4, size // 8, size // 8)
+    z = torch.randn(1, 4, size // 8, size // 8)  # NCHW for diffusers, as users call it
     zl = z.contiguous(memory_format=torch.channels_last)
     t = time.perf_counter()
     a = ours.decode(zl)

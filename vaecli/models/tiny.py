@@ -30,15 +30,17 @@ class Block(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, midblock_gn: bool = False):
         super().__init__()
-        self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
+        # In-place ReLUs and add: each acts on a fresh conv output, and saving the copies is ~10% of the time.
+        self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(inplace=True), conv(n_out, n_out), nn.ReLU(inplace=True),
+                                  conv(n_out, n_out))
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
-        self.fuse = nn.ReLU()
+        self.fuse = nn.ReLU(inplace=True)
         self.pool = None
         if midblock_gn:
             # GroupNorm pools statistics over the whole image: the only non-local op in the family.
             n_gn = 4 * n_in
             self.pool = nn.Sequential(
-                nn.Conv2d(n_in, n_gn, 1, bias=False), nn.GroupNorm(4, n_gn), nn.ReLU(),
+                nn.Conv2d(n_in, n_gn, 1, bias=False), nn.GroupNorm(4, n_gn), nn.ReLU(inplace=True),
                 nn.Conv2d(n_gn, n_in, 1, bias=False),
             )
 
@@ -46,7 +48,9 @@ class Block(nn.Module):
         """(B, n_in, H, W) -> (B, n_out, H, W)."""
         if self.pool is not None:
             x = x + self.pool(x)
-        return self.fuse(self.conv(x) + self.skip(x))
+        h = self.conv(x)
+        h += self.skip(x)
+        return self.fuse(h)
 
 
 def make_encoder(cfg: TinyConfig) -> nn.Sequential:
@@ -56,7 +60,7 @@ def make_encoder(cfg: TinyConfig) -> nn.Sequential:
         stem: list[nn.Module] = []
         n_in = 3
         for n_out in cfg.encoder_stem:
-            stem += [conv(n_in, n_out, stride=2), nn.ReLU()]
+            stem += [conv(n_in, n_out, stride=2), nn.ReLU(inplace=True)]
             n_in = n_out
     else:
         stem = [conv(3, w)]
@@ -73,7 +77,7 @@ def make_decoder(cfg: TinyConfig) -> nn.Sequential:
     """Decoder: latents (B, C, h, w) -> pixels (B, 3, 8h, 8w), roughly in [0, 1] (not clamped)."""
     w, gn = cfg.width, cfg.midblock_gn
     return nn.Sequential(
-        Clamp(), conv(cfg.latent_channels, w), nn.ReLU(),
+        Clamp(), conv(cfg.latent_channels, w), nn.ReLU(inplace=True),
         Block(w, w, gn), Block(w, w, gn), Block(w, w, gn), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
         Block(w, w), Block(w, w), Block(w, w), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
         Block(w, w), Block(w, w), Block(w, w), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
