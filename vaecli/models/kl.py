@@ -32,9 +32,11 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        # In place on fresh tensors only: at full resolution every saved copy is hundreds of MB.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h += x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return h
 
 
 class AttnBlock(nn.Module):
@@ -125,7 +127,7 @@ class Encoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h)), inplace=True))
 
 
 def up_stages(cfg: KLConfig, block: type[nn.Module]) -> nn.ModuleList:
@@ -165,7 +167,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class KLAutoencoder(nn.Module):

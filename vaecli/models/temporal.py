@@ -27,8 +27,10 @@ class TemporalResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, C, T, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        return x + self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h += x
+        return h
 
 
 class TimeMixer(nn.Module):
@@ -88,7 +90,7 @@ class TemporalDecoder(nn.Module):
                 h = block(h, num_frames)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        h = self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h), inplace=True))
         bt, c, hh, ww = h.shape
         h5 = h.reshape(bt // num_frames, num_frames, c, hh, ww).permute(0, 2, 1, 3, 4)
         return self.time_conv_out(h5).permute(0, 2, 1, 3, 4).reshape(bt, c, hh, ww)
