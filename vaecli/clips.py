@@ -12,6 +12,7 @@ import torch
 from vaecli import latents, metrics, video
 from vaecli.codec import Codec
 from vaecli.errors import InputError, UsageError
+from vaecli.media import quantize8
 
 
 @dataclass
@@ -35,12 +36,6 @@ class ClipReport:
 def _chunks(it: Iterator, n: int) -> Iterator[list]:
     while batch := list(islice(it, n)):
         yield batch
-
-
-def _quantized(frame: torch.Tensor) -> torch.Tensor:
-    from vaecli.media import to_uint8
-
-    return torch.from_numpy(to_uint8(frame)).permute(2, 0, 1).float() / 255
 
 
 def check_selection(start: int, frames: int | None, stride: int, fps: float | None, chunk: int) -> None:
@@ -71,7 +66,7 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
             if recon_writer is not None:
                 decoded = codec.decode_frames(lat, meta, chunk)
                 for original, frame in zip(x, decoded, strict=True):
-                    frame = _quantized(frame)
+                    frame = quantize8(frame)
                     recon_writer.write(frame)
                     report.psnr.append(metrics.psnr(frame[None], original[None]))
             report.frame_indices += indices

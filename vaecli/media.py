@@ -95,6 +95,11 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+def quantize8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels as an 8-bit file will hold them: same shape, float in [0, 1], multiples of 1/255."""
+    return pixels.float().clamp(0, 1).mul(255).round().div(255)
+
+
 def check_output_extension(path: Path) -> str:
     """Pillow format name for an output image path, or a UsageError naming the supported extensions."""
     fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())

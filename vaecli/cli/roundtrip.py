@@ -93,7 +93,7 @@ def roundtrip(
                 if via == LatentFormat.png:
                     latent = latents.quantize_png(latent)
                 recon = codec.decode_latent(latent, meta)
-                recon = torch.from_numpy(media.to_uint8(recon)).permute(2, 0, 1)[None].float() / 255
+                recon = media.quantize8(recon)
                 job.payload = (recon, metrics.psnr(recon, job.payload[0]), metrics.ssim(recon, job.payload[0]))
 
     def write(job) -> None:
