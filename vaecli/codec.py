@@ -65,9 +65,14 @@ class Codec:
         if self.tile != "auto":
             return int(self.tile)
         bytes_per_pixel = self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
-        halo = 72 * self.spec.spatial_factor // 8
-        return tiling.tile_for_budget(pixels, bytes_per_pixel, self.budget or tiling.default_budget(), halo,
-                                      self.spec.spatial_factor)
+        return tiling.tile_for_budget(pixels, bytes_per_pixel, self.budget or tiling.default_budget(),
+                                      self._halo_px(), self.spec.spatial_factor)
+
+    def _halo_px(self) -> int:
+        """Overlap in pixels the tiles of whichever half is loaded need (their receptive field)."""
+        if self.model.encoder is not None:
+            return math.ceil(tiling.receptive_radius(self.model.encoder_segments()[0]))
+        return math.ceil(tiling.receptive_radius(self.model.decoder_segments()[1]) * self.spec.spatial_factor)
 
     def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
         """Decode a window around a tile seam untiled and compare it with `pixels`, the tiled (1, 3, H, W) result."""
@@ -162,16 +167,7 @@ class Codec:
 
     def decode_latent(self, latent: torch.Tensor, meta: dict) -> torch.Tensor:
         """A (C, h, w) latent with its metadata -> (1, 3, H, W) pixels in [0, 1], cropped to the source size."""
-        if self.model.decoder is None:
-            raise UsageError(f"{self.spec.name} has no decoder" + (f" ({self.spec.notes})" if self.spec.notes else ""))
-        check_latent_fits(self.spec, latent, meta)
-        dec_dtype = next(self.model.decoder.parameters()).dtype  # fp32 when the model forces an upcast
-        with torch.inference_mode():
-            z = self._to_input(latent[None].to(self.device, torch.float32), meta)
-            pixels = self._decode_raw(z.to(dec_dtype).contiguous(memory_format=torch.channels_last)).float().cpu()
-        size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
-        padding = tuple(meta.get("padding") or (0, 0, 0, 0))
-        return media.crop(pixels, size, padding)
+        return self.decode_frames(latent[None], meta)
 
     def decode_frames(self, latents: torch.Tensor, meta: dict, chunk: int | None = None) -> torch.Tensor:
         """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1], decoded `chunk` frames at a time.
@@ -179,17 +175,18 @@ class Codec:
         A temporal decoder (SVD) mixes the frames within each chunk, as diffusers' `decode_chunk_size` does.
         """
         if self.model.decoder is None:
-            raise UsageError(f"{self.spec.name} has no decoder")
+            raise UsageError(f"{self.spec.name} has no decoder" + (f" ({self.spec.notes})" if self.spec.notes else ""))
         chunk = chunk or latents.shape[0]
         if chunk < 1:
             raise UsageError(f"--chunk must be at least 1, got {chunk}")
-        dec_dtype = next(self.model.decoder.parameters()).dtype
+        dec_dtype = next(self.model.decoder.parameters()).dtype  # fp32 when the model forces an upcast
         out = []
         with torch.inference_mode():
             for i in range(0, latents.shape[0], chunk):
                 part = latents[i:i + chunk]
                 check_latent_fits(self.spec, part[0], meta)
-                z = self._to_input(part.to(self.device, torch.float32), meta).to(dec_dtype)
+                z = self._to_input(part.to(self.device, torch.float32), meta)
+                z = z.to(dec_dtype).contiguous(memory_format=torch.channels_last)
                 out.append(self._decode_raw(z, part.shape[0]).float().cpu())
         pixels = torch.cat(out)
         size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
