@@ -243,8 +243,14 @@ def read_metadata(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
-        latent, meta = load_latent(path)
-        return {**meta, "shape": list(latent.shape)}
+        try:  # the text chunk precedes the pixel data: no need to decode the mosaic
+            with Image.open(path) as img:
+                meta = _decode_meta(json.loads(img.info[PNG_KEY]), str(path))
+            meta.pop("grid")
+            return {**meta, "shape": meta.pop("latent_shape")}
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError, LatentFormatError):
+            latent, meta = load_latent(path)  # reports the precise format error
+            return {**meta, "shape": list(latent.shape)}
     from safetensors import safe_open
 
     try:

@@ -218,11 +218,19 @@ def tiling_kwargs(tile: str, max_memory: Optional[str]) -> dict:
     return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0}
 
 
-def split_batch(group: list, codec) -> list[list]:
-    """Cut a group of same-sized image jobs into forward passes that stay within the model's pixel budget."""
+def encode_group(group: list, codec, **options):
+    """Encode a group of same-sized image jobs in forward passes within the model's pixel budget; yields
+    (job, latent, metadata) for each."""
+    import torch
+
     h, w = group[0].payload[0].shape[-2:]
     per = max(1, codec.max_batch_pixels // (h * w))
-    return [group[i:i + per] for i in range(0, len(group), per)]
+    for i in range(0, len(group), per):
+        part = group[i:i + per]
+        out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), group[0].payload[1].size,
+                                       **options)
+        for job, latent in zip(part, out, strict=True):
+            yield job, latent, meta
 
 
 def namer(template: Optional[str], suffix: str, ext: str, model: str = "") -> Callable[[Path], str]:

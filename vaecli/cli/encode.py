@@ -34,11 +34,11 @@ from vaecli.cli.common import (
     VaeError,
     WeightsOpt,
     app,
+    encode_group,
     fail,
     namer,
     plan_jobs,
     run_batch,
-    split_batch,
     tiling_kwargs,
 )
 from vaecli.registry import DEFAULT_MODEL
@@ -89,7 +89,6 @@ def encode(
     quiet: QuietOpt = False,
 ) -> None:
     """Encode images into latents (.latent/.safetensors with metadata, or 8-bit .png)."""
-    import torch
 
     from vaecli import batch, latents, media
     from vaecli.codec import load_codec
@@ -110,12 +109,9 @@ def encode(
     save = latents.save_png if kind == "png" else latents.save_safetensors
 
     def compute(group) -> None:
-        size = group[0].payload[1].size
-        for part in split_batch(group, codec):
-            pixels = torch.cat([job.payload[0] for job in part])
-            out, meta = codec.encode_batch(pixels, size, space.value if space else None, sample, seed)
-            for job, latent in zip(part, out, strict=True):
-                job.payload = (latent.clone(), meta)
+        options = {"space": space.value if space else None, "sample": sample, "seed": seed}
+        for job, latent, meta in encode_group(group, codec, **options):
+            job.payload = (latent.clone(), meta)
 
     def write(job) -> None:
         latent, meta = job.payload

@@ -30,11 +30,11 @@ from vaecli.cli.common import (
     VaeError,
     WeightsOpt,
     app,
+    encode_group,
     fail,
     namer,
     plan_jobs,
     run_batch,
-    split_batch,
     tiling_kwargs,
 )
 from vaecli.registry import DEFAULT_MODEL
@@ -69,7 +69,6 @@ def roundtrip(
     quiet: QuietOpt = False,
 ) -> None:
     """Encode and decode images, reporting PSNR and SSIM of the reconstruction against the input."""
-    import torch
 
     from vaecli import batch, latents, media, metrics
     from vaecli.codec import load_codec
@@ -86,15 +85,11 @@ def roundtrip(
         raise fail(exc) from None
 
     def compute(group) -> None:
-        size = group[0].payload[1].size
-        for part in split_batch(group, codec):
-            out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), size)
-            for job, latent in zip(part, out, strict=True):
-                if via == LatentFormat.png:
-                    latent = latents.quantize_png(latent)
-                recon = codec.decode_latent(latent, meta)
-                recon = media.quantize8(recon)
-                job.payload = (recon, metrics.psnr(recon, job.payload[0]), metrics.ssim(recon, job.payload[0]))
+        for job, latent, meta in encode_group(group, codec):
+            if via == LatentFormat.png:
+                latent = latents.quantize_png(latent)
+            recon = media.quantize8(codec.decode_latent(latent, meta))
+            job.payload = (recon, metrics.psnr(recon, job.payload[0]), metrics.ssim(recon, job.payload[0]))
 
     def write(job) -> None:
         recon, p, s = job.payload
