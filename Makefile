@@ -7,7 +7,7 @@ export VAE_WEIGHTS_DIR ?= $(SHARED)/weights
 # pip resolves torch to the local CPU wheel only when pinned; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-cuda lint bench clean
 
 $(BIN)/vae: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,11 @@ lint: venv
 	$(BIN)/ruff check vaecli tests bench
 
 test: venv lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cuda"
+
+# On a CUDA machine: the GPU checks (fp32 parity with TF32 off, fp16/bf16 quality cost, SVD, tiling budget).
+test-cuda: venv
+	$(BIN)/python -m pytest -q -m cuda
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -57,6 +57,7 @@ class Codec:
     dtype: torch.dtype
     tile: int | str | None = "auto"  # "auto": from `budget`; None: never; N: tiles of N pixels
     budget: int = 0  # bytes for activations; 0: half of the memory available when used
+    memory_format: torch.memory_format = torch.channels_last
 
     def tile_size(self, pixels: int) -> int | None:
         """Tile side in pixels for a forward pass over `pixels` pixels, or None to run it whole."""
@@ -65,7 +66,7 @@ class Codec:
         if self.tile != "auto":
             return int(self.tile)
         bytes_per_pixel = self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
-        return tiling.tile_for_budget(pixels, bytes_per_pixel, self.budget or tiling.default_budget(),
+        return tiling.tile_for_budget(pixels, bytes_per_pixel, self.budget or tiling.default_budget(self.device),
                                       self._halo_px(), self.spec.spatial_factor)
 
     def _halo_px(self) -> int:
@@ -157,7 +158,7 @@ class Codec:
         patch = self.spec.config.patch_size if space == "normalized" else 1
         padded, padding = media.pad_to_multiple(pixels, self.spec.spatial_factor * patch)
         with torch.inference_mode():
-            x = padded.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+            x = padded.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
             raw = self._encode_raw(x, sample, seed)
             latent = self._from_raw(raw, space).cpu()
         meta = make_metadata(self.spec, size, padding, self.dtype_name, space, latent.shape[1])
@@ -186,7 +187,7 @@ class Codec:
                 part = latents[i:i + chunk]
                 check_latent_fits(self.spec, part[0], meta)
                 z = self._to_input(part.to(self.device, torch.float32), meta)
-                z = z.to(dec_dtype).contiguous(memory_format=torch.channels_last)
+                z = z.to(dec_dtype).contiguous(memory_format=self.memory_format)
                 out.append(self._decode_raw(z, part.shape[0]).float().cpu())
         pixels = torch.cat(out)
         size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
@@ -254,6 +255,10 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
     if "decoder" in roles and not spec.has_decoder:
         raise UsageError(f"{spec.name} has no decoder ({spec.notes})")
     dev = resolve_device(device)
+    if dev.type == "cuda" and dtype == "fp32":
+        # fp32 means the reference's numbers: TF32 (torch's CUDA default for convolutions) drifts ~1e-3 from them.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     sd: dict = {}
     sources: list[str] = []
     for path in weights or []:
@@ -271,14 +276,18 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
     model = build_model(spec, encoder="encoder" in roles, decoder="decoder" in roles)
     load_strict(model, sd, f"{' + '.join(sources)} as the {spec.name} {' and '.join(roles)}")
     model = model.to(dev, DTYPES[dtype]).eval()
+    # channels_last: oneDNN's fast conv layout on CPU (~1.8x here) and cuDNN's for the tiny family (0.65x
+    # diffusers' time in fp16 on an H100); but CUDA's GroupNorm copies channels_last tensors to NCHW, which made
+    # the KL decoder 1.2-1.5x slower and 1.9x larger there (bench/cuda.py), so KL on CUDA stays NCHW.
+    fmt = torch.contiguous_format if dev.type == "cuda" and spec.family == "kl" else torch.channels_last
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
-            # channels_last: oneDNN's fast conv layout on CPU (~1.8x here), the tensor-core one on CUDA.
-            module.to(memory_format=torch.channels_last)
+            module.to(memory_format=fmt)
     if spec.force_upcast and dtype == "fp16" and model.decoder is not None:
         model.decoder.float()
         if getattr(model, "post_quant_conv", None) is not None:
             model.post_quant_conv.float()
     if isinstance(tile, int) and spec.family != "tiny":
         raise UsageError(f"--tile {tile}: tiling is implemented for the tiny (TAESD) family so far, not {spec.name}")
-    return Codec(spec=spec, model=model, device=dev, dtype=DTYPES[dtype], tile=tile, budget=budget)
+    return Codec(spec=spec, model=model, device=dev, dtype=DTYPES[dtype], tile=tile, budget=budget,
+                 memory_format=fmt)

@@ -31,8 +31,11 @@ def parse_size(text: str) -> int:
 DEFAULT_BUDGET = 1 << 30  # activations; with torch itself and the output image, a run stays near 1.5 GB
 
 
-def default_budget() -> int:
-    """1 GiB for activations, or half of the memory available now (/proc/meminfo) if that is less."""
+def default_budget(device: torch.device | None = None) -> int:
+    """Bytes for activations: on CUDA half the free GPU memory; else 1 GiB, or half the available RAM if less."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -88,7 +88,8 @@ TileOpt = Annotated[str, typer.Option(
     "--tile", help="Tiny models: 'auto' tiles when the image would not fit --max-memory; 'off'; or a tile size in "
     "pixels. Tiles overlap by the receptive field and keep only exact centres: no seams.")]
 MaxMemOpt = Annotated[Optional[str], typer.Option(
-    "--max-memory", help="Memory budget for activations, e.g. 2GB (default: 1GiB, or half the free RAM if less).")]
+    "--max-memory", help="Memory budget for activations, e.g. 2GB (default: 1GiB, or half the free RAM if "
+    "less; on CUDA half the free GPU memory).")]
 NameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Output file name template with {stem}, {ext}, {model}, e.g. '{stem}.{model}{ext}'.")]
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
