@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 $(BIN)/vae: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,ray]"
 	touch $@
 
 venv: $(BIN)/vae
@@ -41,4 +41,5 @@ bench: venv
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/tiling_memory.py
 	$(BIN)/python bench/batch_throughput.py
+	$(BIN)/python bench/ray_throughput.py
 	$(BIN)/python bench/video_memory.py --scale 256:160

@@ -72,11 +72,13 @@ def test_tile_option_errors(vae, kl_files, small_image, tmp_path):
     result = vae("encode", small_image, "--tile", "big")
     assert result.exit_code == 2
     assert result.stderr.strip() == "Error: --tile big: expected auto, off or a tile size in pixels"
-    result = vae("encode", small_image, "--model", "sd15", "--weights", kl_files("sd15")["diffusers"],
-                 "--tile", "256")
-    assert result.exit_code == 2
-    assert result.stderr.strip() == ("Error: --tile 256: tiling is implemented for the tiny (TAESD) family so far, "
-                                     "not sd15")
+    svd = kl_files("svd")["diffusers"]
+    assert vae("encode", small_image, "-o", tmp_path / "x.latent", "--model", "svd", "--weights", svd,
+               "--tile", "32").exit_code == 0  # its encoder is a 2-D one: tiled like the others
+    result = vae("decode", tmp_path / "x.latent", "--weights", svd, "--tile", "256")
+    assert result.exit_code == 1  # decode loads each latent's model lazily: the error is that input's
+    assert result.stderr.strip() == (f"Error: {tmp_path / 'x.latent'}: --tile 256: svd's temporal decoder tiles "
+                                     "over frames (--chunk), not space")
 
 
 def test_receptive_radius_of_tiny_segments():
@@ -109,3 +111,103 @@ def test_tiled_helper_matches_whole_for_a_conv_stack():
     assert (parts - whole).abs().max().item() <= 1e-5
     with pytest.raises(UsageError):
         tiling.resolve_tile("0")
+
+
+# --- KL family: GroupNorm statistics gathered across tiles, one pass per norm; attention whole, in chunks ---
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    """Our sd15 model with seeded random weights (diffusers' layout converted), channels_last as load_codec has it."""
+    from tests.conftest import diffusers_kl
+    from vaecli.checkpoints import kl_state_dict
+    from vaecli.codec import build_model
+
+    model = build_model(REGISTRY["sd15"]).eval()
+    model.load_state_dict(kl_state_dict(diffusers_kl("sd15").state_dict(), 4, "test"))
+    return model.to(memory_format=torch.channels_last)
+
+
+def codec_for(model, **kw):
+    from vaecli.codec import Codec
+
+    return Codec(REGISTRY["sd15"], model, torch.device("cpu"), torch.float32, **kw)
+
+
+class SpanSpy:
+    """Counts the tiles `tiling.tiled` cuts (per axis) and the segment lengths `streamed` runs."""
+
+    def __init__(self, monkeypatch):
+        self.tiles, self.segments = [], []
+        spans, run = tiling._spans, tiling._run_segment
+        monkeypatch.setattr(tiling, "_spans", lambda *a: self.tiles.append(len(spans(*a))) or spans(*a))
+        monkeypatch.setattr(tiling, "_run_segment", lambda seg, *a: self.segments.append(len(seg)) or run(seg, *a))
+
+
+def test_kl_decode_in_tiles_equals_untiled(sd15, monkeypatch):
+    """sd15 configuration, 512x512 decoded in 2x2 tiles of 256 pixels at every level: <= 1e-3 from untiled."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 64, 64).contiguous(memory_format=torch.channels_last)
+    spy = SpanSpy(monkeypatch)
+    with torch.inference_mode():
+        whole = codec_for(sd15, tile=None)._decode_raw(z)
+        tiled = codec_for(sd15, tile=256)._decode_raw(z)
+    assert tiled.shape == whole.shape == (1, 3, 512, 512)
+    assert (tiled - whole).abs().max().item() <= 1e-3
+    assert spy.tiles and min(spy.tiles) >= 2  # every tiled pass cut each axis at least in two: 4+ tiles
+
+
+def test_kl_small_budget_fuses_segments_and_stays_exact(sd15, monkeypatch):
+    """A budget too small to keep full-resolution tensors whole runs several blocks per segment (more passes)."""
+    torch.manual_seed(1)
+    z = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    spy = SpanSpy(monkeypatch)
+    small = codec_for(sd15, tile="auto", budget=3 << 20)  # full-resolution tensors are 2 MB each
+    with torch.inference_mode():
+        assert (small._decode_raw(z) - codec_for(sd15, tile=None)._decode_raw(z)).abs().max().item() <= 1e-3
+        assert max(spy.segments) >= 2 and max(spy.tiles) >= 2
+        spy.segments.clear()
+        ref = codec_for(sd15, tile=None)._encode_raw(x, False, None)
+        assert (small._encode_raw(x, False, None) - ref).abs().max().item() <= 1e-3
+        assert max(spy.segments) >= 2
+
+
+def test_stream_norm_pools_statistics_exactly():
+    """Uneven tiles, overlapping halos and a large offset between tile means: the same as one GroupNorm."""
+    torch.manual_seed(2)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.GroupNorm(4, 16),
+                              torch.nn.SiLU(), torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.GroupNorm(2, 8))
+    x = torch.randn(2, 8, 23, 31) + torch.linspace(0, 50, 31)  # a ramp: tiles have very different means
+    with torch.no_grad():
+        whole = seq(x)
+        parts = tiling.tiled(seq, x, 7, tiling.receptive_radius(seq), 1)
+    assert (parts - whole).abs().max().item() <= 1e-4
+    assert all(isinstance(m, torch.nn.GroupNorm) for m in (seq[1], seq[4]))  # the stand-ins are put back
+
+
+def test_attention_in_query_chunks_is_exact_and_pools_past_the_limit(monkeypatch):
+    from vaecli.models import kl
+
+    torch.manual_seed(3)
+    block = kl.AttnBlock(32).eval()
+    x = torch.randn(1, 32, 16, 16)
+    with torch.no_grad():
+        whole = block(x)
+        monkeypatch.setattr(kl, "SCORE_BYTES", 4 * 256 * 10)  # 10 queries at a time
+        assert (block(x) - whole).abs().max().item() <= 1e-5
+        monkeypatch.setattr(kl, "MAX_EXACT_TOKENS", 64)  # keys and values pooled 2x2
+        approx = block(x)
+    assert approx.shape == whole.shape and torch.isfinite(approx).all()
+    assert 0 < (approx - whole).abs().max().item() < whole.abs().max().item()
+
+
+def test_kl_cli_tiles_and_verifies(vae, kl_files, small_image, tmp_path):
+    weights = kl_files("sd15")["diffusers"]
+    lat = tmp_path / "s.latent"
+    result = vae("encode", small_image, "-o", lat, "--model", "sd15", "--weights", weights, "--tile", "32")
+    assert result.exit_code == 0, result.stderr
+    result = vae("decode", lat, "-o", tmp_path / "s.png", "--weights", weights, "--tile", "32", "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    check = json.loads(result.stdout)["verify"]
+    assert check["tiled"] is True and check["window"] == [0, 0, 61, 45] and check["max_abs_diff"] <= 1e-3

@@ -21,6 +21,7 @@ from vaecli.errors import UsageError, VaeError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LATENT_EXTS = (".latent", ".safetensors", ".latent.png")
+MANIFEST_EXTS = (".txt", ".parquet")
 
 
 @dataclass
@@ -42,16 +43,20 @@ def _matches(path: Path, exts: tuple[str, ...]) -> bool:
 
 def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
                   stdin: Iterable[str] | None = None) -> list[tuple[Path, Path]]:
-    """(path, path relative to its root) for every input: files, folders (`recursive` walks), globs, `-` (stdin).
+    """(path, path relative to its root) for every input: files, folders (`recursive` walks), globs, `-` (stdin),
+    manifests (`.txt`: one path per line; `.parquet`: a `path` column; relative entries are relative to the manifest).
 
     Folder entries are filtered by `exts`; named files are taken as given, so a broken file is reported
-    rather than silently skipped. The relative path is what an output folder mirrors.
+    rather than silently skipped. The relative path is what an output folder mirrors: for lists, the path
+    below the entries' common folder.
     """
     found: list[tuple[Path, Path]] = []
     for arg in args:
-        if arg == "-":
-            lines = [line.strip() for line in (stdin if stdin is not None else sys.stdin) if line.strip()]
-            paths = [Path(line) for line in lines]
+        if arg == "-" or arg.lower().endswith(MANIFEST_EXTS) and Path(arg).is_file():
+            if arg == "-":
+                paths = [Path(line.strip()) for line in (stdin if stdin is not None else sys.stdin) if line.strip()]
+            else:
+                paths = [Path(arg).parent / p for p in read_manifest(Path(arg))]
             root = Path(os.path.commonpath([p.resolve().parent for p in paths])) if paths else Path()
             found += [(p, p.resolve().relative_to(root)) for p in paths]
         elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
@@ -70,6 +75,21 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
         else:
             found.append((Path(arg), Path(Path(arg).name)))
     return found
+
+
+def read_manifest(path: Path) -> list[str]:
+    """The paths a manifest lists: a text file with one per line, or a parquet file's `path` column."""
+    if path.suffix.lower() != ".parquet":
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError(f"{path}: reading a parquet manifest needs pyarrow: pip install 'vaecli[ray]'") from None
+    try:
+        table = pq.read_table(path, columns=["path"])
+    except Exception as exc:  # pyarrow's errors for a missing column or a foreign file
+        raise UsageError(f"{path}: expected a parquet file with a 'path' column ({str(exc)[:100]})") from None
+    return [p for p in table.column("path").to_pylist() if p]
 
 
 def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job]], None],

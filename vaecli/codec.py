@@ -58,6 +58,7 @@ class Codec:
     tile: int | str | None = "auto"  # "auto": from `budget`; None: never; N: tiles of N pixels
     budget: int = 0  # bytes for activations; 0: half of the memory available when used
     memory_format: torch.memory_format = torch.channels_last
+    sources: tuple[str, ...] = ()  # the weight files loaded (already verified), for workers to load the same
 
     def tile_size(self, pixels: int) -> int | None:
         """Tile side in pixels for a forward pass over `pixels` pixels, or None to run it whole."""
@@ -76,8 +77,13 @@ class Codec:
         return math.ceil(tiling.receptive_radius(self.model.decoder_segments()[1]) * self.spec.spatial_factor)
 
     def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
-        """Decode a window around a tile seam untiled and compare it with `pixels`, the tiled (1, 3, H, W) result."""
+        """Decode a window around a tile seam untiled and compare it with `pixels`, the tiled (1, 3, H, W) result.
+
+        KL models normalise over the whole image, so a window alone is no reference: they decode it all untiled.
+        """
         f = self.spec.spatial_factor
+        if self.spec.family != "tiny":
+            return self._verify_whole(latent, meta, pixels)
         tile = self.tile_size(latent.shape[-2] * latent.shape[-1] * f * f)
         if tile is None:
             return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
@@ -101,10 +107,44 @@ class Codec:
         return {"tiled": True, "window": [x0 * f, y0 * f, x1 * f, y1 * f],
                 "max_abs_diff": (ours - ref).abs().max().item(), "psnr": metrics.psnr(ours, ref)}
 
+    def _verify_whole(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
+        from dataclasses import replace
+
+        from vaecli import metrics
+
+        cfg = self.spec.config
+        shape = (1, cfg.channels * cfg.channel_mult[-1], *latent.shape[-2:])
+        blocks = self.model.decoder_plan()[1] if not getattr(cfg, "temporal_decoder", False) else []
+        if not blocks or not self._kl_streams(blocks, shape):
+            return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+        need, room = tiling.whole_bytes(blocks, shape), tiling.default_budget(self.device, cap=None)
+        if need > room:
+            raise UsageError(f"--verify: decoding this latent untiled, the reference, needs about {need / 2**30:.1f} "
+                             f"GB; {room / 2**30:.1f} GB are free for it")
+        ref = replace(self, tile=None).decode_latent(latent, meta)
+        return {"tiled": True, "window": [0, 0, ref.shape[-1], ref.shape[-2]],
+                "max_abs_diff": (pixels - ref).abs().max().item(), "psnr": metrics.psnr(pixels, ref)}
+
+    def _kl_budget(self) -> int:
+        # KL activations are large: the default is half the available RAM (the tiny family caps it at 1 GiB).
+        return self.budget or tiling.default_budget(self.device, cap=None)
+
+    def _kl_streams(self, blocks: list, shape: tuple[int, ...]) -> bool:
+        """Whether a KL half runs tiled: forced by --tile N, else when running it whole would not fit the budget."""
+        if self.tile is None:
+            return False
+        return self.tile != "auto" or tiling.whole_bytes(blocks, shape) > self._kl_budget()
+
     def _encode_raw(self, x: torch.Tensor, sample: bool, seed: int | None) -> torch.Tensor:
         if self.spec.family != "tiny":
             gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-            return self.model.encode(x, generator=gen, sample=sample)
+            blocks, tail = self.model.encoder_plan()
+            moments = None
+            if self._kl_streams(blocks, x.shape):
+                tile = None if self.tile == "auto" else int(self.tile)
+                h = tiling.streamed(blocks, x * 2 - 1, self._kl_budget(), tile)
+                moments = self.model.split_moments(tail(h))
+            return self.model.encode(x, generator=gen, sample=sample, moments=moments)
         tile = self.tile_size(x.shape[0] * x.shape[-2] * x.shape[-1])
         if tile is None:
             return self.model.encode(x)
@@ -116,7 +156,14 @@ class Codec:
         f = self.spec.spatial_factor
         tile = self.tile_size(z.shape[0] * z.shape[-2] * z.shape[-1] * f * f)
         if self.spec.family != "tiny":
-            return self.model.decode(z, num_frames) if self.spec.config.temporal_decoder else self.model.decode(z)
+            if self.spec.config.temporal_decoder:
+                return self.model.decode(z, num_frames)
+            head, blocks = self.model.decoder_plan()
+            cfg = self.spec.config
+            if not self._kl_streams(blocks, (z.shape[0], cfg.channels * cfg.channel_mult[-1], *z.shape[-2:])):
+                return self.model.decode(z)
+            tile = None if self.tile == "auto" else int(self.tile)
+            return ((tiling.streamed(blocks, head(z), self._kl_budget(), tile, unit=f) + 1) / 2).clamp(0, 1)
         if tile is None:
             return self.model.decode(z)
         head, local = self.model.decoder_segments()
@@ -125,7 +172,14 @@ class Codec:
 
     @property
     def max_batch_pixels(self) -> int:
-        """Pixels one forward pass may take at once: activations of KL models are ~8x those of tiny ones."""
+        """Pixels one forward pass may take at once (0: one image per pass); KL activations are ~8x tiny ones'.
+
+        On CPU one image per pass: as fast there, and oneDNN's blocking follows the batch size (~3e-6 apart), so
+        an image's latent would otherwise depend on its batch-mates; per image, a resumed run or the Ray engine
+        writes the same bits as a fresh local run.
+        """
+        if self.device.type == "cpu":
+            return 0
         return 1 << 21 if self.spec.family == "tiny" else 1 << 18
 
     @property
@@ -287,7 +341,7 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
         model.decoder.float()
         if getattr(model, "post_quant_conv", None) is not None:
             model.post_quant_conv.float()
-    if isinstance(tile, int) and spec.family != "tiny":
-        raise UsageError(f"--tile {tile}: tiling is implemented for the tiny (TAESD) family so far, not {spec.name}")
+    if isinstance(tile, int) and getattr(spec.config, "temporal_decoder", False) and "decoder" in roles:
+        raise UsageError(f"--tile {tile}: {spec.name}'s temporal decoder tiles over frames (--chunk), not space")
     return Codec(spec=spec, model=model, device=dev, dtype=DTYPES[dtype], tile=tile, budget=budget,
-                 memory_format=fmt)
+                 memory_format=fmt, sources=tuple(sources))

@@ -51,14 +51,31 @@ def _check_latent(latent: torch.Tensor, meta: dict, source: str) -> None:
         raise LatentFormatError(f"{source}: metadata says {meta['channels']} channels, tensor has {latent.shape[0]}")
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def safetensors_bytes(latent: torch.Tensor, meta: dict, source: str = "latent") -> bytes:
+    """A (C, h, w) latent and its metadata as `.safetensors` file bytes, the same bytes for the same input.
+
+    Written here rather than by safetensors' `save`, whose metadata order (a Rust HashMap) changes from run to
+    run: equal latents must give equal files, for checksums, dedup and comparing engines.
+    """
+    _check_latent(latent, meta, source)
+    tensor = latent.detach().to("cpu").contiguous()
+    if tensor.dtype not in _ST_DTYPES:
+        raise LatentFormatError(f"{source}: expected a float32/float16/bfloat16 latent, got {tensor.dtype}")
+    data = tensor.flatten().view(torch.uint8).numpy()
+    entry = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, data.nbytes]}
+    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    header = json.dumps({"__metadata__": strings, "latent": entry}, sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+    return len(header).to_bytes(8, "little") + header + data.tobytes()
+
+
 def save_safetensors(path: Path, latent: torch.Tensor, meta: dict) -> None:
     """Write a (C, h, w) latent and its metadata (JSON-encoded values) to a `.safetensors` file atomically."""
-    from safetensors.torch import save_file
-
-    _check_latent(latent, meta, str(path))
-    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    tensor = latent.detach().to("cpu").contiguous()
-    atomic_write(Path(path), lambda tmp: save_file({"latent": tensor}, str(tmp), metadata=header))
+    blob = safetensors_bytes(latent, meta, str(path))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(blob))
 
 
 def _quantize(latent: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""One exact tiling engine: run a translation-equivariant (local) network segment over overlapping tiles.
+"""One exact tiling engine: run a network segment over overlapping tiles, with no seams.
 
 A tile is computed with a halo at least as wide as the segment's receptive field, and only its valid centre
-is kept, so the result equals the untiled one (up to float rounding): no blending, no seams. Segments with
-global operations (GroupNorm statistics, attention) are run whole by the caller at latent resolution.
+is kept, so the result equals the untiled one (up to float rounding): no blending. GroupNorms inside a segment
+normalise with statistics of the whole image: one pass over the tiles per norm gathers them (each pixel of the
+tiles' valid centres counted once, merged exactly), later passes apply them. `streamed` cuts a chain of blocks
+into such segments so that the tensors kept whole between segments fit a memory budget. Attention and other
+global operations are run whole by the caller at latent resolution.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from torch import nn
 
 from vaecli.errors import UsageError
+
+DTYPE_BYTES = 4  # the planner counts fp32 activations; half precision only makes the plan more generous
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
@@ -31,11 +36,12 @@ def parse_size(text: str) -> int:
 DEFAULT_BUDGET = 1 << 30  # activations; with torch itself and the output image, a run stays near 1.5 GB
 
 
-def default_budget(device: torch.device | None = None) -> int:
-    """Bytes for activations: on CUDA half the free GPU memory; else 1 GiB, or half the available RAM if less."""
+def default_budget(device: torch.device | None = None, cap: int | None = DEFAULT_BUDGET) -> int:
+    """Bytes for activations: on CUDA half the free GPU memory; else half the available RAM, at most `cap`."""
     if device is not None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
+    cap = cap or 1 << 62
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -53,9 +59,75 @@ def receptive_radius(layers: nn.Module) -> float:
         if isinstance(layer, nn.Conv2d):
             radius += (layer.kernel_size[0] // 2) * unit + (layer.stride[0] - 1) * unit
             unit *= layer.stride[0]
-        elif isinstance(layer, nn.Upsample):
-            unit /= layer.scale_factor
+        elif getattr(layer, "scale_factor", None):  # nn.Upsample, or a block that upsamples before its conv
+            unit /= float(layer.scale_factor)
     return radius
+
+
+def _scale_and_width(layers: nn.Module) -> tuple[float, float, int]:
+    """(output cells per input cell, widest activation in channels x cells per input cell, output channels)."""
+    scale, widest, channels = 1.0, 0.0, 0
+    for layer in layers.modules():
+        if isinstance(layer, nn.Conv2d):
+            scale /= layer.stride[0]
+            channels = layer.out_channels
+            widest = max(widest, layer.in_channels * (scale * layer.stride[0]) ** 2, channels * scale ** 2)
+        elif getattr(layer, "scale_factor", None):
+            scale *= float(layer.scale_factor)
+    return scale, widest, channels
+
+
+class _Collected(Exception):
+    """Raised by a collecting StreamNorm: this pass only gathers statistics, the rest of the tile is not needed."""
+
+
+class StreamNorm(nn.Module):
+    """Stands in for a GroupNorm during a tiled run: gathers whole-image statistics tile by tile, then applies them.
+
+    Statistics merge per tile as (count, mean, M2) in float64 (Chan et al.), over each tile's valid centre only,
+    so every pixel counts once and the spread between tile means is kept.
+    """
+
+    def __init__(self, gn: nn.GroupNorm):
+        super().__init__()
+        self.gn, self.ready, self.window = gn, False, (0, 0, 0, 0, 1, 1)
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> the same, normalised with the whole image's statistics (once gathered)."""
+        b, c = h.shape[:2]
+        g = self.gn.num_groups
+        if not self.ready:
+            y0, y1, x0, x1, in_h, in_w = self.window
+            fy, fx = h.shape[-2] / in_h, h.shape[-1] / in_w
+            part = h[:, :, round(y0 * fy):round(y1 * fy), round(x0 * fx):round(x1 * fx)].reshape(b, g, -1).double()
+            n, mean = part.shape[-1], part.mean(-1)
+            m2 = ((part - mean[..., None]) ** 2).sum(-1)
+            if self.mean is None:
+                self.n, self.mean, self.m2 = n, mean, m2
+            else:
+                total = self.n + n
+                delta = mean - self.mean
+                self.mean = self.mean + delta * (n / total)
+                self.m2 = self.m2 + m2 + delta ** 2 * (self.n * n / total)
+                self.n = total
+            raise _Collected
+        inv = torch.rsqrt(self.m2 / self.n + self.gn.eps).repeat_interleave(c // g, dim=1)
+        mean = self.mean.repeat_interleave(c // g, dim=1)
+        scale = inv * self.gn.weight.double() if self.gn.affine else inv
+        shift = (self.gn.bias.double() if self.gn.affine else 0.0) - mean * scale
+        return torch.addcmul(shift.view(b, c, 1, 1).to(h.dtype), h, scale.view(b, c, 1, 1).to(h.dtype))
+
+
+def _swap_norms(segment: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every GroupNorm in `segment` by a StreamNorm; returns what to put back."""
+    swapped = []
+    for parent in list(segment.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, StreamNorm(child))
+                swapped.append((parent, name, child))
+    return swapped
 
 
 def _spans(length: int, tile: int, halo: int, align: int) -> list[tuple[int, int, int, int]]:
@@ -71,22 +143,95 @@ def _spans(length: int, tile: int, halo: int, align: int) -> list[tuple[int, int
 
 def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, halo: float, scale: float,
           align: int = 1) -> torch.Tensor:
-    """Apply a local segment `fn` mapping (B, C, H, W) to (B, C', H*scale, W*scale) over tiles of `tile` input
-    cells with a `halo` of input cells, keeping each tile's exact centre; returns the full output."""
+    """Apply a segment `fn` mapping (B, C, H, W) to (B, C', H*scale, W*scale) over tiles of `tile` input cells
+    with a `halo` of input cells, keeping each tile's exact centre; returns the full output.
+
+    If `fn` is a module holding GroupNorms, they normalise with whole-image statistics: one extra pass per norm.
+    """
     b, _, h, w = x.shape
-    out = None
-    for y0, y1, ry0, ry1 in _spans(h, tile, math.ceil(halo), align):
-        for x0, x1, rx0, rx1 in _spans(w, tile, math.ceil(halo), align):
-            part = fn(x[:, :, ry0:ry1, rx0:rx1])
-            if out is None:
-                out = torch.empty(b, part.shape[1], round(h * scale), round(w * scale), dtype=part.dtype,
-                                  device=part.device)
-            oy, ox = round((y0 - ry0) * scale), round((x0 - rx0) * scale)
-            th, tw = round((y1 - y0) * scale), round((x1 - x0) * scale)
-            out[:, :, round(y0 * scale):round(y0 * scale) + th, round(x0 * scale):round(x0 * scale) + tw] = \
-                part[:, :, oy:oy + th, ox:ox + tw]
-            del part
-    return out
+    swapped = _swap_norms(fn) if isinstance(fn, nn.Module) else []
+    norms = [getattr(parent, name) for parent, name, _ in swapped]
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else \
+        torch.contiguous_format
+    try:
+        while True:  # one pass per GroupNorm to gather, then the pass that writes
+            out, gathered = None, False
+            for y0, y1, ry0, ry1 in _spans(h, tile, math.ceil(halo), align):
+                for x0, x1, rx0, rx1 in _spans(w, tile, math.ceil(halo), align):
+                    for norm in norms:
+                        norm.window = (y0 - ry0, y1 - ry0, x0 - rx0, x1 - rx0, ry1 - ry0, rx1 - rx0)
+                    try:
+                        # A copy: blocks may work in place, and `x` is kept whole for the next pass.
+                        part = fn(x[:, :, ry0:ry1, rx0:rx1].contiguous(memory_format=fmt) if norms else
+                                  x[:, :, ry0:ry1, rx0:rx1])
+                    except _Collected:
+                        gathered = True
+                        continue
+                    if out is None:
+                        out = torch.empty(b, part.shape[1], round(h * scale), round(w * scale), dtype=part.dtype,
+                                          device=part.device, memory_format=fmt)
+                    oy, ox = round((y0 - ry0) * scale), round((x0 - rx0) * scale)
+                    th, tw = round((y1 - y0) * scale), round((x1 - x0) * scale)
+                    out[:, :, round(y0 * scale):round(y0 * scale) + th, round(x0 * scale):round(x0 * scale) + tw] \
+                        = part[:, :, oy:oy + th, ox:ox + tw]
+                    del part
+            if not gathered:
+                return out
+            for norm in norms:
+                norm.ready = norm.ready or norm.mean is not None
+    finally:
+        for parent, name, gn in swapped:
+            setattr(parent, name, gn)
+
+
+def whole_bytes(blocks: list[nn.Module], shape: tuple[int, ...]) -> int:
+    """Estimated peak activation bytes of running `blocks` whole on an fp32 input of `shape` (B, C, H, W)."""
+    cells = shape[0] * shape[-2] * shape[-1]
+    size, peak = cells * shape[1] * DTYPE_BYTES, 0
+    for block in blocks:
+        scale, _, channels = _scale_and_width(block)
+        cells = round(cells * scale ** 2)
+        out = cells * channels * DTYPE_BYTES
+        peak, size = max(peak, size + 3 * out), out  # the input, the output and two temporaries of its size
+    return peak
+
+
+def streamed(blocks: list[nn.Module], x: torch.Tensor, budget: int, tile: int | None = None,
+             unit: float = 1.0) -> torch.Tensor:
+    """Run a chain of local blocks (convs, resnets with GroupNorms, resamplers) over (B, C, H, W) `x` exactly, in
+    bounded memory; returns the chain's output.
+
+    The chain is cut where the tensors kept whole (a segment's input and output) fit `budget`; longer segments cost
+    more passes, not more memory. Each segment runs whole if it fits, else over the largest tiles that fit what
+    is left (or tiles of `tile` pixels, at `unit` pixels per cell of `x`).
+    """
+    start, cells, size = 0, x.shape[-2] * x.shape[-1] * x.shape[0], x.numel() * DTYPE_BYTES
+    for i in range(len(blocks)):
+        segment = blocks[start:i + 1]
+        scale, _, channels = _scale_and_width(nn.Sequential(*segment))
+        out_size = round(cells * scale ** 2) * channels * DTYPE_BYTES
+        if size + out_size > budget and i + 1 < len(blocks):
+            continue
+        x = _run_segment(nn.Sequential(*segment), x, max(budget - size - out_size, budget // 4), tile, unit)
+        start, cells, size, unit = i + 1, x.shape[-2] * x.shape[-1] * x.shape[0], x.numel() * DTYPE_BYTES, unit / scale
+    return x
+
+
+def _run_segment(segment: nn.Sequential, x: torch.Tensor, budget: int, tile: int | None, unit: float) -> torch.Tensor:
+    scale, widest, _ = _scale_and_width(segment)
+    per_cell = widest * 3 * DTYPE_BYTES  # a block's input, its widest conv output and one temporary
+    halo = receptive_radius(segment)
+    align = max(1, round(1 / scale)) if scale < 1 else 1
+    if tile is not None:
+        cells = max(align, int(tile / unit))
+    else:
+        if x.shape[0] * x.shape[-2] * x.shape[-1] * per_cell <= budget:
+            return segment(x)
+        cells = int(math.sqrt(budget / (x.shape[0] * per_cell))) - 2 * math.ceil(halo)
+    cells = max(4 * align, cells // align * align)
+    if cells >= x.shape[-2] and cells >= x.shape[-1]:
+        return segment(x)
+    return tiled(segment, x, cells, halo, scale, align)
 
 
 def tile_for_budget(pixels: int, bytes_per_pixel: int, budget: int, halo_px: int, align: int) -> int | None:

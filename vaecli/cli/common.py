@@ -54,6 +54,16 @@ class Space(str, Enum):
     normalized = "normalized"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class OutputFormat(str, Enum):
+    files = "files"
+    parquet = "parquet"
+
+
 class LatentFormat(str, Enum):
     safetensors = "safetensors"
     png = "png"
@@ -171,11 +181,16 @@ class Reporter:
         return 1 if self.failures else 0
 
 
-def run_batch(jobs, as_json: bool, quiet: bool, **stages) -> None:
-    """Run jobs through `vaecli.batch.run`, report them, and exit with 0, 1, or 130 when interrupted."""
+def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = None, **stages) -> None:
+    """Run jobs through `runner(on_done)` (default: `vaecli.batch.run` with `stages`), report them, and exit with
+    0, 1, or 130 when interrupted."""
     import signal
 
     from vaecli import batch
+
+    if runner is None:
+        def runner(on_done):
+            batch.run(jobs, on_done=on_done, **stages)
 
     reporter = Reporter(len(jobs), as_json, quiet)
 
@@ -184,7 +199,7 @@ def run_batch(jobs, as_json: bool, quiet: bool, **stages) -> None:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        batch.run(jobs, on_done=reporter, **stages)
+        runner(reporter)
     except KeyboardInterrupt:
         reporter.finish()
         say("Interrupted: finished outputs are complete; rerun to do the rest")
@@ -217,21 +232,6 @@ def tiling_kwargs(tile: str, max_memory: Optional[str]) -> dict:
     from vaecli import tiling
 
     return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0}
-
-
-def encode_group(group: list, codec, **options):
-    """Encode a group of same-sized image jobs in forward passes within the model's pixel budget; yields
-    (job, latent, metadata) for each."""
-    import torch
-
-    h, w = group[0].payload[0].shape[-2:]
-    per = max(1, codec.max_batch_pixels // (h * w))
-    for i in range(0, len(group), per):
-        part = group[i:i + per]
-        out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), group[0].payload[1].size,
-                                       **options)
-        for job, latent in zip(part, out, strict=True):
-            yield job, latent, meta
 
 
 def namer(template: Optional[str], suffix: str, ext: str, model: str = "") -> Callable[[Path], str]:

@@ -16,6 +16,7 @@ from vaecli.cli.common import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    Engine,
     FailFastOpt,
     JsonOpt,
     LatentFormat,
@@ -23,6 +24,7 @@ from vaecli.cli.common import (
     ModelName,
     NameOpt,
     NoVerifyOpt,
+    OutputFormat,
     OutputOpt,
     QuietOpt,
     RecursiveOpt,
@@ -34,7 +36,6 @@ from vaecli.cli.common import (
     VaeError,
     WeightsOpt,
     app,
-    encode_group,
     fail,
     namer,
     plan_jobs,
@@ -60,7 +61,8 @@ def _latent_format(output: Optional[Path], n_inputs: int, fmt: Optional[LatentFo
 @app.command()
 def encode(
     inputs: Annotated[list[str], typer.Argument(
-        help="Images (PNG, JPEG, WebP, BMP, TIFF), folders, globs, or - to read paths from stdin.")],
+        help="Images (PNG, JPEG, WebP, BMP, TIFF), folders, globs, manifests (.txt: a path per line; .parquet: a "
+        "'path' column), or - to read paths from stdin.")],
     output: OutputOpt = None,
     model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
     = DEFAULT_MODEL,
@@ -87,39 +89,97 @@ def encode(
     no_verify: NoVerifyOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    engine: Annotated[Engine, typer.Option(
+        "--engine", help="local: this process; ray: a Ray cluster, the model loaded once per worker "
+        "(pip install 'vaecli\\[ray]').")] = Engine.local,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="Ray engine: 'auto' (the cluster this machine joined), HOST:PORT or "
+        "ray://HOST:10001 (default: a new Ray instance on this machine).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", help="Ray engine: worker actors (default: as many as the cluster's CPUs/GPUs fit).")] = None,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(
+        "--cpus-per-worker", help="Ray engine: CPUs (and torch threads) per worker (default: 1).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(
+        "--gpus-per-worker", help="Ray engine: GPUs per worker; workers with a GPU compute on CUDA (default: 0)."
+    )] = None,
+    output_format: Annotated[OutputFormat, typer.Option(
+        "--output-format", help="files: a latent file per image, mirroring the inputs; parquet (Ray engine): "
+        "shards with path, latent (safetensors bytes), shape, model, source_size, status, error.")]
+    = OutputFormat.files,
+    shard_size: Annotated[Optional[int], typer.Option(
+        "--shard-size", help="Ray engine: inputs per unit of work and per parquet shard (default: 64).")] = None,
 ) -> None:
-    """Encode images into latents (.latent/.safetensors with metadata, or 8-bit .png)."""
+    """Encode images into latents (.latent/.safetensors with metadata, or 8-bit .png); --engine ray scales out."""
 
-    from vaecli import batch, latents, media
+    from vaecli import batch
     from vaecli.codec import load_codec
+    from vaecli.pipeline import encode_stages
 
     try:
-        n_hint = 2 if len(inputs) > 1 or any(Path(i).is_dir() or i == "-" for i in inputs) else 1
+        n_hint = 2 if len(inputs) > 1 or any(Path(i).is_dir() or i == "-" or i.lower().endswith(
+            batch.MANIFEST_EXTS) for i in inputs) else 1
+        ray_opts = {"--ray-address": ray_address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
+                    "--gpus-per-worker": gpus_per_worker, "--shard-size": shard_size,
+                    "--output-format parquet": output_format == OutputFormat.parquet or None}
+        if engine == Engine.local and any(v is not None for v in ray_opts.values()):
+            raise UsageError(f"{next(k for k, v in ray_opts.items() if v is not None)} needs --engine ray")
         kind = _latent_format(output, n_hint, fmt)
         ext = ".latent.png" if kind == "png" else ".latent"
         jobs, skip = plan_jobs(inputs, output, recursive, batch.IMAGE_EXTS, namer(name, suffix, ext, model.value),
                            skip_existing)
         if seed is not None and not sample:
             raise UsageError("--seed only applies with --sample")
-        codec = load_codec(model.value, weights, ("encoder",), device.value, dtype.value, not no_verify,
+        # Ray: the driver loads on CPU only to check the options and verify the weights its workers will load.
+        codec = load_codec(model.value, weights, ("encoder",), "cpu" if engine == Engine.ray else device.value,
+                           dtype.value, not no_verify,
                            **tiling_kwargs(tile, max_memory))
         codec.check_encode_options(space.value if space else None, sample)
+        if engine == Engine.ray:
+            runner = _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, device, dtype,
+                                 space.value if space else None, sample, seed, alpha.value, batch_size, fail_fast,
+                                 quiet or as_json, tiling_kwargs(tile, max_memory))
+            run_batch(jobs, as_json, quiet, runner=runner)
     except VaeError as exc:
         raise fail(exc) from None
-    save = latents.save_png if kind == "png" else latents.save_safetensors
+    run_batch(jobs, as_json, quiet, fail_fast=fail_fast,
+              **encode_stages(codec, kind, space.value if space else None, sample, seed, alpha.value, batch_size,
+                              skip))
 
-    def compute(group) -> None:
-        options = {"space": space.value if space else None, "sample": sample, "seed": seed}
-        for job, latent, meta in encode_group(group, codec, **options):
-            job.payload = (latent.clone(), meta)
 
-    def write(job) -> None:
-        latent, meta = job.payload
-        save(job.dst, latent, meta)
-        shape = list(latent.shape)
-        job.extra = {"model": codec.spec.name, "shape": shape,
-                     "line": f"{job.src} -> {job.dst}  {codec.spec.name} latent {shape}"}
+def _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, device, dtype, space, sample, seed,
+                alpha, batch_size, fail_fast, quiet, tiling):
+    """Check the Ray engine's options; a runner for `run_batch` that encodes `jobs` on the cluster."""
+    from vaecli import ray_engine
+    from vaecli.files import is_folder_target
 
-    run_batch(jobs, as_json, quiet, read=lambda job: media.read_image(job.src, alpha.value), compute=compute,
-               write=write, batch_size=1 if sample else batch_size, fail_fast=fail_fast,
-               key=lambda job: tuple(job.payload[0].shape), skip=lambda job: skip and job.dst.exists())
+    ray_engine.require_ray()
+    cpus = ray_opts["--cpus-per-worker"] if ray_opts["--cpus-per-worker"] is not None else 1.0
+    gpus = ray_opts["--gpus-per-worker"] or 0.0
+    shard_size = ray_opts["--shard-size"] or 64
+    if fail_fast:
+        raise UsageError("--fail-fast applies to the local engine: Ray records failures and goes on")
+    if cpus <= 0 or gpus < 0 or (ray_opts["--workers"] is not None and ray_opts["--workers"] < 1):
+        raise UsageError("--workers and --cpus-per-worker must be positive, --gpus-per-worker at least 0")
+    if device == Device.cuda and not gpus:
+        raise UsageError("--device cuda with --engine ray needs --gpus-per-worker")
+    if device == Device.mps:
+        raise UsageError("--device mps: Ray workers compute on cpu or cuda")
+    if output is None or not is_folder_target(output, 2 if len(jobs) > 1 else 1):
+        raise UsageError("--engine ray writes into a folder: give -o FOLDER")
+    if output_format == OutputFormat.parquet:
+        if fmt is not None:
+            raise UsageError("--format applies to --output-format files; parquet holds safetensors bytes")
+        kind = "parquet"
+        if not skip and (output / ray_engine.DONE_FILE).exists():
+            (output / ray_engine.DONE_FILE).unlink()  # --overwrite: redo every shard
+    settings = ray_engine.Settings(
+        model=codec.spec.name, weights=codec.sources, dtype=dtype.value, device="cuda" if gpus else "cpu",
+        threads=max(1, int(cpus)), tile=tiling["tile"], budget=tiling["budget"], fmt=kind, space=space,
+        sample=sample, seed=seed, alpha=alpha, batch_size=batch_size, skip_existing=skip,
+        out=str(output.absolute()))
+
+    def runner(on_done):
+        ray_engine.encode(jobs, settings, on_done, address=ray_opts["--ray-address"], workers=ray_opts["--workers"],
+                          cpus_per_worker=cpus, gpus_per_worker=gpus, shard_size=shard_size, progress=not quiet)
+
+    return runner

@@ -30,7 +30,6 @@ from vaecli.cli.common import (
     VaeError,
     WeightsOpt,
     app,
-    encode_group,
     fail,
     namer,
     plan_jobs,
@@ -72,6 +71,7 @@ def roundtrip(
 
     from vaecli import batch, latents, media, metrics
     from vaecli.codec import load_codec
+    from vaecli.pipeline import encode_group
 
     try:
         jobs, skip = plan_jobs(inputs, output, recursive, batch.IMAGE_EXTS,

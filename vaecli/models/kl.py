@@ -7,6 +7,8 @@ strict `load_state_dict`; `vaecli.checkpoints` converts diffusers' names into th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +41,17 @@ class ResnetBlock(nn.Module):
         return h
 
 
+SCORE_BYTES = 1 << 28  # attention scores held at once; queries are taken in chunks beyond it
+MAX_EXACT_TOKENS = 1 << 16  # 256x256 latents (2048x2048 pixels at f=8); past it, attention is approximated
+
+
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions, with 1x1-conv projections."""
+    """Single-head self-attention over all positions, with 1x1-conv projections.
+
+    Exact up to MAX_EXACT_TOKENS positions, in query chunks so the scores stay within SCORE_BYTES. Past it (an
+    8192x8192 image has 1M), keys and values are average-pooled to at most MAX_EXACT_TOKENS positions: every
+    query still sees the whole image, at a coarser grain (quadratic cost would otherwise take hours on a CPU).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -54,8 +65,17 @@ class AttnBlock(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(-1, -2) for proj in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)
+        q, k, v = (proj(y) for proj in (self.q, self.k, self.v))
+        if h * w > MAX_EXACT_TOKENS:
+            p = math.ceil(math.sqrt(h * w / MAX_EXACT_TOKENS))
+            k, v = F.avg_pool2d(k, p, ceil_mode=True), F.avg_pool2d(v, p, ceil_mode=True)
+        q, k, v = (t.reshape(b, 1, c, -1).transpose(-1, -2) for t in (q, k, v))
+        step = max(1, SCORE_BYTES // (4 * k.shape[2]))
+        if h * w <= step:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v)
+                           for i in range(0, h * w, step)], dim=2)
         return x + self.proj_out(y.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -73,6 +93,8 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    scale_factor = 2.0  # read by tiling's receptive-field walk
 
     def __init__(self, channels: int):
         super().__init__()
@@ -199,13 +221,13 @@ class KLAutoencoder(nn.Module):
         h = self.encoder(pixels * 2 - 1)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
-        mean, logvar = h.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return self.split_moments(h)
 
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
-               sample: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> raw latents (B, C, H/f, W/f): the posterior mode, or a draw if `sample`."""
-        mean, logvar = self.moments(pixels)
+               sample: bool = False, moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> raw latents (B, C, H/f, W/f): the posterior mode, or a draw if `sample`
+        (from `moments` when the caller computed them, e.g. tiled)."""
+        mean, logvar = moments or self.moments(pixels)
         if not sample:
             return mean
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -223,6 +245,29 @@ class KLAutoencoder(nn.Module):
         else:
             pixels = self.decoder(z)
         return ((pixels + 1) / 2).clamp(0, 1)
+
+    def encoder_plan(self) -> tuple[list[nn.Module], nn.Module]:
+        """The encoder as a chain of local blocks (for `tiling.streamed`, on pixels in [-1, 1]) and a tail run whole
+        at latent resolution (mid-block attention, output conv, quant_conv) giving the moments."""
+        e = self.encoder
+        blocks = [e.conv_in] + [b for stage in e.down for b in (*stage.block, getattr(stage, "downsample", None))
+                                if b is not None]
+        tail = [e.mid, e.norm_out, nn.SiLU(), e.conv_out] + ([self.quant_conv] if self.quant_conv is not None else [])
+        return blocks, nn.Sequential(*tail)
+
+    def decoder_plan(self) -> tuple[nn.Module, list[nn.Module]]:
+        """The 2-D decoder as a head run whole at latent resolution (post_quant_conv, conv_in, mid-block attention)
+        and a chain of local blocks for `tiling.streamed`, ending in pixels in about [-1, 1]."""
+        d = self.decoder
+        head = [m for m in (self.post_quant_conv, d.conv_in, d.mid) if m is not None]
+        blocks = [b for stage in reversed(d.up) for b in (*stage.block, getattr(stage, "upsample", None))
+                  if b is not None]
+        return nn.Sequential(*head), blocks + [nn.Sequential(d.norm_out, nn.SiLU(), d.conv_out)]
+
+    def split_moments(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's (B, 2C, h, w) output -> posterior mean and clamped log-variance, each (B, C, h, w)."""
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """FLUX.2: raw (B, C, h, w) -> patchified, batch-norm-normalized (B, 4C, h/2, w/2), as the denoiser takes."""

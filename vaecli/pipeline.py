@@ -1,0 +1,55 @@
+"""Encoding many images with one loaded codec: the read -> encode -> write stages every engine runs.
+
+`vae encode` (local threads) and each Ray worker run the same `encode_stages`, so they write the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from vaecli import latents, media
+
+SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png}
+
+
+def encode_group(group: list, codec, **options) -> Iterator[tuple]:
+    """Encode same-sized image jobs (payload: (1, 3, H, W) in [0, 1] and ImageInfo) in forward passes within the
+    codec's pixel budget; yields (job, (C, h, w) latent, metadata) for each."""
+    import torch
+
+    h, w = group[0].payload[0].shape[-2:]
+    size = group[0].payload[1].size  # read now: callers replace payloads as results come
+    per = max(1, codec.max_batch_pixels // (h * w))
+    for i in range(0, len(group), per):
+        part = group[i:i + per]
+        out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), size, **options)
+        for job, latent in zip(part, out, strict=True):
+            yield job, latent, meta
+
+
+def encode_stages(codec, fmt: str = "safetensors", space: str | None = None, sample: bool = False,
+                  seed: int | None = None, alpha: str = "white", batch_size: int = 8,
+                  skip_existing: bool = False) -> dict:
+    """`batch.run` keyword arguments that encode each job's image into `job.dst` as a `fmt` latent file
+    ("safetensors" or "png"), or with fmt "bytes" keep the safetensors bytes in `job.extra["latent_bytes"]`."""
+    options = {"space": space, "sample": sample, "seed": seed}
+
+    def compute(group: list) -> None:
+        for job, latent, meta in encode_group(group, codec, **options):
+            job.payload = (latent.clone(), meta)
+
+    def write(job) -> None:
+        latent, meta = job.payload
+        shape = list(latent.shape)
+        job.extra = {"model": codec.spec.name, "shape": shape}
+        if fmt == "bytes":
+            job.extra["latent_bytes"] = latents.safetensors_bytes(latent, meta, str(job.src))
+            job.extra["image_size"] = list(meta["image_size"])
+            job.extra["line"] = f"{job.src}  {codec.spec.name} latent {shape}"
+        else:
+            SAVERS[fmt](job.dst, latent, meta)
+            job.extra["line"] = f"{job.src} -> {job.dst}  {codec.spec.name} latent {shape}"
+
+    return {"read": lambda job: media.read_image(job.src, alpha), "compute": compute, "write": write,
+            "batch_size": 1 if sample else batch_size, "key": lambda job: tuple(job.payload[0].shape),
+            "skip": lambda job: skip_existing and job.dst is not None and job.dst.exists()}
