@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VAE_WEIGHTS_DIR", str(SHARED / "weights"))
     vae = str(Path(sys.executable).with_name("vae"))
-    cases = {"local": [], "ray 2x1cpu": ["--engine", "ray", "--workers", "2", "--shard-size", "8"],
-             "ray 1x2cpu": ["--engine", "ray", "--workers", "1", "--cpus-per-worker", "2", "--shard-size", "8"]}
+    cases = {"local": [], "ray 2x1cpu": ["--engine", "ray", "--workers", "2", "--shard-size", "4"],
+             "ray 1x2cpu": ["--engine", "ray", "--workers", "1", "--cpus-per-worker", "2", "--shard-size", "4"]}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         photos = sorted(p for p in (SHARED / "images").iterdir() if p.suffix in (".png", ".jpg"))

@@ -225,3 +225,16 @@ def test_quiet_prints_errors_only(vae, real_weights, tree, tmp_path):
     assert lines[1:] == ["1 of 4 inputs failed:", lines[0].replace("Error: ", "  ", 1)]
     ok = vae("encode", tree / "top.png", "-o", tmp_path / "q1.latent", "--quiet")
     assert ok.exit_code == 0 and ok.stderr == ""
+
+
+def test_latent_bytes_do_not_depend_on_batch_mates(vae, real_weights, tmp_path, shared_images):
+    """Same-sized images in one run give the same file bytes as each encoded alone (CPU: one image per pass)."""
+    src = tmp_path / "same"
+    src.mkdir()
+    for i, name in enumerate(["astronaut.png", "chelsea.png", "coffee.png"]):
+        Image.open(shared_images / name).convert("RGB").crop((0, 0, 96, 64)).save(src / f"{i}.png")
+    assert vae("encode", src, "-o", tmp_path / "together", "--batch-size", "3").exit_code == 0
+    for path in sorted(src.iterdir()):
+        alone = tmp_path / "alone" / (path.stem + ".latent")
+        assert vae("encode", path, "-o", alone).exit_code == 0
+        assert alone.read_bytes() == (tmp_path / "together" / alone.name).read_bytes()

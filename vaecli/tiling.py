@@ -100,9 +100,9 @@ class StreamNorm(nn.Module):
         if not self.ready:
             y0, y1, x0, x1, in_h, in_w = self.window
             fy, fx = h.shape[-2] / in_h, h.shape[-1] / in_w
-            part = h[:, :, round(y0 * fy):round(y1 * fy), round(x0 * fx):round(x1 * fx)].reshape(b, g, -1).double()
-            n, mean = part.shape[-1], part.mean(-1)
-            m2 = ((part - mean[..., None]) ** 2).sum(-1)
+            part = h[:, :, round(y0 * fy):round(y1 * fy), round(x0 * fx):round(x1 * fx)].reshape(b, g, -1)
+            var, mean = torch.var_mean(part.float(), dim=-1, correction=0)  # two-pass within the tile
+            n, mean, m2 = part.shape[-1], mean.double(), var.double() * part.shape[-1]
             if self.mean is None:
                 self.n, self.mean, self.m2 = n, mean, m2
             else:
@@ -201,8 +201,8 @@ def streamed(blocks: list[nn.Module], x: torch.Tensor, budget: int, tile: int | 
     """Run a chain of local blocks (convs, resnets with GroupNorms, resamplers) over (B, C, H, W) `x` exactly, in
     bounded memory; returns the chain's output.
 
-    The chain is cut where the tensors kept whole (a segment's input and output) fit `budget`; longer segments cost
-    more passes, not more memory. Each segment runs whole if it fits, else over the largest tiles that fit what
+    The chain is cut where the tensors kept whole (a segment's input and output) fit three quarters of `budget`, the
+    rest going to tiles; longer segments cost more passes, not more memory. Each segment runs whole if it fits, else over the largest tiles that fit what
     is left (or tiles of `tile` pixels, at `unit` pixels per cell of `x`).
     """
     start, cells, size = 0, x.shape[-2] * x.shape[-1] * x.shape[0], x.numel() * DTYPE_BYTES
@@ -210,8 +210,8 @@ def streamed(blocks: list[nn.Module], x: torch.Tensor, budget: int, tile: int | 
         segment = blocks[start:i + 1]
         scale, _, channels = _scale_and_width(nn.Sequential(*segment))
         out_size = round(cells * scale ** 2) * channels * DTYPE_BYTES
-        if size + out_size > budget and i + 1 < len(blocks):
-            continue
+        if size + out_size > budget * 3 // 4 and i + 1 < len(blocks):
+            continue  # keep a quarter of the budget, at least, for the tiles
         x = _run_segment(nn.Sequential(*segment), x, max(budget - size - out_size, budget // 4), tile, unit)
         start, cells, size, unit = i + 1, x.shape[-2] * x.shape[-1] * x.shape[0], x.numel() * DTYPE_BYTES, unit / scale
     return x
@@ -219,7 +219,8 @@ def streamed(blocks: list[nn.Module], x: torch.Tensor, budget: int, tile: int | 
 
 def _run_segment(segment: nn.Sequential, x: torch.Tensor, budget: int, tile: int | None, unit: float) -> torch.Tensor:
     scale, widest, _ = _scale_and_width(segment)
-    per_cell = widest * 3 * DTYPE_BYTES  # a block's input, its widest conv output and one temporary
+    # A resnet's input copy, two norm outputs, two conv outputs, the shortcut, and oneDNN's reorders of them.
+    per_cell = widest * 8 * DTYPE_BYTES
     halo = receptive_radius(segment)
     align = max(1, round(1 / scale)) if scale < 1 else 1
     if tile is not None:
