@@ -202,8 +202,8 @@ def streamed(blocks: list[nn.Module], x: torch.Tensor, budget: int, tile: int | 
     bounded memory; returns the chain's output.
 
     The chain is cut where the tensors kept whole (a segment's input and output) fit three quarters of `budget`, the
-    rest going to tiles; longer segments cost more passes, not more memory. Each segment runs whole if it fits, else over the largest tiles that fit what
-    is left (or tiles of `tile` pixels, at `unit` pixels per cell of `x`).
+    rest going to tiles; longer segments cost more passes, not more memory. Each segment runs whole if it fits, else
+    over the largest tiles that fit what is left (or tiles of `tile` pixels, at `unit` pixels per cell of `x`).
     """
     start, cells, size = 0, x.shape[-2] * x.shape[-1] * x.shape[0], x.numel() * DTYPE_BYTES
     for i in range(len(blocks)):
