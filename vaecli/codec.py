@@ -112,10 +112,10 @@ class Codec:
 
         from vaecli import metrics
 
-        cfg = self.spec.config
-        shape = (1, cfg.channels * cfg.channel_mult[-1], *latent.shape[-2:])
-        blocks = self.model.decoder_plan()[1] if not getattr(cfg, "temporal_decoder", False) else []
-        if not blocks or not self._kl_streams(blocks, shape):
+        if self.spec.config.temporal_decoder:
+            return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+        _, blocks, shape, streams = self._kl_decoder_plan(1, latent.shape[-2:])
+        if not streams:
             return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
         need, room = tiling.whole_bytes(blocks, shape), tiling.default_budget(self.device, cap=None)
         if need > room:
@@ -124,6 +124,14 @@ class Codec:
         ref = replace(self, tile=None).decode_latent(latent, meta)
         return {"tiled": True, "window": [0, 0, ref.shape[-1], ref.shape[-2]],
                 "max_abs_diff": (pixels - ref).abs().max().item(), "psnr": metrics.psnr(pixels, ref)}
+
+    def _kl_decoder_plan(self, batch: int, hw) -> tuple:
+        """The 2-D KL decoder's head and blocks, their input shape for `batch` latents of `hw`, and whether they
+        run tiled."""
+        head, blocks = self.model.decoder_plan()
+        cfg = self.spec.config
+        shape = (batch, cfg.channels * cfg.channel_mult[-1], *hw)
+        return head, blocks, shape, self._kl_streams(blocks, shape)
 
     def _kl_budget(self) -> int:
         # KL activations are large: the default is half the available RAM (the tiny family caps it at 1 GiB).
@@ -158,9 +166,8 @@ class Codec:
         if self.spec.family != "tiny":
             if self.spec.config.temporal_decoder:
                 return self.model.decode(z, num_frames)
-            head, blocks = self.model.decoder_plan()
-            cfg = self.spec.config
-            if not self._kl_streams(blocks, (z.shape[0], cfg.channels * cfg.channel_mult[-1], *z.shape[-2:])):
+            head, blocks, _, streams = self._kl_decoder_plan(z.shape[0], z.shape[-2:])
+            if not streams:
                 return self.model.decode(z)
             tile = None if self.tile == "auto" else int(self.tile)
             return ((tiling.streamed(blocks, head(z), self._kl_budget(), tile, unit=f) + 1) / 2).clamp(0, 1)
