@@ -143,15 +143,18 @@ class Codec:
             return False
         return self.tile != "auto" or tiling.whole_bytes(blocks, shape) > self._kl_budget()
 
+    def _kl_streamed(self, blocks: list, x: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
+        """`tiling.streamed` over a KL chain with this codec's budget and tile (`unit`: pixels per cell of `x`)."""
+        tile = None if self.tile == "auto" else int(self.tile)
+        return tiling.streamed(blocks, x, self._kl_budget(), tile, unit=unit)
+
     def _encode_raw(self, x: torch.Tensor, sample: bool, seed: int | None) -> torch.Tensor:
         if self.spec.family != "tiny":
             gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
             blocks, tail = self.model.encoder_plan()
             moments = None
             if self._kl_streams(blocks, x.shape):
-                tile = None if self.tile == "auto" else int(self.tile)
-                h = tiling.streamed(blocks, x * 2 - 1, self._kl_budget(), tile)
-                moments = self.model.split_moments(tail(h))
+                moments = self.model.split_moments(tail(self._kl_streamed(blocks, x * 2 - 1)))
             return self.model.encode(x, generator=gen, sample=sample, moments=moments)
         tile = self.tile_size(x.shape[0] * x.shape[-2] * x.shape[-1])
         if tile is None:
@@ -169,8 +172,7 @@ class Codec:
             head, blocks, _, streams = self._kl_decoder_plan(z.shape[0], z.shape[-2:])
             if not streams:
                 return self.model.decode(z)
-            tile = None if self.tile == "auto" else int(self.tile)
-            return ((tiling.streamed(blocks, head(z), self._kl_budget(), tile, unit=f) + 1) / 2).clamp(0, 1)
+            return ((self._kl_streamed(blocks, head(z), unit=f) + 1) / 2).clamp(0, 1)
         if tile is None:
             return self.model.decode(z)
         head, local = self.model.decoder_segments()

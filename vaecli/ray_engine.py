@@ -213,12 +213,12 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
         left = {s: len(shards[s]) for s in todo}
         shard_of = {i: s for s in todo for i in shards[s]}
         for row in ds.iter_rows():
-            job = jobs[int(row["index"])]
+            job, shard = jobs[int(row["index"])], shard_of[int(row["index"])]
             job.status, job.error = row["status"], row["error"] or None
             if job.error:  # say the input as the user gave it, not the absolute path the worker saw
                 job.error = job.error.replace(str(job.src.absolute()), str(job.src), 1)
             if parquet:
-                job.dst = shard_file(out, shard_of[int(row["index"])])
+                job.dst = shard_file(out, shard)
             shape = json.loads(row["shape"])
             job.extra = {"model": row["model"], "node": row["node"]}
             if job.status == "ok":
@@ -226,7 +226,6 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
                 where = f" -> {job.dst}" if job.dst else ""
                 job.extra["line"] = f"{job.src}{where}  {row['model']} latent {shape}"
             on_done(job)
-            shard = shard_of[int(row["index"])]
             left[shard] -= 1
             if parquet and left[shard] == 0:
                 done.add(shard)
