@@ -238,3 +238,24 @@ def test_latent_bytes_do_not_depend_on_batch_mates(vae, real_weights, tmp_path, 
         alone = tmp_path / "alone" / (path.stem + ".latent")
         assert vae("encode", path, "-o", alone).exit_code == 0
         assert alone.read_bytes() == (tmp_path / "together" / alone.name).read_bytes()
+
+
+def test_interrupt_joins_the_reader_thread(tmp_path):
+    # A reader thread still inside PIL or torch while the interpreter exits aborts the process (SIGABRT, not 130).
+    import threading
+
+    from vaecli import batch
+
+    jobs = [batch.Job(src=tmp_path / f"{i}.png", dst=None) for i in range(12)]
+
+    def read(job):
+        time.sleep(0.2)
+        return job.src
+
+    def compute(group):
+        raise KeyboardInterrupt
+
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(jobs, read=read, compute=compute, write=lambda job: None, on_done=lambda job: None)
+    assert set(threading.enumerate()) == before

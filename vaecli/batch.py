@@ -174,7 +174,11 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
         raise
     finally:
         stop.set()
-        _drain(read_q)  # unblock a reader waiting on a full queue
+        # Join the reader too: a daemon thread still inside torch or PIL when the interpreter tears down its
+        # statics aborts the process ("terminate called without an active exception") instead of exiting 130.
+        while threads[0].is_alive():
+            _drain(read_q)  # unblock a reader waiting on a full queue
+            threads[0].join(0.05)
         write_q.put(_DONE)
         threads[1].join()
 
