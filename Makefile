@@ -38,7 +38,7 @@ clean:
 	rm -rf $(VENV) out .pytest_cache
 
 bench: venv
-	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/speed.py --full
 	$(BIN)/python bench/tiling_memory.py
 	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/ray_throughput.py

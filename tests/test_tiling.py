@@ -211,3 +211,13 @@ def test_kl_cli_tiles_and_verifies(vae, kl_files, small_image, tmp_path):
     assert result.exit_code == 0, result.stderr
     check = json.loads(result.stdout)["verify"]
     assert check["tiled"] is True and check["window"] == [0, 0, 61, 45] and check["max_abs_diff"] <= 1e-3
+
+
+def test_default_budget_is_half_the_available_ram_under_the_cap():
+    """The tiny family caps its budget at 1 GiB; KL models (cap=None) get half the available RAM."""
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    cpu = torch.device("cpu")
+    assert tiling.default_budget(cpu) == min(tiling.DEFAULT_BUDGET, available // 2)
+    assert abs(tiling.default_budget(cpu, cap=None) - available // 2) < 256 << 20  # RAM in use moves a little
+    assert tiling.default_budget(cpu, cap=None) > tiling.DEFAULT_BUDGET  # this machine has over 2 GB free

@@ -46,7 +46,7 @@ def default_budget(device: torch.device | None = None, cap: int | None = DEFAULT
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return min(DEFAULT_BUDGET, int(line.split()[1]) * 1024 // 2)
+                    return min(cap, int(line.split()[1]) * 1024 // 2)
     except OSError:
         pass
     return DEFAULT_BUDGET

@@ -17,6 +17,27 @@ def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
 
 
+def _fusable(x: torch.Tensor) -> bool:
+    # bf16 on the CPU: oneDNN's fused conv+ReLU and conv+add+ReLU skip two passes over memory per block (the decoder
+    # 1.3x faster). Not fp32: there the gain is ~10% and these ops cache per-shape oneDNN state that raised taef2's
+    # tiled decode peak from 923 to 1199 MB at 2048x2048. No autograd, hence inference only.
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and \
+        torch.backends.mkldnn.is_available()
+
+
+def _conv_relu(c: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(c(x)) in one oneDNN call; (B, C, H, W) any range -> (B, C', H', W') >= 0."""
+    return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
+                                                   list(c.dilation), c.groups, "relu", [], "")
+
+
+def _conv_add_relu(c: nn.Conv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """relu(c(x) + other) in one oneDNN call; (B, C, H, W) tensors -> (B, C', H, W) >= 0."""
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, c.weight, c.bias, list(c.padding),
+                                                          list(c.stride), list(c.dilation), c.groups, "add", 1.0,
+                                                          "relu", [], "")
+
+
 class Clamp(nn.Module):
     """Soft clamp of latents to (-3, 3), as the decoders were trained with."""
 
@@ -48,6 +69,9 @@ class Block(nn.Module):
         """(B, n_in, H, W) -> (B, n_out, H, W)."""
         if self.pool is not None:
             x = x + self.pool(x)
+        if _fusable(x):
+            c0, _, c1, _, c2 = self.conv
+            return _conv_add_relu(c2, _conv_relu(c1, _conv_relu(c0, x)), self.skip(x))
         h = self.conv(x)
         h += self.skip(x)
         return self.fuse(h)

@@ -1,0 +1,152 @@
+"""KL blocks run whole-image but a band of rows at a time: the numbers of running them whole, in less memory.
+
+A GroupNorm needs statistics of its whole input, so block inputs stay whole; what runs in bands is everything
+after the statistics: normalise, SiLU, upsample, convolve and add the residual, a few rows of output at a time
+into the output tensor. So the full-size normalised and upsampled copies are never made, each band's work stays
+in cache, and a resnet block writes its output over the rows of its input it has consumed: sd15's 1024x1024
+decode peaks at its input plus one half-width tensor instead of three full-width ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaecli import allocator
+
+BAND_BYTES = 4 << 20  # input bytes read per band: a couple of L2 caches' worth
+
+
+def supports(blocks: list[nn.Module]) -> bool:
+    """Whether every block is one `run_block` knows (the KL decoder and encoder chains are)."""
+    from vaecli.models.kl import Downsample, ResnetBlock, Upsample
+
+    return all(isinstance(b, (ResnetBlock, Upsample, Downsample)) or _is_out_head(b) or _is_plain_conv(b)
+               for b in blocks)
+
+
+def run_chain(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run a chain of KL blocks on (B, C, H, W) in any range, banded; `x` is consumed (overwritten)."""
+    for block in blocks:
+        x = run_block(block, x)
+        allocator.release_free_memory()
+    return x
+
+
+def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One KL block on a whole (B, C, H, W) tensor, banded; may overwrite `x`."""
+    from vaecli.models.kl import ResnetBlock, Upsample
+
+    if isinstance(block, ResnetBlock):
+        return _resnet(block, x)
+    if isinstance(block, Upsample):
+        return _upsample_conv(block.conv, x)
+    if _is_plain_conv(block):
+        return _conv(block, x, _empty(x, block.out_channels))
+    if _is_out_head(block):
+        norm, _, conv = block
+        return _conv(conv, x, _empty(x, conv.out_channels), affine=group_affine(x, norm))
+    return block(x)
+
+
+def group_affine(x: torch.Tensor, gn: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm `gn` of (B, C, H, W) `x` as a per-channel scale and shift, each (B, C, 1, 1) float32."""
+    b, c = x.shape[:2]
+    g = gn.num_groups
+    # Per band: group mean and variance from GroupNorm's own kernel (fast on channels_last, where a plain
+    # reduction over H and W is not), merged across bands in float64 by Chan's formula.
+    means, variances, counts = [], [], []
+    for r0, r1 in _bands(x, x.shape[-2]):
+        part = x[:, :, r0:r1].float()
+        _, mean, rstd = torch.native_group_norm(part, None, None, b, c, part[0, 0].numel(), g, 0.0)
+        means.append(mean.double())
+        variances.append(rstd.double().pow(-2))
+        counts.append(part[0, 0].numel())
+    w = torch.tensor(counts, dtype=torch.float64, device=x.device).view(-1, 1, 1)
+    mean_i, var_i = torch.stack(means).view(-1, b, g), torch.stack(variances).view(-1, b, g)
+    mean = (mean_i * w).sum(0) / w.sum()
+    var = (w * (var_i + (mean_i - mean).square())).sum(0) / w.sum()
+    rstd = torch.rsqrt(var + gn.eps)
+    scale = rstd.repeat_interleave(c // g, dim=1) * gn.weight.double()
+    shift = gn.bias.double() - mean.repeat_interleave(c // g, dim=1) * scale
+    return scale.view(b, c, 1, 1).float(), shift.view(b, c, 1, 1).float()
+
+
+def _is_plain_conv(block: nn.Module) -> bool:
+    return isinstance(block, nn.Conv2d) and block.stride == (1, 1) and block.padding[0] * 2 + 1 == block.kernel_size[0]
+
+
+def _is_out_head(block: nn.Module) -> bool:
+    return (isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[0], nn.GroupNorm)
+            and isinstance(block[1], nn.SiLU) and isinstance(block[2], nn.Conv2d))
+
+
+def _empty(x: torch.Tensor, channels: int, scale: int = 1) -> torch.Tensor:
+    b, _, h, w = x.shape
+    return torch.empty(b, channels, h * scale, w * scale, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _bands(x: torch.Tensor, rows: int) -> list[tuple[int, int]]:
+    """Row ranges covering `rows`, each reading about BAND_BYTES of `x` (at least one row)."""
+    per_row = max(1, x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size())
+    step = max(1, BAND_BYTES // per_row)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = _conv(block.conv1, x, _empty(x, block.conv1.out_channels), affine=group_affine(x, block.norm1))
+    c_in, c_out = x.shape[1], h.shape[1]
+    if block.nin_shortcut is None:
+        out = x  # each band's residual rows are read just before its output overwrites them
+    elif c_out <= c_in and x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] == 1:
+        # The output's rows r0..r1 fill the bytes of input rows < r1, all consumed by then (the shortcut is 1x1).
+        out = x.permute(0, 2, 3, 1).reshape(-1)[:h.numel()].view(1, *h.shape[2:], c_out).permute(0, 3, 1, 2)
+    else:
+        out = _empty(h, c_out)
+    return _conv(block.conv2, h, out, affine=group_affine(h, block.norm2), residual=x,
+                 shortcut=block.nin_shortcut)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, affine=None, residual: torch.Tensor | None = None,
+          shortcut: nn.Conv2d | None = None) -> torch.Tensor:
+    """out[rows] = conv(silu(x * scale + shift) or x)[rows] (+ residual, through `shortcut`), band by band."""
+    pad, height = conv.padding[0], x.shape[-2]
+    for r0, r1 in _bands(x, out.shape[-2]):
+        c0, c1 = max(0, r0 - pad), min(height, r1 + pad)  # input rows read; zero rows pad the image edges
+        t = x[:, :, c0:c1]
+        if affine is not None:
+            t = F.silu(torch.addcmul(affine[1], t.float(), affine[0]), inplace=True).to(x.dtype)
+        if c0 > r0 - pad or r1 + pad > c1:
+            t = F.pad(t, (0, 0, c0 - (r0 - pad), r1 + pad - c1))
+        y = F.conv2d(t, conv.weight, conv.bias, 1, (0, conv.padding[1]))
+        if residual is not None:
+            res = residual[:, :, r0:r1]
+            y += res if shortcut is None else shortcut(res)
+        out[:, :, r0:r1] = y
+    return out
+
+
+# A 3x3 conv over a nearest-2x upsampled image is, at each of the four output phases (row a, column b), a 2x2 conv
+# over the original: taps that land on the same source pixel add up. 4 taps instead of 9 per output, and the
+# upsampled copy is never made. Rows of _FOLD[a] map the 3 kernel rows onto the 2 source rows phase a reads.
+_FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+
+
+def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(nearest_2x(x)) for a 3x3, padding-1 `conv`: (B, C, H, W) -> (B, C', 2H, 2W), band by band."""
+    fold = _FOLD.to(x.device)
+    w64 = conv.weight.double()
+    kernels = [[torch.einsum("pk,oikl,ql->oipq", fold[a], w64, fold[b]).to(conv.weight.dtype)
+                .contiguous(memory_format=torch.channels_last) for b in range(2)] for a in range(2)]
+    h = x.shape[-2]
+    out = _empty(x, conv.out_channels, 2)
+    phases = out.view(*out.shape[:2], h, 2, out.shape[-1] // 2, 2)  # (B, C', H, a, W, b)
+    for l0, l1 in _bands(x, h):
+        t = F.pad(x[:, :, max(0, l0 - 1):min(h, l1 + 1)], (1, 1, int(l0 == 0), int(l1 == h)))
+        for a in range(2):
+            for b in range(2):
+                window = t[:, :, a:a + l1 - l0 + 1, b:b + x.shape[-1] + 1]
+                phases[:, :, l0:l1, a, :, b] = F.conv2d(window, kernels[a][b], conv.bias)
+    return out
