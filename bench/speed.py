@@ -145,7 +145,12 @@ def case_kl(name: str, size: int, impl: str) -> dict:
         sd = {k: v for k, v in kl_state_dict(ref.state_dict(), len(spec.config.channel_mult), "bench").items()
               if not k.startswith(("encoder.", "quant_conv."))}
         model.load_state_dict(sd)
-        del ref
+        del ref, sd  # the reference and the converted copy: ours then holds only its own decoder
+        import gc
+
+        from vaecli import allocator
+        gc.collect()
+        allocator.release_free_memory()
         codec = Codec(spec, model.to(memory_format=torch.channels_last), torch.device("cpu"), torch.float32)
         run = lambda z: codec._decode_raw(z.contiguous(memory_format=torch.channels_last))  # noqa: E731
     else:
