@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import resource
 import subprocess
@@ -146,9 +147,8 @@ def case_kl(name: str, size: int, impl: str) -> dict:
               if not k.startswith(("encoder.", "quant_conv."))}
         model.load_state_dict(sd)
         del ref, sd  # the reference and the converted copy: ours then holds only its own decoder
-        import gc
-
         from vaecli import allocator
+
         gc.collect()
         allocator.release_free_memory()
         codec = Codec(spec, model.to(memory_format=torch.channels_last), torch.device("cpu"), torch.float32)

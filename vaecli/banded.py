@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaecli import allocator
+from vaecli import allocator, tiling
 
 BAND_BYTES = 4 << 20  # input bytes read per band: a couple of L2 caches' worth
 
@@ -52,25 +52,11 @@ def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def group_affine(x: torch.Tensor, gn: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm `gn` of (B, C, H, W) `x` as a per-channel scale and shift, each (B, C, 1, 1) float32."""
-    b, c = x.shape[:2]
-    g = gn.num_groups
-    # Per band: group mean and variance from GroupNorm's own kernel (fast on channels_last, where a plain
-    # reduction over H and W is not), merged across bands in float64 by Chan's formula.
-    means, variances, counts = [], [], []
+    moments = None
     for r0, r1 in _bands(x, x.shape[-2]):
-        part = x[:, :, r0:r1].float()
-        _, mean, rstd = torch.native_group_norm(part, None, None, b, c, part[0, 0].numel(), g, 0.0)
-        means.append(mean.double())
-        variances.append(rstd.double().pow(-2))
-        counts.append(part[0, 0].numel())
-    w = torch.tensor(counts, dtype=torch.float64, device=x.device).view(-1, 1, 1)
-    mean_i, var_i = torch.stack(means).view(-1, b, g), torch.stack(variances).view(-1, b, g)
-    mean = (mean_i * w).sum(0) / w.sum()
-    var = (w * (var_i + (mean_i - mean).square())).sum(0) / w.sum()
-    rstd = torch.rsqrt(var + gn.eps)
-    scale = rstd.repeat_interleave(c // g, dim=1) * gn.weight.double()
-    shift = gn.bias.double() - mean.repeat_interleave(c // g, dim=1) * scale
-    return scale.view(b, c, 1, 1).float(), shift.view(b, c, 1, 1).float()
+        moments = tiling.merge_moments(moments, tiling.group_moments(x[:, :, r0:r1], gn.num_groups))
+    scale, shift = tiling.norm_affine(gn, moments, x.shape[1])
+    return scale.float(), shift.float()
 
 
 def _is_plain_conv(block: nn.Module) -> bool:

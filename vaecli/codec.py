@@ -156,12 +156,13 @@ class Codec:
         if self.spec.family != "tiny":
             gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
             blocks, tail = self.model.encoder_plan()
-            moments = None
             if self._kl_streams(blocks, x.shape):
-                moments = self.model.split_moments(tail(self._kl_streamed(blocks, x * 2 - 1)))
+                h = self._kl_streamed(blocks, x * 2 - 1)
             elif self._banded(blocks):
-                moments = self.model.split_moments(tail(banded.run_chain(blocks, x * 2 - 1)))
-            return self.model.encode(x, generator=gen, sample=sample, moments=moments)
+                h = banded.run_chain(blocks, x * 2 - 1)
+            else:
+                return self.model.encode(x, generator=gen, sample=sample)
+            return self.model.encode(x, generator=gen, sample=sample, moments=self.model.split_moments(tail(h)))
         tile = self.tile_size(x.shape[0] * x.shape[-2] * x.shape[-1])
         if tile is None:
             return self.model.encode(x)
@@ -176,11 +177,13 @@ class Codec:
             if self.spec.config.temporal_decoder:
                 return self.model.decode(z, num_frames)
             head, blocks, _, streams = self._kl_decoder_plan(z.shape[0], z.shape[-2:])
-            if not streams and self._banded(blocks):
-                return ((banded.run_chain(blocks, head(z)) + 1) / 2).clamp(0, 1)
-            if not streams:
+            if streams:
+                h = self._kl_streamed(blocks, head(z), unit=f)
+            elif self._banded(blocks):
+                h = banded.run_chain(blocks, head(z))
+            else:
                 return self.model.decode(z)
-            return ((self._kl_streamed(blocks, head(z), unit=f) + 1) / 2).clamp(0, 1)
+            return ((h + 1) / 2).clamp(0, 1)
         if tile is None:
             return self.model.decode(z)
         head, local = self.model.decoder_segments()

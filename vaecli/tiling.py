@@ -81,42 +81,61 @@ class _Collected(Exception):
     """Raised by a collecting StreamNorm: this pass only gathers statistics, the rest of the tile is not needed."""
 
 
+Moments = tuple[int, torch.Tensor, torch.Tensor]  # count, mean and M2 (sum of squared deviations), float64 (B, G)
+
+
+def group_moments(x: torch.Tensor, groups: int) -> Moments:
+    """Per sample and group moments of (B, C, H, W) `x`, from GroupNorm's own kernel (fast on channels_last, where
+    a plain reduction over H and W is not)."""
+    b, c = x.shape[:2]
+    hw = x[0, 0].numel()
+    fmt = torch.channels_last if x.stride(1) == 1 and c > 1 else torch.contiguous_format
+    x = x.float().contiguous(memory_format=fmt)  # a copy only for a window cut in width too (a tile)
+    _, mean, rstd = torch.native_group_norm(x, None, None, b, c, hw, groups, 0.0)
+    n = hw * (c // groups)
+    return n, mean.double().view(b, groups), rstd.double().pow(-2).view(b, groups) * n
+
+
+def merge_moments(a: Moments | None, b: Moments) -> Moments:
+    """Chan et al.'s merge of two parts' moments: exact, and keeps the spread between the parts' means."""
+    if a is None:
+        return b
+    (na, ma, m2a), (nb, mb, m2b) = a, b
+    n, delta = na + nb, mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + delta ** 2 * (na * nb / n)
+
+
+def norm_affine(gn: nn.GroupNorm, moments: Moments, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm `gn` with whole-image `moments` as a per-channel scale and shift, each (B, C, 1, 1) float64."""
+    n, mean, m2 = moments
+    b, g = mean.shape
+    inv = torch.rsqrt(m2 / n + gn.eps).repeat_interleave(channels // g, dim=1)
+    scale = inv * gn.weight.double() if gn.affine else inv
+    shift = (gn.bias.double() if gn.affine else 0.0) - mean.repeat_interleave(channels // g, dim=1) * scale
+    return scale.view(b, channels, 1, 1), shift.view(b, channels, 1, 1)
+
+
 class StreamNorm(nn.Module):
     """Stands in for a GroupNorm during a tiled run: gathers whole-image statistics tile by tile, then applies them.
 
-    Statistics merge per tile as (count, mean, M2) in float64 (Chan et al.), over each tile's valid centre only,
-    so every pixel counts once and the spread between tile means is kept.
+    Moments merge per tile (`merge_moments`), over each tile's valid centre only, so every pixel counts once.
     """
 
     def __init__(self, gn: nn.GroupNorm):
         super().__init__()
         self.gn, self.ready, self.window = gn, False, (0, 0, 0, 0, 1, 1)
-        self.n, self.mean, self.m2 = 0, None, None
+        self.moments: Moments | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> the same, normalised with the whole image's statistics (once gathered)."""
-        b, c = h.shape[:2]
-        g = self.gn.num_groups
         if not self.ready:
             y0, y1, x0, x1, in_h, in_w = self.window
             fy, fx = h.shape[-2] / in_h, h.shape[-1] / in_w
-            part = h[:, :, round(y0 * fy):round(y1 * fy), round(x0 * fx):round(x1 * fx)].reshape(b, g, -1)
-            var, mean = torch.var_mean(part.float(), dim=-1, correction=0)  # two-pass within the tile
-            n, mean, m2 = part.shape[-1], mean.double(), var.double() * part.shape[-1]
-            if self.mean is None:
-                self.n, self.mean, self.m2 = n, mean, m2
-            else:
-                total = self.n + n
-                delta = mean - self.mean
-                self.mean = self.mean + delta * (n / total)
-                self.m2 = self.m2 + m2 + delta ** 2 * (self.n * n / total)
-                self.n = total
+            part = h[:, :, round(y0 * fy):round(y1 * fy), round(x0 * fx):round(x1 * fx)]
+            self.moments = merge_moments(self.moments, group_moments(part, self.gn.num_groups))
             raise _Collected
-        inv = torch.rsqrt(self.m2 / self.n + self.gn.eps).repeat_interleave(c // g, dim=1)
-        mean = self.mean.repeat_interleave(c // g, dim=1)
-        scale = inv * self.gn.weight.double() if self.gn.affine else inv
-        shift = (self.gn.bias.double() if self.gn.affine else 0.0) - mean * scale
-        return torch.addcmul(shift.view(b, c, 1, 1).to(h.dtype), h, scale.view(b, c, 1, 1).to(h.dtype))
+        scale, shift = norm_affine(self.gn, self.moments, h.shape[1])
+        return torch.addcmul(shift.to(h.dtype), h, scale.to(h.dtype))
 
 
 def _swap_norms(segment: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -178,7 +197,7 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
             if not gathered:
                 return out
             for norm in norms:
-                norm.ready = norm.ready or norm.mean is not None
+                norm.ready = norm.ready or norm.moments is not None
     finally:
         for parent, name, gn in swapped:
             setattr(parent, name, gn)
