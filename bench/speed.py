@@ -5,7 +5,10 @@ Cases (each in a fresh process, so peak RSS is its own):
 - taesd layout (random weights): vaecli vs diffusers AutoencoderTiny, encode and decode, 512 and 1024;
 - taef2 (real weights) fp32 and bf16: time, achieved GFLOP/s, PSNR over ../shared/images;
 - sd15 and flux1 configurations (random weights): decode vs diffusers AutoencoderKL, each side alone in a
-  process for its peak RSS (512; sd15 1024 with --full).
+  process for its peak RSS (512; sd15 1024 with --full);
+- with --full, torch.compile on taef2's decoder (cold compile time, compiled vs eager), fp32 and bf16.
+Decoder GFLOP/s are set against the reference conv timed in the same process, interleaved with the decodes.
+Every case runs with THP_MEM_ALLOC_ENABLE=1, as the CLI does (see vaecli/allocator.py).
 Run: `make bench` or `python bench/speed.py [--full] [--json out.json]`.
 """
 
@@ -15,9 +18,12 @@ import argparse
 import copy
 import gc
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,16 +63,39 @@ def best_time(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def rounds(fns: dict, n: int) -> dict[str, list[float]]:
+    """Seconds of each `(fn, repeat)` in `fns` (its best of `repeat`) in each of `n` rounds, the functions
+    interleaved round by round so that all see the same state of this shared machine; one warm-up each."""
+    for fn, _ in fns.values():
+        fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(n):
+        for name, (fn, repeat) in fns.items():
+            times = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            out[name].append(min(times))
+    return out
+
+
+PEAK_FLOPS = 2 * 64 * 64 * 9 * 256 * 256  # the reference conv: 3x3, 64->64 channels, 256x256
+
+
+def peak_conv(dtype: torch.dtype, layout=torch.channels_last):
+    """The reference conv (PEAK_FLOPS) as a no-argument function, in `dtype` and `layout`."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(dtype=dtype, memory_format=layout)
+    x = torch.randn(1, 64, 256, 256, dtype=dtype).contiguous(memory_format=layout)
+    return lambda: conv(x)
+
+
 def case_conv() -> dict:
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for layout in ("nchw", "channels_last"):
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            c = conv.to(dtype=dtype, memory_format=fmt)
-            x = torch.randn(1, 64, 256, 256, dtype=dtype).contiguous(memory_format=fmt)
-            secs = best_time(lambda c=c, x=x: c(x), repeat=20)  # the best of many: this is the ceiling
-            out[f"{str(dtype)[6:]}_{layout}"] = 2 * 64 * 64 * 9 * 256 * 256 / secs / 1e9
+        for name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            secs = best_time(peak_conv(dtype, layout), repeat=20)  # the best of many: this is the ceiling
+            out[f"{str(dtype)[6:]}_{name}"] = PEAK_FLOPS / secs / 1e9
     return {"gflops": out}
 
 
@@ -91,27 +120,27 @@ def case_taesd(size: int) -> dict:
     xl = x.contiguous(memory_format=torch.channels_last)
     zl = ours.encode(xl).contiguous(memory_format=torch.channels_last)
     z = zl.contiguous()  # diffusers as users call it: NCHW tensors
-    res = {
-        "ours_encode": best_time(lambda: ours.encode(xl)), "ours_decode": best_time(lambda: ours.decode(zl)),
-        "ref_encode": best_time(lambda: ref.encode(x * 2 - 1)), "ref_decode": best_time(lambda: ref.decode(z)),
-        "max_abs_diff": max((ours.encode(xl) - ref.encode(x * 2 - 1).latents).abs().max().item(),
-                            (ours.decoder(zl) - (ref.decode(z).sample + 1) / 2).abs().max().item()),
-    }
+    t = rounds({"ours_encode": (lambda: ours.encode(xl), 1), "ours_decode": (lambda: ours.decode(zl), 1),
+                "ref_encode": (lambda: ref.encode(x * 2 - 1), 1), "ref_decode": (lambda: ref.decode(z), 1),
+                "peak_conv": (peak_conv(torch.float32), 10)}, 3)
+    res = {name: min(v) for name, v in t.items()}
+    res["medians"] = {name: statistics.median(v) for name, v in t.items()}
+    res["max_abs_diff"] = max((ours.encode(xl) - ref.encode(x * 2 - 1).latents).abs().max().item(),
+                              (ours.decoder(zl) - (ref.decode(z).sample + 1) / 2).abs().max().item())
     res["flops_decode"] = conv_flops(ours, lambda: ours.decode(zl))
     return res
 
 
 def case_taef2(dtype: str) -> dict:
-    import os
-
     from vaecli import media, metrics
     from vaecli.codec import load_codec
     os.environ.setdefault("VAE_WEIGHTS_DIR", str(SHARED / "weights"))
     codec = load_codec("taef2", device="cpu", dtype=dtype, tile=None)
     x, info = media.read_image(SHARED / "images" / "astronaut.png")
-    enc = best_time(lambda: codec.encode_image(x, info.size))
     latent, meta = codec.encode_image(x, info.size)
-    dec = best_time(lambda: codec.decode_latent(latent, meta))
+    t = rounds({"encode": (lambda: codec.encode_image(x, info.size), 1),
+                "decode": (lambda: codec.decode_latent(latent, meta), 1),
+                "peak_conv": (peak_conv(codec.dtype), 5)}, 10)
     z = latent[None].to(codec.dtype).contiguous(memory_format=torch.channels_last)
     # Counted by module hooks on an fp32 copy: the bf16 path calls fused oneDNN ops that bypass the modules.
     ref = copy.deepcopy(codec.model).float()
@@ -125,7 +154,27 @@ def case_taef2(dtype: str) -> dict:
         y = codec.decode_latent(lat, m)
         y = media.quantize8(y)
         psnrs[path.name] = metrics.psnr(y, img)
-    return {"encode": enc, "decode": dec, "flops_decode": flops, "psnr": psnrs}
+    res = {name: min(v) for name, v in t.items()}
+    res["medians"] = {name: statistics.median(v) for name, v in t.items()}
+    return {**res, "flops_decode": flops, "psnr": psnrs}
+
+
+def case_compile(dtype: str) -> dict:
+    """taef2's decoder at 512x512: eager vs torch.compile (inductor, default mode), and what compiling costs."""
+    from vaecli.codec import load_codec
+    os.environ.setdefault("VAE_WEIGHTS_DIR", str(SHARED / "weights"))
+    codec = load_codec("taef2", device="cpu", dtype=dtype, tile=None)
+    torch.manual_seed(0)
+    z = torch.randn(1, 32, 64, 64).to(codec.dtype).contiguous(memory_format=torch.channels_last)
+    eager = codec.model.decoder
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # a cold compile, as on a user's first run
+    t = time.perf_counter()
+    compiled = torch.compile(eager)
+    out = compiled(z)
+    compile_s = time.perf_counter() - t
+    t = rounds({"eager": (lambda: eager(z), 1), "compiled": (lambda: compiled(z), 1)}, 5)
+    return {"compile_s": compile_s, "eager": min(t["eager"]), "compiled": min(t["compiled"]),
+            "max_abs_diff": (out.float() - eager(z).float()).abs().max().item()}
 
 
 def case_kl(name: str, size: int, impl: str) -> dict:
@@ -165,7 +214,8 @@ def case_kl(name: str, size: int, impl: str) -> dict:
 
 
 CASES = {"conv": case_conv, "taesd512": lambda: case_taesd(512), "taesd1024": lambda: case_taesd(1024),
-         "taef2_fp32": lambda: case_taef2("fp32"), "taef2_bf16": lambda: case_taef2("bf16")}
+         "taef2_fp32": lambda: case_taef2("fp32"), "taef2_bf16": lambda: case_taef2("bf16"),
+         "compile_fp32": lambda: case_compile("fp32"), "compile_bf16": lambda: case_compile("bf16")}
 KL_CASES = [("sd15", 512), ("flux1", 512), ("sd15", 1024)]  # sd15 at 1024 with --full
 for _name, _size in KL_CASES:
     for _impl in ("ours", "diffusers"):
@@ -173,15 +223,19 @@ for _name, _size in KL_CASES:
 
 
 def run_case(name: str) -> dict:
-    """Run one case in a fresh interpreter; its result plus that process's peak RSS."""
-    out = subprocess.run([sys.executable, __file__, "--case", name], check=True, capture_output=True, text=True)
+    """Run one case in a fresh interpreter, with huge pages as the CLI has them (`<case>@torch-defaults`: as torch
+    has them, off); its result plus its peak RSS."""
+    case, _, defaults = name.partition("@")
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0" if defaults else os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
+    out = subprocess.run([sys.executable, __file__, "--case", case], check=True, capture_output=True, text=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--full", action="store_true", help="include sd15 at 1024x1024 (slow)")
+    parser.add_argument("--full", action="store_true", help="include sd15 at 1024x1024 and torch.compile (slow)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args()
     if args.case:
@@ -191,26 +245,38 @@ def main() -> None:
         print(json.dumps(result))
         return
     kl = [f"{n}_{size}" for n, size in KL_CASES if size <= 512 or args.full]
-    names = ["conv", "taesd512", "taesd1024", "taef2_fp32", "taef2_bf16"] + [f"{k}_{i}" for k in kl
-                                                                             for i in ("ours", "diffusers")]
+    # The taesd comparison twice: huge pages help diffusers' allocations more than ours, so the ratio depends on
+    # the process setting; both sides share it in each run.
+    names = ["conv", "taesd512", "taesd1024", "taesd1024@torch-defaults", "taef2_fp32", "taef2_bf16"]
+    names += [f"{k}_{i}" for k in kl for i in ("ours", "diffusers")]
+    names += ["compile_fp32", "compile_bf16"] if args.full else []
     results = {}
     for name in names:
         results[name] = run_case(name)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     peak = results["conv"]["gflops"]
-    print("\n| case | ours s | diffusers s | ratio | GFLOP/s | % of conv peak | peak RSS MB |")
+    print("\n| case | ours s | diffusers s | ratio (median) | decoder GFLOP/s | % of conv peak (median) "
+          "| peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for size in (512, 1024):
-        r = results[f"taesd{size}"]
+
+    def rate(r: dict, dec: str) -> str:
+        # Against the reference conv timed in the same process, interleaved with the decodes: best vs best, and
+        # median vs median in brackets.
+        best = r["flops_decode"] / r[dec] / (PEAK_FLOPS / r["peak_conv"])
+        median = r["flops_decode"] / r["medians"][dec] / (PEAK_FLOPS / r["medians"]["peak_conv"])
+        return f"{r['flops_decode'] / r[dec] / 1e9:.0f} | {100 * best:.0f}% ({100 * median:.0f}%)"
+
+    for key in ("taesd512", "taesd1024", "taesd1024@torch-defaults"):
+        r = results[key]
         ours, ref = r["ours_encode"] + r["ours_decode"], r["ref_encode"] + r["ref_decode"]
-        gf = r["flops_decode"] / r["ours_decode"] / 1e9
-        print(f"| taesd fp32 {size} enc+dec | {ours:.2f} | {ref:.2f} | {ours / ref:.2f} | {gf:.0f} (dec) | "
-              f"{100 * gf / peak['float32_channels_last']:.0f}% | {r['peak_rss_mb']:.0f} |")
-    for dtype, key in (("fp32", "float32_channels_last"), ("bf16", "bfloat16_channels_last")):
+        m = r["medians"]
+        median = (m["ours_encode"] + m["ours_decode"]) / (m["ref_encode"] + m["ref_decode"])
+        print(f"| {key.replace('taesd', 'taesd fp32 ')} enc+dec | {ours:.2f} | {ref:.2f} | {ours / ref:.2f} "
+              f"({median:.2f}) | {rate(r, 'ours_decode')} | {r['peak_rss_mb']:.0f} |")
+    for dtype in ("fp32", "bf16"):
         r = results[f"taef2_{dtype}"]
-        gf = r["flops_decode"] / r["decode"] / 1e9
-        print(f"| taef2 {dtype} 512 enc+dec | {r['encode'] + r['decode']:.2f} | - | - | {gf:.0f} (dec) | "
-              f"{100 * gf / peak[key]:.0f}% | {r['peak_rss_mb']:.0f} |")
+        print(f"| taef2 {dtype} 512 enc+dec | {r['encode'] + r['decode']:.2f} | - | - | {rate(r, 'decode')} | "
+              f"{r['peak_rss_mb']:.0f} |")
     for key in kl:
         ours, ref = results[f"{key}_ours"], results[f"{key}_diffusers"]
         print(f"| {key} fp32 decode | {ours['decode']:.2f} | {ref['decode']:.2f} | {ours['decode'] / ref['decode']:.2f}"
@@ -223,7 +289,11 @@ def main() -> None:
     speedup = (f32["encode"] + f32["decode"]) / (b16["encode"] + b16["decode"])
     loss = {k: round(f32["psnr"][k] - b16["psnr"][k], 3) for k in f32["psnr"]}
     print(f"\nbf16 vs fp32 (taef2): {speedup:.2f}x faster; PSNR loss per photo (dB): {loss}")
-    print(f"conv peak GFLOP/s: {json.dumps({k: round(v) for k, v in peak.items()})}")
+    for dtype in ("fp32", "bf16") if args.full else ():
+        r = results[f"compile_{dtype}"]
+        print(f"torch.compile, taef2 decoder {dtype} 512x512: {r['compiled']:.3f} s compiled vs {r['eager']:.3f} s "
+              f"eager ({r['compiled'] / r['eager']:.2f}x the time), after a {r['compile_s']:.1f} s cold compile")
+    print(f"conv peak GFLOP/s (own process, best of 20): {json.dumps({k: round(v) for k, v in peak.items()})}")
     args.json.write_text(json.dumps({"time": time.time(), "results": results}, indent=1))
     print(f"results written to {args.json}")
 

@@ -74,15 +74,37 @@ def test_bf16_fused_blocks_match_the_plain_path(real_weights, shared_images, mon
 
     calls = []
     fused = tiny._conv_add_relu
-    monkeypatch.setattr(tiny, "_conv_add_relu", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(tiny, "_conv_add_relu", lambda *a, **k: calls.append(k["into_other"]) or fused(*a, **k))
     codec = load_codec("taef2", device="cpu", dtype="bf16")
     x, info = media.read_image(shared_images / "astronaut.png")
     with torch.inference_mode():
         latent, meta = codec.encode_image(x, info.size)
         out = codec.decode_latent(latent, meta)
-        assert len(calls) == 20  # every block: 10 in each half
+        assert calls == [True] * 20  # every block (10 in each half), each over an input the stack made
         monkeypatch.setattr(tiny, "_fusable", lambda t: False)
         plain_latent, _ = codec.encode_image(x, info.size)
         plain = codec.decode_latent(plain_latent, meta)
     assert (latent - plain_latent).float().abs().mean().item() <= 0.02  # bf16 rounding, spread over 10 blocks
     assert metrics.psnr(out, plain) >= 40
+
+
+def test_bf16_blocks_write_over_stack_made_inputs_only(random_taesd):
+    """A bf16 Block adds its residual in place only into a tensor made inside the same stack: a caller's tensor,
+    even when the stack starts with a Block (a tiling segment could), is left as it was, and the numbers are those
+    of the out-of-place call."""
+    from vaecli.models import tiny
+
+    codec = load_codec("taesd", weights=[random_taesd / "diffusers"], device="cpu", dtype="bf16")
+    stack = codec.model.decoder[3:6]  # three Blocks
+    assert isinstance(stack, tiny.Stack) and all(isinstance(b, tiny.Block) for b in stack)
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 16, 16, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.inference_mode():
+        out = stack(x)
+        first = stack[0](x)
+        expected = stack[2](stack[1](first.clone()).clone())
+        second = stack[1](first, reuse_input=True)
+    assert torch.equal(x, kept)
+    assert torch.equal(out, expected)
+    assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # written over its input

@@ -2,6 +2,7 @@
 
 import sys
 
+from vaecli import allocator
 from vaecli.cli import decode, encode, info, models, roundtrip, video_cmd  # noqa: F401  (registers the commands)
 from vaecli.cli.common import app, say
 
@@ -10,6 +11,7 @@ __all__ = ["app", "run"]
 
 def run() -> None:
     """Console-script entry point."""
+    allocator.huge_pages()  # before torch's first allocation, which the commands make
     try:
         app()
     except KeyboardInterrupt:
