@@ -53,17 +53,6 @@ def conv_flops(model: torch.nn.Module, run) -> int:
     return total
 
 
-def best_time(fn, repeat: int = 3) -> float:
-    """Fastest of `repeat` timed runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def rounds(fns: dict, n: int) -> dict[str, list[float]]:
     """Seconds of each `(fn, repeat)` in `fns` (its best of `repeat`) in each of `n` rounds, the functions
     interleaved round by round so that all see the same state of this shared machine; one warm-up each."""
@@ -79,6 +68,11 @@ def rounds(fns: dict, n: int) -> dict[str, list[float]]:
                 times.append(time.perf_counter() - t)
             out[name].append(min(times))
     return out
+
+
+def best_time(fn, repeat: int = 3) -> float:
+    """Fastest of `repeat` timed runs after one warm-up."""
+    return rounds({"fn": (fn, repeat)}, 1)["fn"][0]
 
 
 PEAK_FLOPS = 2 * 64 * 64 * 9 * 256 * 256  # the reference conv: 3x3, 64->64 channels, 256x256

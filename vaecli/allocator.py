@@ -61,6 +61,6 @@ def huge_pages() -> None:
     torch reads THP_MEM_ALLOC_ENABLE once, at its first allocation, so this only acts when called before any tensor
     exists: the CLI calls it first thing. A fresh 256 MB activation then costs 128 page faults instead of 65536
     (taesd's fp32 1024x1024 decode faulted 2 GB of 4 KB pages per run), and bf16 runs peak lower (taef2 512x512:
-    ~775 MB instead of ~1100). Kernels with THP set to `never` ignore the advice.
+    ~700 MB instead of ~1100). Kernels with THP set to `never` ignore the advice.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
