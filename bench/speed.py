@@ -70,6 +70,12 @@ def rounds(fns: dict, n: int) -> dict[str, list[float]]:
     return out
 
 
+def summary(times: dict[str, list[float]]) -> dict:
+    """Each name's best time, plus a "medians" entry with each name's median: the rounds of `rounds`, summarised."""
+    return {**{name: min(v) for name, v in times.items()},
+            "medians": {name: statistics.median(v) for name, v in times.items()}}
+
+
 def best_time(fn, repeat: int = 3) -> float:
     """Fastest of `repeat` timed runs after one warm-up."""
     return rounds({"fn": (fn, repeat)}, 1)["fn"][0]
@@ -118,8 +124,7 @@ def case_taesd(size: int) -> dict:
     t = rounds({"ours_encode": (lambda: ours.encode(xl), 1), "ours_decode": (lambda: ours.decode(zl), 1),
                 "ref_encode": (lambda: ref.encode(x * 2 - 1), 1), "ref_decode": (lambda: ref.decode(z), 1),
                 "peak_conv": (peak_conv(torch.float32), 10)}, 3)
-    res = {name: min(v) for name, v in t.items()}
-    res["medians"] = {name: statistics.median(v) for name, v in t.items()}
+    res = summary(t)
     res["max_abs_diff"] = max((ours.encode(xl) - ref.encode(x * 2 - 1).latents).abs().max().item(),
                               (ours.decoder(zl) - (ref.decode(z).sample + 1) / 2).abs().max().item())
     res["flops_decode"] = conv_flops(ours, lambda: ours.decode(zl))
@@ -149,9 +154,7 @@ def case_taef2(dtype: str) -> dict:
         y = codec.decode_latent(lat, m)
         y = media.quantize8(y)
         psnrs[path.name] = metrics.psnr(y, img)
-    res = {name: min(v) for name, v in t.items()}
-    res["medians"] = {name: statistics.median(v) for name, v in t.items()}
-    return {**res, "flops_decode": flops, "psnr": psnrs}
+    return {**summary(t), "flops_decode": flops, "psnr": psnrs}
 
 
 def case_compile(dtype: str) -> dict:
@@ -162,12 +165,13 @@ def case_compile(dtype: str) -> dict:
     torch.manual_seed(0)
     z = torch.randn(1, 32, 64, 64).to(codec.dtype).contiguous(memory_format=torch.channels_last)
     eager = codec.model.decoder
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # a cold compile, as on a user's first run
-    t = time.perf_counter()
-    compiled = torch.compile(eager)
-    out = compiled(z)
-    compile_s = time.perf_counter() - t
-    t = rounds({"eager": (lambda: eager(z), 1), "compiled": (lambda: compiled(z), 1)}, 5)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold compile, as on a user's first run
+        t = time.perf_counter()
+        compiled = torch.compile(eager)
+        out = compiled(z)
+        compile_s = time.perf_counter() - t
+        t = rounds({"eager": (lambda: eager(z), 1), "compiled": (lambda: compiled(z), 1)}, 5)
     return {"compile_s": compile_s, "eager": min(t["eager"]), "compiled": min(t["compiled"]),
             "max_abs_diff": (out.float() - eager(z).float()).abs().max().item()}
 
