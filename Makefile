@@ -43,3 +43,5 @@ bench: venv
 	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/ray_throughput.py
 	$(BIN)/python bench/video_memory.py --scale 256:160
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/roundtrip_speed.py

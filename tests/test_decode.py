@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vaecli.latents import load_latent
+from vaecli.latents import load_latent, save_safetensors
 
 
 @pytest.fixture
@@ -59,12 +59,28 @@ def test_decode_png_latent_close_to_float(vae, real_weights, small_image, tmp_pa
     assert np.abs(f - q).mean() < 2.0
 
 
-def test_decode_with_other_model_of_wrong_channels(vae, latent_file, tmp_path):
+def test_decode_with_a_model_of_another_latent_space_is_refused(vae, latent_file, tmp_path):
     out = tmp_path / "x.png"
     result = vae("decode", latent_file, "-o", out, "--model", "taesd")
     assert result.exit_code == 1
-    assert _only_error_line(result) == (f"Error: {latent_file}: expected 4 latent channels for taesd, "
-                                        f"got 32 (made by taef2)")
+    assert _only_error_line(result) == (f"Error: {latent_file}: a taef2 latent (FLUX.2 latent space) cannot be "
+                                        f"decoded with taesd (SD 1.x/2.x latent space): decode with taef2, flux2")
+    assert not out.exists()
+
+
+def test_decode_of_an_unknown_model_latent_checks_channels(vae, latent_file, tmp_path):
+    latent, meta = load_latent(latent_file)
+    foreign = tmp_path / "foreign.latent"
+    save_safetensors(foreign, latent, {**meta, "model": "someone-elses-vae"})
+    out = tmp_path / "x.png"
+    result = vae("decode", foreign, "-o", out)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {foreign}: made by model 'someone-elses-vae', which this vaecli "
+                                        f"does not know; pass --model")
+    result = vae("decode", foreign, "-o", out, "--model", "taesd")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {foreign}: expected 4 latent channels for taesd, got 32 "
+                                        f"(made by someone-elses-vae)")
     assert not out.exists()
 
 

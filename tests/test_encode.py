@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from tests.conftest import make_image
 from vaecli.latents import load_latent
+from vaecli.pipeline import input_seed
 
 
 def test_encode_writes_safetensors_with_metadata(vae, real_weights, small_image, tmp_path):
@@ -228,7 +229,24 @@ def test_encode_kl_raw_and_sample(vae, kl_files, small_image, tmp_path):
     s1, m1 = load_latent(tmp_path / "s1.latent")
     s2, _ = load_latent(tmp_path / "s2.latent")
     assert torch.equal(s1, s2) and not torch.equal(s1, scaled)
-    assert m1["sample_seed"] == 3
+    assert m1["sample_seed"] == input_seed(3, "small.png")
+
+
+def test_sample_draws_different_noise_per_input(vae, kl_files, small_image, tmp_path):
+    """Two copies of one image in a folder draw different, reproducible noise (seeded by relative path)."""
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for rel in ("a.png", "sub/b.png"):
+        (tmp_path / "in" / rel).write_bytes(small_image.read_bytes())
+    args = ["encode", tmp_path / "in", "-r", "--model", "flux1", "--weights", kl_files("flux1")["diffusers"],
+            "--sample", "--seed", "3"]
+    assert vae(*args, "-o", tmp_path / "o1").exit_code == 0
+    assert vae(*args, "-o", tmp_path / "o2", "--batch-size", "1").exit_code == 0
+    a, a_meta = load_latent(tmp_path / "o1" / "a.latent")
+    b, b_meta = load_latent(tmp_path / "o1" / "sub" / "b.latent")
+    assert not torch.equal(a, b)
+    assert (a_meta["sample_seed"], b_meta["sample_seed"]) == (input_seed(3, "a.png"), input_seed(3, "sub/b.png"))
+    assert torch.equal(a, load_latent(tmp_path / "o2" / "a.latent")[0])
+    assert torch.equal(b, load_latent(tmp_path / "o2" / "sub" / "b.latent")[0])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 from PIL import Image
 
 from vaecli import latents
+from vaecli.errors import OutputError
 from vaecli.files import atomic_write
 from vaecli.registry import REGISTRY
 
@@ -66,10 +69,12 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     (tmp_path / "out.latent").write_bytes(b"old")
 
     def fail(tmp):
-        raise OSError("disk full")
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError) as err:
         atomic_write(tmp_path / "out.latent", fail)
+    assert str(err.value) == f"{tmp_path / 'out.latent'}: cannot write: no space left on the device"
     assert (tmp_path / "out.latent").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.latent"]
 

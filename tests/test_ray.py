@@ -181,6 +181,228 @@ def test_ray_parquet_shards_decode_like_local(cluster, dataset, local_run, share
     assert all(r["output"].endswith(".parquet") for r in records(again))
 
 
+# A fault injected into the Ray workers: every Python process started with this folder on PYTHONPATH imports it,
+# and once `vaecli.codec` is imported, `Codec.encode_batch` raises for images VAE_TEST_RAISE_WIDTH wide and kills
+# its process outright (a crash, as a segfault or the OOM killer would) for VAE_TEST_CRASH_WIDTH. A new local Ray
+# instance's workers inherit the driver's environment.
+FAULTS = '''
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+RAISE, CRASH = (int(os.environ.get(k) or 0) for k in ("VAE_TEST_RAISE_WIDTH", "VAE_TEST_CRASH_WIDTH"))
+
+
+class Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "vaecli.codec":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            encode_batch = module.Codec.encode_batch
+
+            def faulty(self, pixels, *args, **kwargs):
+                if pixels.shape[-1] == CRASH:
+                    os._exit(3)
+                if pixels.shape[-1] == RAISE:
+                    raise RuntimeError(f"injected fault at width {RAISE}")
+                return encode_batch(self, pixels, *args, **kwargs)
+
+            module.Codec.encode_batch = faulty
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if RAISE or CRASH:
+    sys.meta_path.insert(0, Hook())
+'''
+
+
+def _image(path: Path, width: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, 32), (width, 90, 200)).save(path)
+    return path
+
+
+@pytest.fixture
+def local_env(shared_weights, tmp_path) -> dict:
+    """For a new local Ray instance started by `vae` itself, with the fault injector on its workers' path."""
+    hook = tmp_path / "faults"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULTS)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "VAE_WEIGHTS_DIR": str(shared_weights), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)  # not the `cluster` fixture's nor anyone else's: vae starts its own
+    return env
+
+
+def test_ray_quiet_prints_nothing(local_env, tmp_path):
+    """Ray's own lines (the C++ core worker's "Actor with class name ..." warning, Ray Data's log and progress)
+    never reach the terminal: -q prints nothing; --json -q prints only records."""
+    src = tmp_path / "in"
+    for n, width in enumerate((40, 48, 56)):
+        _image(src / f"img{n}.png", width)
+    out = tmp_path / "out"
+    proc = vae("encode", src, "-o", out, "--engine", "ray", "-q", env=local_env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert sorted(p.name for p in out.iterdir()) == ["img0.latent", "img1.latent", "img2.latent"]
+
+    shards = tmp_path / "shards"
+    proc = vae("encode", src, "-o", shards, "--engine", "ray", "--output-format", "parquet", "--json", "-q",
+               env=local_env)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    recs = records(proc)  # every stdout line is a record
+    assert [(r["input"], r["status"], r["output"]) for r in recs] == [
+        (str(src / f"img{n}.png"), "ok", str(shards / "part-00000.parquet")) for n in range(3)]
+    assert json.loads((shards / "_shards.json").read_text())["done"] == [0]
+
+
+def test_ray_failures_are_records_and_the_run_goes_on(local_env, tmp_path):
+    """An output that cannot be written, a corrupt input and an exception in a worker's compute each become their
+    input's error record, one line; the others are written; exit 1; on stderr only vae's own lines."""
+    src = tmp_path / "in"
+    _image(src / "a" / "x.png", 40)  # its output folder out/a is a file
+    _image(src / "b" / "y.png", 48)
+    (src / "broken.png").write_bytes(b"not a png")
+    _image(src / "c.png", 57)  # compute raises
+    _image(src / "d.png", 64)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("a file, not a folder")
+    env = {**local_env, "VAE_TEST_RAISE_WIDTH": "57"}
+    proc = vae("encode", src, "-r", "-o", out, "--engine", "ray", "--shard-size", "2", "--json", "-q", env=env)
+    assert proc.returncode == 1, proc.stderr
+    recs = {Path(r["input"]).relative_to(src).as_posix(): r for r in records(proc)}
+    assert sorted(recs) == ["a/x.png", "b/y.png", "broken.png", "c.png", "d.png"]
+    assert {k: r["status"] for k, r in recs.items()} == {
+        "a/x.png": "error", "b/y.png": "ok", "broken.png": "error", "c.png": "error", "d.png": "ok"}
+    errors = {k: r["error"] for k, r in recs.items() if r["error"]}
+    assert str(out / "a") in errors["a/x.png"] and "not a folder" in errors["a/x.png"]
+    assert errors["broken.png"] == f"{src / 'broken.png'}: not an image file Pillow can read"
+    assert "RuntimeError" in errors["c.png"] and "injected fault at width 57" in errors["c.png"]
+    assert all("\n" not in e for e in errors.values())
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.latent")) == ["b/y.latent", "d.latent"]
+    assert (out / "a").read_text() == "a file, not a folder"
+    ours = [f"Error: {src / k}: {e}" if not e.startswith(str(src / k)) else f"Error: {e}"
+            for k, e in sorted(errors.items())]
+    lines = proc.stderr.splitlines()
+    assert sorted(lines[:3]) == ours  # nothing of Ray's in between
+    assert lines[3:] == ["3 of 5 inputs failed:", *(f"  {line.removeprefix('Error: ')}" for line in lines[:3])]
+
+
+def test_ray_parquet_failures_and_a_crashing_worker(local_env, tmp_path):
+    """Parquet: a shard file that cannot be written fails its inputs and stays undone; error rows are written;
+    a worker that dies on every try of its shard does not hang the run: that shard's inputs are reported failed,
+    the other shards are written. --debug shows a worker's traceback."""
+    src = tmp_path / "in"
+    _image(src / "a.png", 40)  # shard 0: its file's name is taken by a folder
+    _image(src / "b.png", 48)
+    (src / "c.png").write_bytes(b"not a png")
+    _image(src / "d.png", 57)  # compute raises
+    _image(src / "e.png", 72)  # the worker dies, every time
+    out = tmp_path / "shards"
+    (out / "part-00000.parquet" / "taken").mkdir(parents=True)
+    env = {**local_env, "VAE_TEST_RAISE_WIDTH": "57", "VAE_TEST_CRASH_WIDTH": "72"}
+    proc = vae("encode", src, "-o", out, "--engine", "ray", "--output-format", "parquet", "--shard-size", "1",
+               "--json", "-q", "--debug", env=env)
+    assert proc.returncode == 1, proc.stderr
+    recs = {Path(r["input"]).name: r for r in records(proc)}
+    assert {k: r["status"] for k, r in recs.items()} == {
+        "a.png": "error", "b.png": "ok", "c.png": "error", "d.png": "error", "e.png": "error"}
+    assert str(out / "part-00000.parquet") in recs["a.png"]["error"]
+    assert recs["c.png"]["error"] == f"{src / 'c.png'}: not an image file Pillow can read"
+    assert "RuntimeError: injected fault at width 57" in recs["d.png"]["error"]
+    assert "died" in recs["e.png"]["error"]
+    assert all("\n" not in r["error"] for r in recs.values() if r["error"])
+    assert json.loads((out / "_shards.json").read_text())["done"] == [1, 2, 3]  # a's shard and e's are redone
+    assert sorted(p.name for p in out.glob("part-*.parquet") if p.is_file()) == [
+        "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+    # --debug: the traceback from the worker, then vae's line
+    assert "Traceback (most recent call last)" in proc.stderr and "sitecustomize.py" in proc.stderr
+    assert f"Error: {src / 'd.png'}: {recs['d.png']['error']}" in proc.stderr.splitlines()
+
+
+class _FakeRay:
+    """Just enough of `ray` for the driver loop: a dataset whose rows come from `rows`, a generator."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.data = self
+
+    def ActorPoolStrategy(self, size):  # noqa: N802  (Ray's name)
+        return size
+
+    def from_items(self, items, override_num_blocks):
+        self.items = items
+        return self
+
+    def map_batches(self, fn, **options):
+        return self
+
+    def iter_rows(self):
+        return self.rows(self.items)
+
+
+@pytest.mark.parametrize("fault", ["raises", "ends"])
+def test_driver_reports_every_input_whatever_the_pipeline_does(tmp_path, fault):
+    """Rows that never come back (a failed pipeline, a shard whose worker kept dying) still become error records,
+    each input reported once; a row Ray delivers twice is reported once."""
+    from vaecli.batch import Job
+    from vaecli.ray_engine import Settings, _run
+
+    def rows(items):
+        first = json.loads(items[0]["items"])[0]
+        row = {"index": first[0], "status": "ok", "error": "", "output": first[2], "model": "taef2",
+               "shape": "[32, 4, 5]", "node": "n1", "traceback": ""}
+        yield row
+        yield row  # a retried task's duplicate
+        if fault == "raises":
+            raise RuntimeError("the pipeline broke\nwith a long Ray traceback")
+
+    jobs = [Job(tmp_path / f"{n}.png", tmp_path / "out" / f"{n}.latent") for n in range(5)]
+    settings = Settings(model="taef2", weights=(), dtype="fp32", device="cpu", threads=1, tile=None, budget=0,
+                        fmt="safetensors", space=None, sample=False, seed=None, alpha="white", batch_size=8,
+                        skip_existing=True, out=str(tmp_path / "out"))
+    seen = []
+    shards = [[0, 1], [2, 3], [4]]
+    _run(_FakeRay(rows), jobs, settings, seen.append, shards, 2, [0, 1, 2], set(), 2, 1.0, 0.0)
+    assert [j.src.name for j in seen] == [f"{n}.png" for n in range(5)]
+    assert [j.status for j in seen] == ["ok"] + ["error"] * 4
+    why = {j.error for j in seen[1:]}
+    assert len(why) == 1 and "\n" not in why.pop()
+    if fault == "raises":
+        assert seen[1].error == ("the Ray pipeline failed before this input was encoded: "
+                                 "RuntimeError: the pipeline broke")
+    else:
+        assert "died" in seen[1].error
+
+
+def test_shards_carry_each_inputs_relative_path(tmp_path):
+    """Workers seed each input's --sample noise by its relative path, as the local engine does: the driver sends it."""
+    from vaecli.batch import Job
+    from vaecli.ray_engine import Settings, _run
+
+    sent = []
+
+    def rows(items):
+        sent.extend(json.loads(items[0]["items"]))
+        return iter(())
+
+    jobs = [Job(tmp_path / "in" / "a" / "x.png", tmp_path / "out" / "a" / "x.latent", rel=Path("a/x.png")),
+            Job(tmp_path / "y.png", tmp_path / "out" / "y.latent")]
+    settings = Settings(model="flux1", weights=(), dtype="fp32", device="cpu", threads=1, tile=None, budget=0,
+                        fmt="safetensors", space=None, sample=True, seed=3, alpha="white", batch_size=8,
+                        skip_existing=True, out=str(tmp_path / "out"))
+    _run(_FakeRay(rows), jobs, settings, lambda job: None, [[0, 1]], 2, [0], set(), 1, 1.0, 0.0)
+    assert [(Path(src).name, rel) for _, src, _, rel in sent] == [("x.png", "a/x.png"), ("y.png", "y.png")]
+
+
 def test_engine_ray_without_ray_is_one_line(vae, small_image, tmp_path, monkeypatch, real_weights):
     monkeypatch.setitem(sys.modules, "ray", None)
     result = vae("encode", small_image, "-o", tmp_path / "out", "--engine", "ray")

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import glob
 import os
-import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaecli.errors import UsageError, VaeError
+from vaecli.errors import UsageError, describe
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LATENT_EXTS = (".latent", ".safetensors", ".latent.png")
@@ -34,6 +34,8 @@ class Job:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     payload: Any = None
+    rel: Path | None = None  # the input's path below its root (folder, list), as an output folder mirrors it
+    exc: BaseException | None = None  # what made it fail, for --debug
 
 
 def _matches(path: Path, exts: tuple[str, ...]) -> bool:
@@ -92,6 +94,56 @@ def read_manifest(path: Path) -> list[str]:
     return [p for p in table.column("path").to_pylist() if p]
 
 
+IN_FLIGHT_BYTES = 64 << 20  # decoded inputs (or results) waiting between stages, beyond one item
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors and arrays held in a payload (nested tuples, lists and dicts)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.element_size() * obj.numel()
+    if hasattr(obj, "nbytes") and not isinstance(obj, (bytes, bytearray)):
+        return int(obj.nbytes)
+    if isinstance(obj, (tuple, list)):
+        return sum(map(payload_bytes, obj))
+    if isinstance(obj, dict):
+        return sum(map(payload_bytes, obj.values()))
+    return 0
+
+
+class _Stage:
+    """A FIFO between two stages holding at most `count` items and `limit` payload bytes (one item always fits),
+    so memory stays bounded whatever the inputs' sizes."""
+
+    def __init__(self, count: int, limit: int = IN_FLIGHT_BYTES):
+        self.items: deque = deque()
+        self.bytes, self.count, self.limit = 0, count, limit
+        self.cond = threading.Condition()
+
+    def put(self, item: Any, size: int = 0) -> None:
+        with self.cond:
+            while self.items and (len(self.items) >= self.count or self.bytes + size > self.limit):
+                self.cond.wait()
+            self.items.append((item, size))
+            self.bytes += size
+            self.cond.notify_all()
+
+    def get(self) -> Any:
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            item, size = self.items.popleft()
+            self.bytes -= size
+            self.cond.notify_all()
+            return item
+
+    def drain(self) -> None:
+        """Drop everything queued (and wake a producer waiting for room)."""
+        with self.cond:
+            self.items.clear()
+            self.bytes = 0
+            self.cond.notify_all()
+
+
 def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job]], None],
         write: Callable[[Job], None], on_done: Callable[[Job], None], batch_size: int = 1,
         key: Callable[[Job], Hashable] = id, fail_fast: bool = False,
@@ -99,19 +151,20 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
     """Run every job through read -> compute (in batches of equal `key`) -> write, reporting each via `on_done`.
 
     `read` fills `job.payload`; `compute` gets up to `batch_size` jobs whose payloads share a key and
-    replaces their payloads with results; `write` stores a result. A `VaeError` marks only its job failed
-    (or, with `fail_fast`, stops the run). On KeyboardInterrupt only the write in progress is finished.
+    replaces their payloads with results; `write` stores a result. Any exception raised for a job, of any
+    type, marks only that job failed with a one-line error (or, with `fail_fast`, stops the run); the
+    exception is kept on `job.exc`. Payloads waiting between stages are bounded in bytes, not only in
+    count, so large images do not pile up. On KeyboardInterrupt only the write in progress is finished.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     stop, failed = threading.Event(), threading.Event()
-    read_q: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2)
-    write_q: queue.Queue = queue.Queue(maxsize=2 * batch_size + 2)
+    read_q, write_q = _Stage(2 * batch_size + 2), _Stage(2 * batch_size + 2)
     done_lock = threading.Lock()
 
-    def finish(job: Job, exc: VaeError | None = None) -> None:
+    def finish(job: Job, exc: BaseException | None = None) -> None:
         if exc is not None:
-            job.status, job.error, job.payload = "error", str(exc), None
+            job.status, job.error, job.exc, job.payload = "error", describe(exc), exc, None
             if fail_fast:
                 failed.set()
         elif job.status == "pending":
@@ -120,20 +173,22 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
             on_done(job)
 
     def reader() -> None:
-        for job in jobs:
-            if stop.is_set() or failed.is_set():
-                break
-            if skip(job):
-                job.status = "skipped"
-                finish(job)
-                continue
-            try:
-                job.payload = read(job)
-            except VaeError as exc:
-                finish(job, exc)
-                continue
-            read_q.put(job)
-        read_q.put(_DONE)
+        try:
+            for job in jobs:
+                if stop.is_set() or failed.is_set():
+                    break
+                try:
+                    if skip(job):
+                        job.status = "skipped"
+                        finish(job)
+                        continue
+                    job.payload = read(job)
+                except Exception as exc:
+                    finish(job, exc)
+                    continue
+                read_q.put(job, payload_bytes(job.payload))
+        finally:
+            read_q.put(_DONE)
 
     def writer() -> None:
         while (job := write_q.get()) is not _DONE:
@@ -141,54 +196,56 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
                 write(job)
                 job.payload = None
                 finish(job)
-            except VaeError as exc:
+            except Exception as exc:
                 finish(job, exc)
 
     def flush(batch: list[Job]) -> None:
         try:
             compute(batch)
-        except VaeError as exc:
+        except Exception as exc:
             for job in batch:
                 finish(job, exc)
             return
         for job in batch:
-            write_q.put(job)
+            write_q.put(job, payload_bytes(job.payload))
 
     threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
     for t in threads:
         t.start()
     pending: dict[Hashable, list[Job]] = {}
+    held: dict[Hashable, int] = {}  # payload bytes per pending group
     try:
         while (job := read_q.get()) is not _DONE and not failed.is_set():
-            group = pending.setdefault(key(job), [])
+            try:
+                k = key(job)
+            except Exception as exc:
+                finish(job, exc)
+                continue
+            group = pending.setdefault(k, [])
             group.append(job)
-            if len(group) >= batch_size:
-                flush(pending.pop(key(job)))
-            elif sum(map(len, pending.values())) >= 2 * batch_size:
-                flush(pending.pop(next(iter(pending))))  # many sizes in flight: don't hold them all
+            held[k] = held.get(k, 0) + payload_bytes(job.payload)
+            if len(group) >= batch_size or held[k] >= IN_FLIGHT_BYTES:
+                held.pop(k)
+                flush(pending.pop(k))
+            elif sum(map(len, pending.values())) >= 2 * batch_size or sum(held.values()) >= IN_FLIGHT_BYTES:
+                oldest = next(iter(pending))  # many sizes in flight: don't hold them all
+                held.pop(oldest)
+                flush(pending.pop(oldest))
         for group in pending.values():
             if not failed.is_set():
                 flush(group)
     except BaseException:
-        _drain(write_q)  # interrupted: finish only the write in progress
+        write_q.drain()  # interrupted: finish only the write in progress
         raise
     finally:
         stop.set()
         # Join the reader too: a daemon thread still inside torch or PIL when the interpreter tears down its
         # statics aborts the process ("terminate called without an active exception") instead of exiting 130.
         while threads[0].is_alive():
-            _drain(read_q)  # unblock a reader waiting on a full queue
+            read_q.drain()  # unblock a reader waiting for room
             threads[0].join(0.05)
         write_q.put(_DONE)
         threads[1].join()
 
 
 _DONE = object()
-
-
-def _drain(q: queue.Queue) -> None:
-    while True:
-        try:
-            q.get_nowait()
-        except queue.Empty:
-            return

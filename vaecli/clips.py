@@ -38,20 +38,23 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
         yield batch
 
 
-def check_selection(start: int, frames: int | None, stride: int, fps: float | None, chunk: int) -> None:
+def check_selection(start: int, frames: int | None, stride: int, fps: float | None, chunk: int | None) -> None:
     """Raise a UsageError for a frame selection or chunk size that cannot mean anything."""
-    if chunk < 1 or stride < 1 or (frames is not None and frames < 1) or start < 0 or (fps is not None and fps <= 0):
+    if (chunk is not None and chunk < 1) or stride < 1 or (frames is not None and frames < 1) or start < 0 or (
+            fps is not None and fps <= 0):
         raise UsageError("--chunk, --stride and --frames must be at least 1, --start at least 0, --fps positive")
     if stride != 1 and fps is not None:
         raise UsageError("use --stride or --fps, not both")
 
 
 def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: int | None = None, stride: int = 1,
-                fps: float | None = None, chunk: int = 8, recon: Path | None = None,
+                fps: float | None = None, chunk: int | None = None, recon: Path | None = None,
                 on_frames: Callable[[int], None] | None = None) -> ClipReport:
-    """Encode the selected frames of clip `src` into latent video `out`; with `recon`, also decode and write them."""
+    """Encode the selected frames of clip `src` into latent video `out`, `chunk` frames at a time (None: as many
+    as fit the codec's memory budget); with `recon`, also decode and write them."""
     check_selection(start, frames, stride, fps, chunk)
     info, stream = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
+    chunk = chunk or codec.frames_per_pass(info.size)
     out_fps = fps or info.fps / stride
     report = ClipReport(frames=0, shape=[], fps=out_fps, size=info.size)
     writer = latents.LatentVideoWriter(out)
@@ -90,13 +93,15 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     return report
 
 
-def decode_clip(codec: Codec, src: Path, out: Path, chunk: int = 8, as_frames: bool = False,
+def decode_clip(codec: Codec, src: Path, out: Path, chunk: int | None = None, as_frames: bool = False,
                 on_frames: Callable[[int], None] | None = None) -> dict:
-    """Decode latent video `src` into a clip (or, `as_frames`, a PNG folder) at `out`, at its source size and fps."""
-    if chunk < 1:
+    """Decode latent video `src` into a clip (or, `as_frames`, a PNG folder) at `out`, at its source size and fps,
+    `chunk` frames at a time (None: as many as fit the codec's memory budget)."""
+    if chunk is not None and chunk < 1:
         raise UsageError(f"--chunk must be at least 1, got {chunk}")
     meta, shape, read = latents.open_latent_video(src)
     size = tuple(meta["image_size"])
+    chunk = chunk or codec.frames_per_pass(size)
     with video.VideoWriter(out, float(meta["fps"]), size, as_frames) as writer:
         for i in range(0, shape[0], chunk):
             for frame in codec.decode_frames(read(i, i + chunk), meta, chunk):

@@ -21,6 +21,8 @@ from vaecli.registry import REGISTRY, ModelSpec
 from vaecli.weights import find_on_search_path, load_state_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_CLIP_CHUNK = 8  # SVD's frames per temporal-decoder pass (diffusers' decode_chunk_size)
+MAX_CLIP_CHUNK = 64  # frames per pass when they are small: more only holds more frames, it is not faster
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -60,15 +62,40 @@ class Codec:
     memory_format: torch.memory_format = torch.channels_last
     sources: tuple[str, ...] = ()  # the weight files loaded (already verified), for workers to load the same
 
-    def tile_size(self, pixels: int) -> int | None:
-        """Tile side in pixels for a forward pass over `pixels` pixels, or None to run it whole."""
+    def tile_size(self, pixels: int, batch: int = 1) -> int | None:
+        """Tile side in pixels for a forward pass over `batch` images of `pixels` pixels, or None to run it whole
+        (a tile spans the whole batch, so its side shrinks as the batch grows)."""
         if self.spec.family != "tiny" or self.tile is None:
             return None
         if self.tile != "auto":
             return int(self.tile)
-        bytes_per_pixel = self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
-        return tiling.tile_for_budget(pixels, bytes_per_pixel, self.budget or tiling.default_budget(self.device),
-                                      self._halo_px(), self.spec.spatial_factor)
+        return tiling.tile_for_budget(pixels, self._tiny_bytes_per_pixel() * batch,
+                                      self.budget or tiling.default_budget(self.device), self._halo_px(),
+                                      self.spec.spatial_factor)
+
+    def _tiny_bytes_per_pixel(self) -> int:
+        return self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
+
+    def frames_per_pass(self, size: tuple[int, int]) -> int:
+        """Video frames of `size` (W, H) to encode or decode together: as many as run whole within the budget, at
+        least one (a frame too large alone is tiled). SVD's temporal decoder mixes the frames of a pass, so its
+        passes stay at DEFAULT_CLIP_CHUNK frames whatever the memory, keeping its output independent of the machine."""
+        if getattr(self.spec.config, "temporal_decoder", False):
+            return DEFAULT_CLIP_CHUNK
+        w, h = size
+        f = self.spec.spatial_factor
+        if self.spec.family == "tiny":
+            per_frame, budget = self._tiny_bytes_per_pixel() * w * h, self.budget or tiling.default_budget(self.device)
+        else:
+            per_frame = 0
+            if self.model.decoder is not None:
+                _, blocks, shape, _ = self._kl_decoder_plan(1, (-(-h // f), -(-w // f)))
+                per_frame = tiling.whole_bytes(blocks, shape)
+            if self.model.encoder is not None:
+                padded = (1, 3, h + (-h) % f, w + (-w) % f)
+                per_frame = max(per_frame, tiling.whole_bytes(self.model.encoder_plan()[0], padded))
+            budget = self._kl_budget()
+        return max(1, min(MAX_CLIP_CHUNK, budget // max(1, per_frame)))
 
     def _halo_px(self) -> int:
         """Overlap in pixels the tiles of whichever half is loaded need (their receptive field)."""
@@ -163,7 +190,7 @@ class Codec:
             else:
                 return self.model.encode(x, generator=gen, sample=sample)
             return self.model.encode(x, generator=gen, sample=sample, moments=self.model.split_moments(tail(h)))
-        tile = self.tile_size(x.shape[0] * x.shape[-2] * x.shape[-1])
+        tile = self.tile_size(x.shape[-2] * x.shape[-1], x.shape[0])
         if tile is None:
             return self.model.encode(x)
         local, rest = self.model.encoder_segments()
@@ -172,7 +199,7 @@ class Codec:
 
     def _decode_raw(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         f = self.spec.spatial_factor
-        tile = self.tile_size(z.shape[0] * z.shape[-2] * z.shape[-1] * f * f)
+        tile = self.tile_size(z.shape[-2] * z.shape[-1] * f * f, z.shape[0])
         if self.spec.family != "tiny":
             if self.spec.config.temporal_decoder:
                 return self.model.decode(z, num_frames)
@@ -268,8 +295,11 @@ class Codec:
         return media.crop(pixels, size, tuple(meta.get("padding") or (0, 0, 0, 0)))
 
     def _from_raw(self, raw: torch.Tensor, space: str) -> torch.Tensor:
-        if space == self.spec.latent_space and self.spec.family == "tiny":
-            return raw  # a tiny model already produces its family's denoiser space
+        if self.spec.family == "tiny":
+            if space == self.spec.latent_space:
+                return raw  # a tiny model already produces its family's denoiser space
+            if self.spec.latent_space == "scaled":  # --latent-space raw: undo the scaling it was trained with
+                raw = raw / self.spec.scaling_factor + self.spec.shift_factor
         if space == "scaled":
             return (raw - self.spec.shift_factor) * self.spec.scaling_factor
         if space == "normalized":
@@ -297,6 +327,12 @@ class Codec:
 def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None:
     """Raise a LatentFormatError when a (C, h, w) latent cannot be decoded by `spec`."""
     made_by = f" (made by {meta['model']})" if meta.get("model") and meta["model"] != spec.name else ""
+    maker = REGISTRY.get(str(meta.get("model")))
+    if maker is not None and not spec.shares_latents(maker):
+        fits = [n for n, s in REGISTRY.items() if s.shares_latents(maker) and s.has_decoder]
+        hint = f": decode with {', '.join(fits)}" if fits else ""
+        raise LatentFormatError(f"a {maker.name} latent ({maker.latent_family or maker.name} latent space) cannot be "
+                                f"decoded with {spec.name} ({spec.latent_family or spec.name} latent space){hint}")
     space = meta.get("space", spec.latent_space)
     if space == "normalized" and not getattr(spec.config, "batch_norm", False):
         raise LatentFormatError(f"'normalized' latents{made_by} need FLUX.2's batch-norm statistics: "

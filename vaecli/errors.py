@@ -27,3 +27,16 @@ class LatentFormatError(InputError):
 
 class OutputError(VaeError):
     """An output cannot be written (or would overwrite an input)."""
+
+
+DEBUG_HINT = "rerun with --debug for the traceback"
+
+
+def describe(exc: BaseException) -> str:
+    """One line for any exception: a VaeError's own message, else its type and message with a --debug hint."""
+    if isinstance(exc, VaeError):
+        return str(exc)
+    text = " ".join(str(exc).split()) or "no message"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"unexpected {type(exc).__name__}: {text} ({DEBUG_HINT})"

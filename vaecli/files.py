@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -18,23 +20,58 @@ def output_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing ancestor of `path` that is not a folder, if any (why a folder could not be made)."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def output_error(dest: Path, exc: OSError) -> OutputError:
+    """A one-line OutputError saying why `dest` could not be written."""
+    blocker = _blocking_file(Path(dest))
+    if blocker is not None:
+        why = f"{blocker} is a file, not a folder"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied" if exc.errno != errno.EROFS else "read-only file system"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    else:
+        why = exc.strerror or str(exc)
+    return OutputError(f"{dest}: cannot write: {why}")
+
+
+@contextmanager
+def writing(dest: Path) -> Iterator[None]:
+    """Turn an OSError raised while writing `dest` into a one-line OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise output_error(dest, exc) from None
+
+
 def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temp file beside `dest`, then rename it over `dest`; on any failure remove it."""
+    """Call `write(tmp)` on a temp file beside `dest`, then rename it over `dest`; on any failure remove it.
+
+    OS errors (a parent that is a file, no permission, a full disk) become a one-line OutputError.
+    """
     dest = Path(dest)
     if dest.is_dir():
         raise OutputError(f"{dest}: is a folder, expected an output file path")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
-        stale.unlink(missing_ok=True)  # left by a run that was killed outright (SIGKILL)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, output_file_mode())
-        os.replace(tmp, dest)
-    except BaseException:  # also KeyboardInterrupt/SystemExit: never leave a partial file
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
+            stale.unlink(missing_ok=True)  # left by a run that was killed outright (SIGKILL)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.chmod(tmp, output_file_mode())
+            os.replace(tmp, dest)
+        except BaseException:  # also KeyboardInterrupt/SystemExit: never leave a partial file
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def is_folder_target(output: Path, n_inputs: int) -> bool:

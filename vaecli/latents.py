@@ -14,7 +14,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from vaecli.errors import LatentFormatError
-from vaecli.files import atomic_write
+from vaecli.files import atomic_write, writing
 
 FORMAT = "vaecli-latent"
 VERSION = 1
@@ -124,10 +124,41 @@ def _decode_meta(raw: dict, source: str) -> dict:
             meta[k] = v
     if meta.get("format") != FORMAT:
         raise LatentFormatError(f"{source}: not a vaecli latent file (no '{FORMAT}' format metadata)")
-    if int(meta.get("version", 0)) > VERSION:
-        raise LatentFormatError(f"{source}: latent format version {meta['version']} is newer than this vaecli "
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise LatentFormatError(f"{source}: expected an integer latent format version, got {str(version)[:40]!r}")
+    if version > VERSION:
+        raise LatentFormatError(f"{source}: latent format version {version} is newer than this vaecli "
                                 f"understands ({VERSION}); upgrade vaecli")
+    _check_fields(meta, source)
     return meta
+
+
+# Metadata a hostile or damaged file could get wrong, checked before anything uses it: key -> (what, test).
+_FIELDS = {
+    "image_size": ("[W, H] of positive integers", lambda v: _ints(v, 2) and min(v) > 0),
+    "padding": ("[left, top, right, bottom] of integers >= 0", lambda v: _ints(v, 4) and min(v) >= 0),
+    "channels": ("a positive integer", lambda v: _ints([v], 1) and v > 0),
+    "scaling_factor": ("a non-zero number", lambda v: _number(v) and v != 0),
+    "shift_factor": ("a number", lambda v: _number(v)),
+    "fps": ("a positive number", lambda v: _number(v) and v > 0),
+    "model": ("a model name", lambda v: isinstance(v, str)),
+    "space": ("a latent space name", lambda v: isinstance(v, str)),
+}
+
+
+def _ints(v, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(meta: dict, source: str) -> None:
+    for key, (what, ok) in _FIELDS.items():
+        if key in meta and not ok(meta[key]):
+            raise LatentFormatError(f"{source}: metadata '{key}' must be {what}, got {str(meta[key])[:40]!r}")
 
 
 def _load_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
@@ -168,17 +199,34 @@ def _load_png(path: Path) -> tuple[torch.Tensor, dict]:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise LatentFormatError(f"{path}: truncated or corrupt PNG ({exc})") from None
-    meta = _decode_meta({k: v for k, v in json.loads(text).items()}, str(path)) if text.startswith("{") else None
-    if meta is None:
-        raise LatentFormatError(f"{path}: unreadable vaecli metadata")
+    meta = _png_meta(text, str(path))
     rows, cols = meta.pop("grid")
     c, h, w = meta.pop("latent_shape")
+    if c > rows * cols * 4:
+        raise LatentFormatError(f"{path}: a {rows}x{cols} grid holds {rows * cols * 4} channels, "
+                                f"metadata says {c}")
     if arr.shape != (rows * h, cols * w, 4):
         raise LatentFormatError(f"{path}: mosaic is {arr.shape[1]}x{arr.shape[0]}, expected "
                                 f"{cols * w}x{rows * h} for a {c}x{h}x{w} latent")
     q = torch.from_numpy(arr.copy()).float().reshape(rows, h, cols, w, 4).permute(0, 2, 4, 1, 3)
     latent = _dequantize(q.reshape(rows * cols * 4, h, w)[:c])
     return latent, meta
+
+
+def _png_meta(text: str, source: str) -> dict:
+    """The metadata of a PNG latent's text chunk, with its grid and latent shape checked."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict):
+        raise LatentFormatError(f"{source}: unreadable vaecli metadata (expected a JSON object)")
+    meta = _decode_meta(raw, source)
+    if not _ints(meta.get("grid"), 2) or min(meta["grid"]) < 1:
+        raise LatentFormatError(f"{source}: metadata 'grid' must be [rows, columns] of positive integers")
+    if not _ints(meta.get("latent_shape"), 3) or min(meta["latent_shape"]) < 1:
+        raise LatentFormatError(f"{source}: metadata 'latent_shape' must be [C, h, w] of positive integers")
+    return meta
 
 
 def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
@@ -211,8 +259,9 @@ class LatentVideoWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._data = tempfile.TemporaryFile(dir=self.path.parent)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._data = tempfile.TemporaryFile(dir=self.path.parent)
         self.shape: list[int] | None = None
         self.dtype: torch.dtype | None = None
 
@@ -223,7 +272,8 @@ class LatentVideoWriter:
             self.shape, self.dtype = [0, *latents.shape[1:]], latents.dtype
         self.shape[0] += latents.shape[0]
         raw = latents.view(torch.int16) if latents.dtype == torch.bfloat16 else latents
-        self._data.write(raw.numpy().tobytes())
+        with writing(self.path):
+            self._data.write(raw.numpy().tobytes())
 
     def close(self, meta: dict) -> None:
         """Write the file with `meta` (JSON-encoded values) and move it into place."""
@@ -262,12 +312,13 @@ def read_metadata(path: Path) -> dict:
     if head.startswith(b"\x89PNG"):
         try:  # the text chunk precedes the pixel data: no need to decode the mosaic
             with Image.open(path) as img:
-                meta = _decode_meta(json.loads(img.info[PNG_KEY]), str(path))
-            meta.pop("grid")
-            return {**meta, "shape": meta.pop("latent_shape")}
-        except (OSError, SyntaxError, ValueError, KeyError, TypeError, LatentFormatError):
+                text = img.info[PNG_KEY]
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError):
             latent, meta = load_latent(path)  # reports the precise format error
             return {**meta, "shape": list(latent.shape)}
+        meta = _png_meta(text, str(path))
+        meta.pop("grid")
+        return {**meta, "shape": meta.pop("latent_shape")}
     from safetensors import safe_open
 
     try:
@@ -287,10 +338,18 @@ def open_latent_video(path: Path) -> tuple[dict, list[int], Callable[[int, int],
     """Metadata, shape (T, C, h, w) and a reader of frames [i, j) of a latent video, without loading it all."""
     from safetensors import safe_open
 
-    handle = safe_open(str(path), framework="pt")
-    meta = _decode_meta(handle.metadata() or {}, str(path))
-    part = handle.get_slice("latent")
-    shape = list(part.get_shape())
+    try:
+        handle = safe_open(str(path), framework="pt")
+        raw = handle.metadata() or {}
+        part = handle.get_slice("latent")
+        shape = list(part.get_shape())
+    except Exception as exc:  # safetensors' own error types for truncated or foreign files
+        raise LatentFormatError(f"{path}: truncated or corrupt latent video ({str(exc)[:120]})") from None
+    meta = _decode_meta(raw, str(path))
+    missing = [k for k in ("image_size", "fps") if k not in meta]
+    if missing or len(shape) != 4:
+        raise LatentFormatError(f"{path}: expected a (T, C, h, w) latent video with 'image_size' and 'fps' "
+                                f"metadata, got shape {shape}{' and no ' + ', '.join(missing) if missing else ''}")
 
     def frames(i: int, j: int) -> torch.Tensor:
         return part[i:j]

@@ -36,7 +36,8 @@ class ImageInfo:
     had_alpha: bool
 
 
-def _to_float_rgb(img: Image.Image, alpha: str) -> tuple[np.ndarray, bool]:
+def _to_rgb(img: Image.Image, alpha: str) -> tuple[np.ndarray, bool]:
+    """(H, W, 3) pixels: float32 in [0, 1], or uint8 for 8-bit images without alpha (converted later, once)."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0, 1).astype(np.float32)
@@ -53,7 +54,7 @@ def _to_float_rgb(img: Image.Image, alpha: str) -> tuple[np.ndarray, bool]:
         elif alpha == "black":
             rgb = rgb * a
         return np.ascontiguousarray(rgb), True
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, False
+    return np.array(img.convert("RGB")), False
 
 
 def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInfo]:
@@ -73,7 +74,7 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
             with Image.open(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                arr, had_alpha = _to_float_rgb(img, alpha)
+                arr, had_alpha = _to_rgb(img, alpha)
                 mode = img.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"{path}: image is over the limit of {limit} pixels "
@@ -84,7 +85,10 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
         raise InputError(f"{path}: truncated or corrupt image ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+    # uint8 pixels convert once, straight into the float tensor (no float64 or second float copy of a large image).
     pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+    if pixels.dtype == torch.uint8:
+        pixels = pixels.to(torch.float32).div_(255)
     return pixels, ImageInfo(size=(arr.shape[1], arr.shape[0]), mode=mode, had_alpha=had_alpha)
 
 
@@ -97,7 +101,7 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 def quantize8(pixels: torch.Tensor) -> torch.Tensor:
     """Pixels as an 8-bit file will hold them: same shape, float in [0, 1], multiples of 1/255."""
-    return pixels.float().clamp(0, 1).mul(255).round().div(255)
+    return pixels.float().clamp(0, 1).mul_(255).round_().div_(255)
 
 
 def check_output_extension(path: Path) -> str:

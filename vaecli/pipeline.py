@@ -5,11 +5,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 from vaecli import latents, media
 
 SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png}
+
+
+def input_seed(seed: int, rel: Path | str) -> int:
+    """The `--sample` seed of one input: from the run's seed and the input's path relative to its root (what an
+    output folder mirrors; a lone file's name), so each input draws its own noise, the same in any order or engine."""
+    digest = hashlib.sha256(f"{seed}:{Path(rel).as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def encode_group(group: list, codec, **options) -> Iterator[tuple]:
@@ -19,10 +28,14 @@ def encode_group(group: list, codec, **options) -> Iterator[tuple]:
 
     h, w = group[0].payload[0].shape[-2:]
     size = group[0].payload[1].size  # read now: callers replace payloads as results come
-    per = max(1, codec.max_batch_pixels // (h * w))
+    sampled = options.get("sample") and options.get("seed") is not None
+    per = 1 if sampled else max(1, codec.max_batch_pixels // (h * w))
     for i in range(0, len(group), per):
         part = group[i:i + per]
-        out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), size, **options)
+        opts = options
+        if sampled:
+            opts = {**options, "seed": input_seed(options["seed"], part[0].rel or part[0].src.name)}
+        out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), size, **opts)
         for job, latent in zip(part, out, strict=True):
             yield job, latent, meta
 

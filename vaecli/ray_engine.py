@@ -4,22 +4,34 @@ Inputs are cut by position into shards of `shard_size`; a shard is one unit of w
 encodes and writes its images with `pipeline.encode_stages` (the code `vae encode` runs locally, so the latents are
 the same bits at the same thread count) and returns one record per input. Per-file output mirrors the input tree
 and skips files that exist; parquet output writes `part-NNNNN.parquet` per shard and lists finished shards in
-`_shards.json`, so a rerun skips them. Per-input failures become records; they never stop the job.
+`_shards.json`, so a rerun skips them. Per-input failures become records; they never stop the job: whatever fails
+(an input, a worker, the pipeline itself) leaves an error record for every input it left undone.
+
+Ray talks on the driver's stderr from C++ (the core worker's log) and Python (logging, Ray Data, the raylet's
+messages); while Ray runs, file descriptor 2 points at /dev/null and `sys.stderr` at a copy of the real one, so with
+--quiet or --json only `vae`'s own lines show, and otherwise also Ray's one-line warnings and raylet messages.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import os
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vaecli.errors import UsageError, VaeError
+from vaecli.errors import UsageError, VaeError, describe
 
 INSTALL = "pip install 'vaecli[ray]'"
 DONE_FILE = "_shards.json"
-RECORD = ("index", "status", "error", "output", "model", "shape", "node")
+TASK_RETRIES = 2  # a shard whose worker dies (crash, out of memory) is retried this often, then reported failed
+RECORD = ("index", "status", "error", "output", "model", "shape", "node", "traceback")
 
 
 def require_ray():
@@ -61,56 +73,122 @@ def shard_file(out: Path, shard: int) -> Path:
 class ShardEncoder:
     """Ray Data callable class: loads the model once per actor, then encodes whole shards.
 
-    `encode` subclasses it with the settings as a class attribute: constructor arguments would go through the
-    object store, which Ray warns about for restartable actors.
+    `encode` subclasses it with the settings as a class attribute rather than constructor arguments, which would
+    go through the object store. (Ray Data puts its own arguments to the actor there anyway, and Ray's core worker
+    warns about that for restartable actors: `native_stderr_hidden` keeps that off the terminal.) Nothing raised
+    here escapes: a model that does not load, an input, a shard file that cannot be written all become error
+    records on the inputs they concern, with the traceback for --debug.
     """
 
     settings: dict = {}
 
     def __init__(self):
         import ray
-        import torch
-
-        from vaecli.codec import load_codec
 
         self.s = Settings(**self.settings)
-        torch.set_num_threads(self.s.threads)
-        self.codec = load_codec(self.s.model, [Path(p) for p in self.s.weights], ("encoder",), self.s.device,
-                                self.s.dtype, verify=False, tile=self.s.tile, budget=self.s.budget)
         self.node = ray.get_runtime_context().get_node_id()
+        self.codec, self.load_error, self.load_exc = None, None, None
+        try:
+            import torch
+
+            from vaecli.codec import load_codec
+
+            torch.set_num_threads(self.s.threads)
+            self.codec = load_codec(self.s.model, [Path(p) for p in self.s.weights], ("encoder",), self.s.device,
+                                    self.s.dtype, verify=False, tile=self.s.tile, budget=self.s.budget)
+        except Exception as exc:  # say it on every input this worker gets, rather than die and be restarted
+            self.load_error = f"the Ray worker on node {self.node[:8]} could not load {self.s.model}: {describe(exc)}"
+            self.load_exc = exc
 
     def __call__(self, batch: dict) -> dict:
         rows: dict[str, list] = {k: [] for k in RECORD}
         for shard, items in zip(batch["shard"], batch["items"], strict=True):
-            for index, job in self.encode_shard(int(shard), json.loads(items)):
+            items = json.loads(items)
+            try:
+                results = self.encode_shard(int(shard), items)
+            except Exception as exc:  # a fault in this code, not in an input: still one record per input
+                results = []
+                for index, src, *_ in items:
+                    job = _job(src, None)
+                    job.status, job.error, job.exc = "error", f"Ray worker error: {describe(exc)}", exc
+                    results.append((index, job))
+            for index, job in results:
+                exc = getattr(job, "exc", None)
+                exc = None if isinstance(exc, VaeError) else exc  # its message says it all
                 record = {"index": index, "status": job.status, "error": job.error or "",
-                          "output": str(job.dst) if job.dst else "", "model": self.codec.spec.name,
-                          "shape": json.dumps(job.extra.get("shape")), "node": self.node}
+                          "output": str(job.dst) if job.dst else "", "model": self.s.model,
+                          "shape": json.dumps(job.extra.get("shape")), "node": self.node,
+                          "traceback": "".join(traceback.format_exception(exc)) if exc is not None else ""}
                 for k in RECORD:
                     rows[k].append(record[k])
         return rows
 
     def encode_shard(self, shard: int, items: list) -> list:
-        """[(index, src, dst)] -> [(index, finished Job)]; parquet mode writes the shard's file."""
+        """[(index, src, dst, rel)] -> [(index, finished Job)]; parquet mode writes the shard's file.
+
+        In parquet mode a job's `dst` is the shard file only if it was written: the driver counts a shard done
+        only then.
+        """
+        parquet = self.s.fmt == "parquet"
+        jobs = [_job(src, None if parquet else dst, rel) for _, src, dst, rel in items]
+        if self.load_error:
+            for job in jobs:
+                job.status, job.error, job.exc = "error", self.load_error, self.load_exc
+        else:
+            self.run_jobs(jobs)
+        if parquet:
+            dest = shard_file(Path(self.s.out), shard)
+            try:
+                write_shard(dest, jobs)
+            except Exception as exc:
+                msg = describe(exc)
+                msg = msg if str(dest) in msg else f"{dest}: cannot write: {msg}"
+                for job in jobs:
+                    if job.status != "error":
+                        job.status, job.error, job.exc = "error", msg, exc
+            else:
+                for job in jobs:
+                    job.dst = dest
+        return [(index, job) for (index, *_), job in zip(items, jobs, strict=True)]
+
+    def run_jobs(self, jobs: list) -> None:
+        """Encode `jobs` with the local engine's stages; every job ends ok, skipped or error.
+
+        `batch.run` records an input's failure on its job. Should it stop anyway, the jobs it left undone are
+        run one at a time, so that only the inputs that fail again are marked.
+        """
         from vaecli import batch
         from vaecli.pipeline import encode_stages
 
-        parquet = self.s.fmt == "parquet"
-        jobs = [batch.Job(Path(src), None if parquet else Path(dst)) for _, src, dst in items]
-        stages = encode_stages(self.codec, "bytes" if parquet else self.s.fmt, self.s.space, self.s.sample,
-                               self.s.seed, self.s.alpha, self.s.batch_size, self.s.skip_existing)
+        stages = encode_stages(self.codec, "bytes" if self.s.fmt == "parquet" else self.s.fmt, self.s.space,
+                               self.s.sample, self.s.seed, self.s.alpha, self.s.batch_size, self.s.skip_existing)
         try:
-            batch.run(jobs, on_done=lambda job: None, **stages)
-        except Exception as exc:  # a worker fault (not a bad input): record it on the inputs it left undone
+            batch.run(jobs, on_done=_ignore, **stages)
+        except Exception:
             for job in jobs:
-                if job.status == "pending":
-                    job.status, job.error = "error", f"worker error: {type(exc).__name__}: {exc}"
-        if parquet:
-            dest = shard_file(Path(self.s.out), shard)
-            write_shard(dest, jobs)
-            for job in jobs:
-                job.dst = dest
-        return [(index, job) for (index, _, _), job in zip(items, jobs, strict=True)]
+                if job.status not in DONE_STATES:
+                    job.status, job.error, job.payload = "pending", None, None
+                    try:
+                        batch.run([job], on_done=_ignore, **stages)
+                    except Exception as exc:
+                        job.status, job.error, job.exc = "error", describe(exc), exc
+        for job in jobs:
+            job.payload = None
+            if job.status not in DONE_STATES:
+                job.status, job.error = "error", "the Ray worker did not finish this input"
+
+
+DONE_STATES = ("ok", "skipped", "error")
+
+
+def _ignore(job) -> None:
+    pass
+
+
+def _job(src: str, dst: str | None, rel: str | None = None):
+    from vaecli.batch import Job
+
+    return Job(Path(src), Path(dst) if dst else None, rel=Path(rel) if rel else None)
 
 
 def write_shard(dest: Path, jobs: list) -> None:
@@ -175,7 +253,11 @@ def save_done(out: Path, shard_size: int, n_inputs: int, done: set[int]) -> None
 
 def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | None, workers: int | None,
            cpus_per_worker: float, gpus_per_worker: float, shard_size: int, progress: bool = True) -> None:
-    """Encode every job (src -> dst) on Ray, calling `on_done(job)` for each as its record comes back."""
+    """Encode every job (src -> dst) on Ray, calling `on_done(job)` once for each as its record comes back.
+
+    Every job is reported, whatever fails: inputs the workers never answered for (a dead worker, a failed
+    pipeline) are reported as errors at the end. `progress` False (--quiet, --json) silences Ray's own warnings too.
+    """
     ray = require_ray()
     if shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
@@ -190,45 +272,237 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
     todo = [s for s in range(len(shards)) if s not in done]
     if not todo:
         return
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                 configure_logging=True)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise VaeError(f"cannot reach the Ray cluster at {address or 'a new local instance'}: {exc}") from None
-    try:
+    with ExitStack() as quiet:
+        quiet.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")  # Ray's deprecation and future warnings are not the user's business
+        # Without --quiet, what Ray says while it connects stays visible (e.g. "Failed to connect to GCS at ...").
         if not progress:
-            for name in ("ray", "ray.data"):
-                logging.getLogger(name).setLevel(logging.ERROR)
-            ray.data.DataContext.get_current().enable_progress_bars = False
-        pool = pool_size(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker)
-        # Workers run in other folders (and on other machines): they get absolute paths.
-        items = [{"shard": s, "items": json.dumps([(i, str(jobs[i].src.absolute()),
-                                                     str(jobs[i].dst.absolute()) if jobs[i].dst else "")
-                                                    for i in shards[s]])} for s in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            type("ConfiguredShardEncoder", (ShardEncoder,), {"settings": asdict(settings)}), batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(pool, len(items))), num_cpus=cpus_per_worker,
-            num_gpus=gpus_per_worker or None)
-        left = {s: len(shards[s]) for s in todo}
-        shard_of = {i: s for s in todo for i in shards[s]}
-        for row in ds.iter_rows():
-            job, shard = jobs[int(row["index"])], shard_of[int(row["index"])]
-            job.status, job.error = row["status"], row["error"] or None
-            if job.error:  # say the input as the user gave it, not the absolute path the worker saw
-                job.error = job.error.replace(str(job.src.absolute()), str(job.src), 1)
-            if parquet:
-                job.dst = shard_file(out, shard)
-            shape = json.loads(row["shape"])
-            job.extra = {"model": row["model"], "node": row["node"]}
-            if job.status == "ok":
-                job.extra["shape"] = shape
-                where = f" -> {job.dst}" if job.dst else ""
-                job.extra["line"] = f"{job.src}{where}  {row['model']} latent {shape}"
-            on_done(job)
-            left[shard] -= 1
-            if parquet and left[shard] == 0:
-                done.add(shard)
+            quiet.enter_context(native_stderr_hidden())
+        # No --ray-address: a new local instance, not whatever cluster `ray start` last left on this machine (which
+        # Ray's default would join), unless RAY_ADDRESS names one, as it does inside a Ray job.
+        target = address or (None if os.environ.get("RAY_ADDRESS") else "local")
+        try:
+            # Its warnings while starting are chatter ("Token authentication is enabled for this Ray cluster").
+            ray.init(address=target, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                     logging_level=logging.ERROR if progress else logging.CRITICAL + 1)
+        except Exception as exc:
+            where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+            raise VaeError(f"cannot reach the Ray cluster at {where}: "
+                           f"{one_line(exc)}") from None
+        if progress:
+            quiet.enter_context(native_stderr_hidden())
+        try:
+            quiet.callback(_quiet_ray_python(progress))
+            pool = pool_size(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker)
+            _run(ray, jobs, settings, on_done, shards, shard_size, todo, done, pool, cpus_per_worker,
+                 gpus_per_worker)
+        finally:
+            with suppress(Exception):
+                ray.shutdown()
+
+
+def _run(ray, jobs, settings, on_done, shards, shard_size, todo, done, pool, cpus_per_worker,
+         gpus_per_worker) -> None:
+    out, parquet = Path(settings.out), settings.fmt == "parquet"
+    # Workers run in other folders (and on other machines): they get absolute paths, and each input's relative
+    # path, which seeds its --sample noise as in a local run.
+    items = [{"shard": s, "items": json.dumps([(i, str(jobs[i].src.absolute()),
+                                                 str(jobs[i].dst.absolute()) if jobs[i].dst else "",
+                                                 str(jobs[i].rel or jobs[i].src.name))
+                                                for i in shards[s]])} for s in todo]
+    left = {s: len(shards[s]) for s in todo}
+    unwritten: set[int] = set()  # parquet shards whose file the worker could not write
+    shard_of = {i: s for s in todo for i in shards[s]}
+    failure, save_error = None, None
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        encoder = type("ConfiguredShardEncoder", (ShardEncoder,), {"settings": asdict(settings)})
+        options = dict(batch_size=1, batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
+                       compute=ray.data.ActorPoolStrategy(size=min(pool, len(items))))
+        # Ray Data restarts a dead actor and retries its task forever: a shard that kills its worker every time (a
+        # crash, memory) would hang the run. Retry it a few times, then report its inputs and go on. Ray 2.60
+        # deprecates the keyword and has no other; without it (a later Ray), the default.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            try:
+                ds = ds.map_batches(encoder, max_task_retries=TASK_RETRIES, **options)
+            except TypeError:
+                ds = ds.map_batches(encoder, **options)
+        rows = iter(ds.iter_rows())
+    except Exception as exc:
+        failure, rows = exc, iter(())
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except Exception as exc:  # the pipeline failed: the inputs still unanswered are reported below
+            failure = exc
+            break
+        index = int(row["index"])
+        if index not in shard_of or jobs[index].status != "pending":
+            continue  # not ours, or already reported (a retried task)
+        job, shard = jobs[index], shard_of[index]
+        _take_record(job, row, out, shard if parquet else None)
+        if parquet and not row["output"]:
+            unwritten.add(shard)
+        on_done(job)
+        left[shard] -= 1
+        if parquet and left[shard] == 0 and shard not in unwritten:
+            done.add(shard)
+            try:
                 save_done(out, shard_size, len(jobs), done)
+            except Exception as exc:  # the shards are written; only the record of them is not
+                save_error = exc
+    why = (f"the Ray pipeline failed before this input was encoded: {one_line(failure)}" if failure is not None
+           else f"no result: the Ray worker encoding its shard died on {TASK_RETRIES + 1} tries (a crash, or killed, "
+                f"e.g. out of memory; see Ray's worker logs)")
+    for s in todo:
+        for i in shards[s]:
+            if jobs[i].status == "pending":
+                jobs[i].status, jobs[i].error, jobs[i].extra = "error", why, {}
+                on_done(jobs[i])
+    if save_error is not None:
+        raise VaeError(f"{out / DONE_FILE}: cannot record the finished shards ({describe(save_error)}); "
+                       f"a rerun redoes them")
+
+
+class WorkerError(Exception):
+    """An input's failure on a Ray worker, carried to the driver as the text of its traceback."""
+
+
+def _take_record(job, row: dict, out: Path, shard: int | None) -> None:
+    """Fill `job` from the worker's record (`shard`: its parquet shard)."""
+    status, error = str(row["status"]), str(row["error"] or "")
+    if status not in DONE_STATES or (status == "error" and not error):
+        status, error = "error", error or f"the Ray worker answered {status!r}"
+    job.status, job.error = status, error or None
+    if job.error:  # say the paths as the user gave them, not as the absolute ones the worker saw
+        job.error = _as_given(job.error, job.src, job.dst)
+    if shard is not None:
+        job.dst = shard_file(out, shard)
+    job.extra = {"model": row["model"], "node": row["node"]}
+    if row.get("traceback"):  # --debug shows it
+        job.exc = WorkerError(f"the Ray worker's traceback:\n{str(row['traceback']).rstrip()}")
+    if job.status == "ok":
+        shape = json.loads(row["shape"])
+        job.extra["shape"] = shape
+        where = f" -> {job.dst}" if job.dst else ""
+        job.extra["line"] = f"{job.src}{where}  {row['model']} latent {shape}"
+
+
+def _as_given(text: str, *paths: Path | None) -> str:
+    """`text` with the absolute forms of `paths` (and of their folders) written as the user gave them."""
+    for path in paths:
+        if path is None or path.is_absolute():
+            continue
+        for p in (path, *path.parents[:-1]):  # longest first; parents[-1] is "."
+            text = re.sub(re.escape(str(p.absolute())) + r"(?=$|[/:\s,;)'\"])", lambda _, p=p: str(p), text)
+    return text
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message` for an error from Ray, looking through its wrappers to the cause."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)  # RayTaskError and friends
+        nxt = cause if isinstance(cause, BaseException) else exc.__cause__
+        if nxt is None:
+            break
+        exc = nxt
+    if isinstance(exc, VaeError):
+        return str(exc)
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _quiet_ray_python(show_warnings: bool) -> Callable[[], None]:
+    """Ray's Python-level output after `ray.init`, until the returned undo function is called: no progress bars
+    (`vae` shows its own), no INFO lines or tracebacks on the terminal; with `show_warnings` Ray's one-line
+    warnings (e.g. resources the cluster lacks) and the raylet's messages (e.g. a worker that died) on stderr, else
+    nothing. (Ray prints the raylet's messages on stdout, where --json wants only records.)"""
+    import ray.data
+
+    undo: list[Callable[[], None]] = []
+    ray_log = logging.getLogger("ray")
+    undo.append(lambda level=ray_log.level: ray_log.setLevel(level))
+    ray_log.setLevel(logging.WARNING if show_warnings else logging.CRITICAL + 1)
+    keep = _warnings_only if show_warnings else _nothing
+    for name in ("ray", "ray.data"):  # Ray Data's own log file (in the session folder) keeps everything
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):  # Ray Data logs failed tasks at ERROR with a traceback
+                handler.addFilter(keep)
+                undo.append(lambda handler=handler: handler.removeFilter(keep))
+    ctx = ray.data.DataContext.get_current()
+    # max_errored_blocks: a shard whose worker died TASK_RETRIES + 1 times is reported by the driver; go on.
+    settings = {"enable_progress_bars": False, "print_on_execution_start": False, "verbose_stats_logs": False,
+                "max_errored_blocks": -1}
+    for key, value in settings.items():
+        if hasattr(ctx, key):
+            undo.append(lambda key=key, old=getattr(ctx, key): setattr(ctx, key, old))
+            setattr(ctx, key, value)
+    try:
+        import ray._private.worker as ray_worker
+
+        printer = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):  # another Ray version: its messages go where it sends them
+        pass
+    else:
+        def raylet_message(data: dict, ignore_prefix: bool) -> None:
+            if show_warnings:
+                printer({**data, "is_err": True}, ignore_prefix)
+
+        ray_worker.print_to_stdstream = raylet_message
+        undo.append(lambda: setattr(ray_worker, "print_to_stdstream", printer))
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno == logging.WARNING and not record.exc_info
+
+
+def _nothing(record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextmanager
+def native_stderr_hidden() -> Iterator[None]:
+    """File descriptor 2 to /dev/null, `sys.stderr` to a copy of the real stderr, until the block ends.
+
+    Ray's C++ core worker in this process logs straight to descriptor 2 (e.g. "core_worker.cc: Actor with class
+    name ... has constructor arguments in the object store and max_restarts > 0", a false alarm for Ray Data's
+    actor pools); `vae`'s lines and Ray's Python loggers go through `sys.stderr` and still show (the latter as
+    `_quiet_ray_python` allows). Processes Ray starts meanwhile inherit the /dev/null stderr. Does nothing when
+    `sys.stderr` is not descriptor 2 (e.g. under Click's CliRunner).
+    """
+    previous = sys.stderr
+    try:
+        previous.flush()
+        real = previous.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        real = False
+    if not real:
+        yield
+        return
+    saved = os.dup(2)
+    stream = open(saved, "w", buffering=1, encoding=getattr(previous, "encoding", None) or "utf-8",  # noqa: SIM115
+                  errors=getattr(previous, "errors", None) or "backslashreplace")
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    sys.stderr = stream
+    try:
+        yield
     finally:
-        ray.shutdown()
+        with suppress(Exception):
+            stream.flush()
+        sys.stderr = previous
+        os.dup2(saved, 2)
+        stream.close()

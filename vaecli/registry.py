@@ -10,11 +10,13 @@ from dataclasses import dataclass
 TAESD_URL = "https://github.com/madebyollin/taesd/raw/main/{name}"
 
 # Latent conventions (diffusers' scaling_factor, shift_factor), shared by each KL model and its tiny twin.
-SD_SCALING = {"latent_space": "scaled", "scaling_factor": 0.18215}
-SDXL_SCALING = {"latent_space": "scaled", "scaling_factor": 0.13025}
-SD3_SCALING = {"latent_space": "scaled", "scaling_factor": 1.5305, "shift_factor": 0.0609}
-FLUX1_SCALING = {"latent_space": "scaled", "scaling_factor": 0.3611, "shift_factor": 0.1159}
-FLUX2_SCALING = {"latent_space": "raw"}  # the denoiser's own normalization is opt-in ("normalized")
+# `latent_family` names the latent space itself: a latent decodes with any model of its family, and only those.
+SD_SCALING = {"latent_space": "scaled", "scaling_factor": 0.18215, "latent_family": "SD 1.x/2.x"}
+SDXL_SCALING = {"latent_space": "scaled", "scaling_factor": 0.13025, "latent_family": "SDXL"}
+SD3_SCALING = {"latent_space": "scaled", "scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_family": "SD3"}
+FLUX1_SCALING = {"latent_space": "scaled", "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                 "latent_family": "FLUX.1"}
+FLUX2_SCALING = {"latent_space": "raw", "latent_family": "FLUX.2"}  # the denoiser's normalization is opt-in
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class ModelSpec:
     # (posterior_mean - shift) * scale, the space the denoiser consumes; "raw" = the KL posterior itself;
     # "native" = a space vaecli cannot convert (TAESana). Tiny models produce their family's denoiser space.
     latent_space: str = "native"
+    latent_family: str = ""  # models sharing a latent space (a KL model and its tiny twin); "" only its own
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     pixel_range: tuple[float, float] = (0.0, 1.0)  # what the network itself consumes and produces
@@ -109,6 +112,10 @@ class ModelSpec:
     def weight(self, role: str) -> WeightFile | None:
         """The weights file holding `role` ("encoder" or "decoder"; a "vae" file holds both), or None."""
         return next((w for w in self.weights if w.role in (role, "vae")), None)
+
+    def shares_latents(self, other: ModelSpec) -> bool:
+        """Whether latents made by `other` are in this model's latent space (same family, or the same model)."""
+        return other.name == self.name or bool(self.latent_family) and other.latent_family == self.latent_family
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """Latent (C, h, w) for an image of `width` x `height` pixels (padded up to the spatial factor)."""
@@ -155,7 +162,7 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "taesana": ModelSpec(
         name="taesana", family="tiny", description="Tiny encoder for Sana DC-AE latents (32x spatial)",
-        config=TinyConfig(latent_channels=32, encoder_stem=(32, 64)),
+        config=TinyConfig(latent_channels=32, encoder_stem=(32, 64)), latent_family="Sana DC-AE",
         weights=_tiny_weights(
             "taesana",
             encoder_sha="858f4e4cc293f88efaf58107f4154b960b9ced0cb5d9c050dad11f926b618c1f", encoder_size=2537004,

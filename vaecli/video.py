@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vaecli.errors import InputError, UsageError
-from vaecli.files import output_file_mode
+from vaecli.files import output_file_mode, writing
 
 FFMPEG_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 VIDEO_EXTS = FFMPEG_EXTS | {".gif"}
@@ -119,12 +119,22 @@ class VideoWriter:
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int], as_frames: bool = False):
         self.path, self.fps, self.size = Path(path), fps, size
+        self._tmp: Path | None = None
+        self._ffmpeg = None
+        try:
+            with writing(self.path):
+                self._open(as_frames)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, as_frames: bool) -> None:
+        fps, size = self.fps, self.size
         self.kind = check_video_output(self.path, as_frames)
         self.count = 0
         w, h = size
         self.written_size = (w + w % 2, h + h % 2) if self.kind == "ffmpeg" else size
         self._gif_frames: list = []
-        self._ffmpeg = None
         if self.kind == "frames":
             self.path.mkdir(parents=True, exist_ok=True)
             return
@@ -145,6 +155,10 @@ class VideoWriter:
 
     def write(self, frame: torch.Tensor) -> None:
         """Append one (3, H, W) frame in [0, 1]."""
+        with writing(self.path):
+            self._write(frame)
+
+    def _write(self, frame: torch.Tensor) -> None:
         from vaecli.media import to_uint8
 
         arr = to_uint8(frame)
@@ -165,6 +179,10 @@ class VideoWriter:
 
     def close(self) -> None:
         """Finish the file and move it into place."""
+        with writing(self.path):
+            self._close()
+
+    def _close(self) -> None:
         if self.kind == "frames":
             return
         if self.kind == "gif":
@@ -184,7 +202,7 @@ class VideoWriter:
                 self._ffmpeg.close()
             except Exception:  # ffmpeg may already be gone; the temp file is removed either way
                 pass
-        if self.kind != "frames":
+        if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:

@@ -4,7 +4,7 @@ import sys
 
 from vaecli import allocator
 from vaecli.cli import decode, encode, info, models, roundtrip, video_cmd  # noqa: F401  (registers the commands)
-from vaecli.cli.common import app, say
+from vaecli.cli.common import app, fail, say
 
 __all__ = ["app", "run"]
 
@@ -17,3 +17,5 @@ def run() -> None:
     except KeyboardInterrupt:
         say("Interrupted")
         sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback only with --debug
+        sys.exit(fail(exc, "--debug" in sys.argv).exit_code)

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from vaecli import __version__
-from vaecli.errors import UsageError, VaeError
+from vaecli.errors import UsageError, VaeError, describe
 from vaecli.registry import REGISTRY
 
 app = typer.Typer(
@@ -94,12 +94,17 @@ SkipOpt = Annotated[Optional[bool], typer.Option(
     "interrupted batch resumes), or recompute everything.", show_default=False)]
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or per-file lines; errors only.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Print the traceback of unexpected errors.")]
 TileOpt = Annotated[str, typer.Option(
     "--tile", help="Tiny models: 'auto' tiles when the image would not fit --max-memory; 'off'; or a tile size in "
     "pixels. Tiles overlap by the receptive field and keep only exact centres: no seams.")]
 MaxMemOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", help="Memory budget for activations, e.g. 2GB (default: 1GiB, or half the free RAM if "
     "less; on CUDA half the free GPU memory).")]
+ChunkOpt = Annotated[str, typer.Option(
+    "--chunk", help="Video: frames encoded/decoded at a time: 'auto' = as many as fit --max-memory (one when a frame "
+    "alone is large; SVD: 8, since its temporal decoder mixes the frames of a chunk, like diffusers' "
+    "decode_chunk_size), or a number.")]
 NameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Output file name template with {stem}, {ext}, {model}, e.g. '{stem}.{model}{ext}'.")]
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
@@ -109,16 +114,21 @@ def say(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def fail(exc: VaeError) -> typer.Exit:
-    say(f"Error: {exc}")
-    return typer.Exit(exc.exit_code)
+def fail(exc: BaseException, debug: bool = False) -> typer.Exit:
+    """Print `exc` as one `Error:` line (and, for unexpected errors with `debug`, its traceback); the exit."""
+    if debug and not isinstance(exc, VaeError):
+        import traceback
+
+        say("".join(traceback.format_exception(exc)).rstrip())
+    say(f"Error: {describe(exc)}")
+    return typer.Exit(exc.exit_code if isinstance(exc, VaeError) else 1)
 
 
 class Reporter:
     """Reports finished inputs: JSON lines on stdout; a rich progress bar on a terminal, else plain lines."""
 
-    def __init__(self, total: int, as_json: bool, quiet: bool):
-        self.total, self.as_json, self.quiet = total, as_json, quiet
+    def __init__(self, total: int, as_json: bool, quiet: bool, debug: bool = False):
+        self.total, self.as_json, self.quiet, self.debug = total, as_json, quiet, debug
         self.counts = {"ok": 0, "skipped": 0, "error": 0}
         self.failures: list[str] = []
         self.progress = None
@@ -148,6 +158,11 @@ class Reporter:
         self.counts[job.status] += 1
         if job.status == "error":
             msg = job.error if job.error.startswith(str(job.src)) else f"{job.src}: {job.error}"
+            exc = getattr(job, "exc", None)
+            if self.debug and exc is not None and not isinstance(exc, VaeError):
+                import traceback
+
+                self._line("".join(traceback.format_exception(exc)).rstrip(), always=True)
             self.failures.append(msg)
             self._line(f"Error: {msg}", always=True)
         elif job.status == "skipped":
@@ -181,9 +196,10 @@ class Reporter:
         return 1 if self.failures else 0
 
 
-def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = None, **stages) -> None:
+def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = None, debug: bool = False,
+              **stages) -> None:
     """Run jobs through `runner(on_done)` (default: `vaecli.batch.run` with `stages`), report them, and exit with
-    0, 1, or 130 when interrupted."""
+    0 when every input was done, 1 when any failed (or a failure stopped the run), or 130 when interrupted."""
     import signal
 
     from vaecli import batch
@@ -192,7 +208,7 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
         def runner(on_done):
             batch.run(jobs, on_done=on_done, **stages)
 
-    reporter = Reporter(len(jobs), as_json, quiet)
+    reporter = Reporter(len(jobs), as_json, quiet, debug)
 
     def terminate(signum, frame):
         raise KeyboardInterrupt
@@ -204,11 +220,15 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
         reporter.finish()
         say("Interrupted: finished outputs are complete; rerun to do the rest")
         raise typer.Exit(130) from None
-    except VaeError as exc:
-        raise fail(exc) from None
+    except Exception as exc:  # a failure of the run itself, not of one input: reported, never a traceback
+        reporter.finish()
+        raise fail(exc, debug) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    raise typer.Exit(reporter.finish())
+    code = reporter.finish()
+    if any(job.status == "pending" for job in jobs):  # --fail-fast stopped the run: not everything was written
+        code = 1
+    raise typer.Exit(code)
 
 
 def plan_jobs(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...],
@@ -224,7 +244,7 @@ def plan_jobs(inputs: list[str], output: Optional[Path], recursive: bool, exts: 
     outs = plan_outputs(srcs, output, name, rels) if output is not None or beside else [None] * len(srcs)
     folder = output is not None and is_folder_target(output, len(srcs))
     skip = folder if skip_existing is None else skip_existing
-    return [Job(src, dst) for src, dst in zip(srcs, outs, strict=True)], skip
+    return [Job(src, dst, rel=rel) for src, dst, rel in zip(srcs, outs, rels, strict=True)], skip
 
 
 def tiling_kwargs(tile: str, max_memory: Optional[str]) -> dict:
@@ -232,6 +252,15 @@ def tiling_kwargs(tile: str, max_memory: Optional[str]) -> dict:
     from vaecli import tiling
 
     return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0}
+
+
+def parse_chunk(option: str) -> int | None:
+    """`--chunk` as given: None for "auto", else a positive frame count."""
+    if option == "auto":
+        return None
+    if not option.isdigit() or int(option) < 1:
+        raise UsageError(f"--chunk {option}: expected auto or a number of frames (at least 1)")
+    return int(option)
 
 
 def namer(template: Optional[str], suffix: str, ext: str, model: str = "") -> Callable[[Path], str]:

@@ -9,6 +9,8 @@ import typer
 
 from vaecli.cli.common import (
     REGISTRY,
+    ChunkOpt,
+    DebugOpt,
     Device,
     DeviceOpt,
     DType,
@@ -26,11 +28,11 @@ from vaecli.cli.common import (
     SuffixOpt,
     TileOpt,
     UsageError,
-    VaeError,
     WeightsOpt,
     app,
     fail,
     namer,
+    parse_chunk,
     plan_jobs,
     run_batch,
     tiling_kwargs,
@@ -45,8 +47,7 @@ def decode(
     model: Annotated[Optional[ModelName], typer.Option(
         "-m", "--model", help="Decode with this model instead of the one named in the latent's metadata.")] = None,
     weights: WeightsOpt = None,
-    chunk: Annotated[int, typer.Option("--chunk", help="Latent videos: frames decoded at a time (SVD mixes "
-                                                     "frames within a chunk).")] = 8,
+    chunk: ChunkOpt = "auto",
     as_frames: Annotated[bool, typer.Option(
         "--as-frames", help="Latent videos: write a folder of PNG frames (frame_000000.png, ...).")] = False,
     verify: Annotated[bool, typer.Option(
@@ -66,6 +67,7 @@ def decode(
     no_verify: NoVerifyOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Decode latent files back to images (PNG, JPEG, WebP, BMP, TIFF) or latent videos to clips (by -o extension)."""
     from vaecli import batch, clips, latents, media, video
@@ -77,13 +79,14 @@ def decode(
     def default_name(p: Path) -> str:
         try:
             is_video = latents.read_metadata(p).get("kind") == "video"
-        except VaeError:
+        except Exception:
             is_video = False  # reported when the input itself is processed
         ext = "" if as_frames else ".mp4" if is_video else image_suffix
         return namer(name, suffix, ext, model.value if model else "")(p)
 
     try:
         tiling_options = tiling_kwargs(tile, max_memory)
+        frames_per_pass = parse_chunk(chunk)
         media.check_output_extension(Path("x" + image_suffix))
         jobs, skip = plan_jobs(inputs, output, recursive, batch.LATENT_EXTS, default_name, skip_existing)
         for job in jobs:
@@ -92,8 +95,8 @@ def decode(
                 raise UsageError(f"cannot write '{suffix_ or job.dst}': expected an image extension "
                                  f"({', '.join(media.OUTPUT_FORMATS)}) or a video extension "
                                  f"({', '.join(sorted(video.VIDEO_EXTS))})")
-    except VaeError as exc:
-        raise fail(exc) from None
+    except Exception as exc:
+        raise fail(exc, debug) from None
     codecs: dict[str, Codec] = {}
 
     def codec_for(name: str) -> Codec:
@@ -122,7 +125,7 @@ def decode(
         for job in group:
             name, latent, meta = job.payload
             if latent is None:  # a latent video streams straight to its output
-                info = clips.decode_clip(codec_for(name), job.src, job.dst, chunk, as_frames)
+                info = clips.decode_clip(codec_for(name), job.src, job.dst, frames_per_pass, as_frames)
                 job.payload = None
                 job.extra = {"model": name, **info,
                              "line": f"{job.src} -> {job.dst}  {name} {info['frames']} frames "
@@ -146,5 +149,5 @@ def decode(
                      if check["tiled"] else "  verify: not tiled")
         job.extra["line"] = line
 
-    run_batch(jobs, as_json, quiet, read=read, compute=compute, write=write, fail_fast=fail_fast,
+    run_batch(jobs, as_json, quiet, debug=debug, read=read, compute=compute, write=write, fail_fast=fail_fast,
                skip=lambda job: skip and job.dst.exists())

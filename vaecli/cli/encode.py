@@ -12,6 +12,7 @@ from vaecli.cli.common import (
     Alpha,
     AlphaOpt,
     BatchOpt,
+    DebugOpt,
     Device,
     DeviceOpt,
     DType,
@@ -33,7 +34,6 @@ from vaecli.cli.common import (
     SuffixOpt,
     TileOpt,
     UsageError,
-    VaeError,
     WeightsOpt,
     app,
     fail,
@@ -89,6 +89,7 @@ def encode(
     no_verify: NoVerifyOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
     engine: Annotated[Engine, typer.Option(
         "--engine", help="local: this process; ray: a Ray cluster, the model loaded once per worker "
         "(pip install 'vaecli\\[ray]').")] = Engine.local,
@@ -134,14 +135,16 @@ def encode(
                            dtype.value, not no_verify,
                            **tiling_kwargs(tile, max_memory))
         codec.check_encode_options(space.value if space else None, sample)
+        runner = None
         if engine == Engine.ray:
             runner = _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, device, dtype,
                                  space.value if space else None, sample, seed, alpha.value, batch_size, fail_fast,
                                  quiet or as_json, tiling_kwargs(tile, max_memory))
-            run_batch(jobs, as_json, quiet, runner=runner)
-    except VaeError as exc:
-        raise fail(exc) from None
-    run_batch(jobs, as_json, quiet, fail_fast=fail_fast,
+    except Exception as exc:
+        raise fail(exc, debug) from None
+    if runner is not None:
+        run_batch(jobs, as_json, quiet, runner=runner, debug=debug)
+    run_batch(jobs, as_json, quiet, fail_fast=fail_fast, debug=debug,
               **encode_stages(codec, kind, space.value if space else None, sample, seed, alpha.value, batch_size,
                               skip))
 

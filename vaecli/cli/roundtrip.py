@@ -11,6 +11,7 @@ from vaecli.cli.common import (
     Alpha,
     AlphaOpt,
     BatchOpt,
+    DebugOpt,
     Device,
     DeviceOpt,
     DType,
@@ -27,7 +28,6 @@ from vaecli.cli.common import (
     SkipOpt,
     SuffixOpt,
     TileOpt,
-    VaeError,
     WeightsOpt,
     app,
     fail,
@@ -66,6 +66,7 @@ def roundtrip(
     no_verify: NoVerifyOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Encode and decode images, reporting PSNR and SSIM of the reconstruction against the input."""
 
@@ -81,15 +82,15 @@ def roundtrip(
                 media.check_output_extension(job.dst)
         codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify,
                            **tiling_kwargs(tile, max_memory))
-    except VaeError as exc:
-        raise fail(exc) from None
+    except Exception as exc:
+        raise fail(exc, debug) from None
 
     def compute(group) -> None:
         for job, latent, meta in encode_group(group, codec):
             if via == LatentFormat.png:
                 latent = latents.quantize_png(latent)
             recon = media.quantize8(codec.decode_latent(latent, meta))
-            job.payload = (recon, metrics.psnr(recon, job.payload[0]), metrics.ssim(recon, job.payload[0]))
+            job.payload = (recon, *metrics.psnr_ssim(recon, job.payload[0]))
 
     def write(job) -> None:
         recon, p, s = job.payload
@@ -99,6 +100,7 @@ def roundtrip(
         job.extra = {"model": codec.spec.name, "psnr": round(p, 4), "ssim": round(s, 5),
                      "line": f"{job.src}{where}  PSNR {p:.2f} dB  SSIM {s:.4f}"}
 
-    run_batch(jobs, as_json, quiet, read=lambda job: media.read_image(job.src, alpha.value), compute=compute,
-               write=write, batch_size=batch_size, fail_fast=fail_fast, key=lambda job: tuple(job.payload[0].shape),
-               skip=lambda job: skip and job.dst is not None and job.dst.exists())
+    run_batch(jobs, as_json, quiet, debug=debug, read=lambda job: media.read_image(job.src, alpha.value),
+              compute=compute, write=write, batch_size=batch_size, fail_fast=fail_fast,
+              key=lambda job: tuple(job.payload[0].shape),
+              skip=lambda job: skip and job.dst is not None and job.dst.exists())

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from vaecli.cli.common import (
+    ChunkOpt,
+    DebugOpt,
     Device,
     DeviceOpt,
     DType,
@@ -16,12 +18,14 @@ from vaecli.cli.common import (
     MaxMemOpt,
     ModelName,
     NoVerifyOpt,
+    QuietOpt,
+    SkipOpt,
     TileOpt,
     UsageError,
-    VaeError,
     WeightsOpt,
     app,
     fail,
+    parse_chunk,
     run_batch,
     say,
     tiling_kwargs,
@@ -43,28 +47,31 @@ def video_cmd(
     model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
     = DEFAULT_MODEL,
     weights: WeightsOpt = None,
-    chunk: Annotated[int, typer.Option(
-        "--chunk", help="Frames encoded (and decoded) at a time; SVD's temporal decoder mixes frames within "
-        "a chunk, like diffusers' decode_chunk_size.")] = 8,
+    chunk: ChunkOpt = "auto",
     roundtrip: Annotated[bool, typer.Option(
         "--roundtrip", help="Also decode the latents, write the reconstructed clip and report PSNR per frame.")]
     = False,
     recon: Annotated[Optional[Path], typer.Option(
         "--recon", help="Where --roundtrip writes the clip (default: <output>.recon.mp4).")] = None,
+    skip_existing: SkipOpt = None,
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Encode a video clip into a latent video [frames, channels, h, w], streaming (audio is not carried)."""
     from vaecli import clips, video
+    from vaecli.batch import Job
     from vaecli.codec import load_codec
     from vaecli.files import plan_outputs, strip_suffixes
 
     try:
-        clips.check_selection(start, frames, stride, fps, chunk)
+        frames_per_pass = parse_chunk(chunk)
+        clips.check_selection(start, frames, stride, fps, frames_per_pass)
         if output is not None and output.suffix.lower() not in (".latent", ".safetensors"):
             raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors")
         out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
@@ -74,19 +81,22 @@ def video_cmd(
             plan_outputs([source], recon, lambda p: p.name)
         elif recon is not None:
             raise UsageError("--recon needs --roundtrip")
-        roles = ("encoder", "decoder") if roundtrip else ("encoder",)
-        codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
-                           **tiling_kwargs(tile, max_memory))
-    except VaeError as exc:
-        raise fail(exc) from None
+        job = Job(source, out)
+        skip = bool(skip_existing) and out.exists() and (recon is None or recon.exists())
+        if not skip:
+            roles = ("encoder", "decoder") if roundtrip else ("encoder",)
+            codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
+                               **tiling_kwargs(tile, max_memory))
+    except Exception as exc:
+        raise fail(exc, debug) from None
 
     def compute(group) -> None:
         job = group[0]
         report = clips.encode_clip(codec, job.src, job.dst, start=start, frames=frames, stride=stride, fps=fps,
-                                   chunk=chunk, recon=recon if roundtrip else None)
-        if frames is not None and report.frames < frames:
+                                   chunk=frames_per_pass, recon=recon if roundtrip else None)
+        if frames is not None and report.frames < frames and not quiet:
             say(f"note: {job.src} has only {report.frames} frames to select from frame {start}; "
-                 f"encoded {report.frames} of --frames {frames}")
+                f"encoded {report.frames} of --frames {frames}")
         job.extra = {"model": codec.spec.name, "frames": report.frames, "shape": report.shape, "fps": report.fps,
                      "size": list(report.size)}
         line = f"{job.src} -> {job.dst}  {codec.spec.name} latent {report.shape} @ {report.fps:g} fps"
@@ -96,7 +106,5 @@ def video_cmd(
             line += f"; recon -> {recon}  mean PSNR {report.mean_psnr:.2f} dB"
         job.extra["line"] = line
 
-    from vaecli.batch import Job
-
-    run_batch([Job(source, out)], as_json, False, read=lambda job: None, compute=compute,
-               write=lambda job: None)
+    run_batch([job], as_json, quiet, debug=debug, read=lambda job: None, compute=compute,
+              write=lambda job: None, skip=lambda job: skip)
