@@ -86,3 +86,32 @@ def test_output_permissions_follow_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "o.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+_VIDEO_READ_SCRIPT = """
+import resource, sys, torch
+from vaecli.latents import open_latent_video
+meta, shape, read = open_latent_video(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+total = sum(float(read(i, i + 2).sum()) for i in range(0, shape[0], 2))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, total)
+"""
+
+
+def test_latent_video_frames_are_read_in_flat_memory(tmp_path):
+    """Reading a long latent video a few frames at a time keeps no more than those frames resident."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "long.latent"
+    writer = latents.LatentVideoWriter(path)
+    frame = torch.ones(2, 16, 256, 256)  # 8 MB a pair of frames, 256 MB in all
+    for _ in range(16):
+        writer.write(frame)
+    writer.close({"format": latents.FORMAT, "version": 1, "model": "taef2", "kind": "video", "fps": 24.0,
+                  "image_size": [2048, 2048], "channels": 16})
+    out = subprocess.run([sys.executable, "-c", _VIDEO_READ_SCRIPT, str(path)], capture_output=True, text=True,
+                         check=True)
+    grown_mb, total = out.stdout.split()
+    assert float(total) == 32 * 16 * 256 * 256
+    assert int(grown_mb) < 32  # two frames are 8 MB; read through the memory map it grew by 55 MB here

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,8 +186,10 @@ print(json.dumps({"before": before, "peak": peak, "psnr": p, "ssim": s}))
 
 
 def test_memory_is_bounded_by_the_band_not_the_image():
+    # A clean environment: what earlier tests left in os.environ must not change the measurement.
+    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
     out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[1], env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     # Each input is ~200 MB; a float64 copy of one would be ~400 MB.
     assert (r["peak"] - r["before"]) / 1024 < 150

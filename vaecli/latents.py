@@ -346,12 +346,29 @@ def open_latent_video(path: Path) -> tuple[dict, list[int], Callable[[int, int],
     except Exception as exc:  # safetensors' own error types for truncated or foreign files
         raise LatentFormatError(f"{path}: truncated or corrupt latent video ({str(exc)[:120]})") from None
     meta = _decode_meta(raw, str(path))
+    if part.get_dtype() not in ("F32", "F16", "BF16"):
+        raise LatentFormatError(f"{path}: expected a float32/float16/bfloat16 latent video, got {part.get_dtype()}")
     missing = [k for k in ("image_size", "fps") if k not in meta]
     if missing or len(shape) != 4:
         raise LatentFormatError(f"{path}: expected a (T, C, h, w) latent video with 'image_size' and 'fps' "
                                 f"metadata, got shape {shape}{' and no ' + ', '.join(missing) if missing else ''}")
 
+    # Frames are read with plain file reads, not through safetensors' memory map: mapped pages that were read stay
+    # in the process's resident memory, which would then grow with the clip's length.
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(n))["latent"]
+    dtype = {v: k for k, v in _ST_DTYPES.items()}[entry["dtype"]]
+    frame_bytes = math.prod(shape[1:]) * torch.finfo(dtype).bits // 8
+    start = 8 + n + int(entry["data_offsets"][0])
+
     def frames(i: int, j: int) -> torch.Tensor:
-        return part[i:j]
+        i, j = max(0, i), min(shape[0], j)
+        with open(path, "rb") as f:
+            f.seek(start + i * frame_bytes)
+            data = bytearray(f.read((j - i) * frame_bytes))
+        if len(data) != (j - i) * frame_bytes:
+            raise LatentFormatError(f"{path}: truncated latent video (frames {i}-{j - 1} missing)")
+        return torch.frombuffer(data, dtype=dtype).reshape(j - i, *shape[1:])
 
     return meta, shape, frames

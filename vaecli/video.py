@@ -146,10 +146,13 @@ class VideoWriter:
         if self.kind == "ffmpeg":
             import imageio_ffmpeg
 
+            # x264 holds its look-ahead frames (40 by default): at 1080p that is hundreds of MB in the encoder
+            # process, and a short clip never fills it; 10 frames keep long clips' memory near short ones'.
             codec = CODECS.get(self.path.suffix.lower(), "libx264")
             self._ffmpeg = imageio_ffmpeg.write_frames(
                 str(self._tmp), self.written_size, fps=fps, codec=codec, pix_fmt_out="yuv420p", quality=None,
-                macro_block_size=1, output_params=["-crf", "16"] + (["-b:v", "0"] if "vpx" in codec else []),
+                macro_block_size=1,
+                output_params=["-crf", "16"] + (["-b:v", "0"] if "vpx" in codec else ["-rc-lookahead", "10"]),
             )
             self._ffmpeg.send(None)
 

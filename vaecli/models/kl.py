@@ -7,8 +7,6 @@ strict `load_state_dict`; `vaecli.checkpoints` converts diffusers' names into th
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,16 +40,26 @@ class ResnetBlock(nn.Module):
 
 
 SCORE_BYTES = 1 << 28  # attention scores held at once; queries are taken in chunks beyond it
-MAX_EXACT_TOKENS = 1 << 16  # 256x256 latents (2048x2048 pixels at f=8); past it, attention is approximated
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact softmax attention of queries (B, heads, N, C) over keys and values (B, heads, M, C) -> (B, heads, N, C)."""
+    # SDPA's fused kernels (CPU flash included) hold only blocks of scores; its math path materializes them and their
+    # softmax, so queries go in chunks of at most SCORE_BYTES of scores (B x heads x chunk x M) in case it is taken.
+    # The fused kernels need unit stride along C; without it SDPA takes the math path, several times slower.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, heads, n, _ = q.shape
+    step = max(1, SCORE_BYTES // (max(4, q.element_size()) * b * heads * k.shape[2]))
+    if n <= step:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])  # filled in place: a cat of the chunks would hold the output twice
+    for i in range(0, n, step):
+        out[:, :, i:i + step] = F.scaled_dot_product_attention(q[:, :, i:i + step], k, v)
+    return out
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions, with 1x1-conv projections.
-
-    Exact up to MAX_EXACT_TOKENS positions, in query chunks so the scores stay within SCORE_BYTES. Past it (an
-    8192x8192 image has 1M), keys and values are average-pooled to at most MAX_EXACT_TOKENS positions: every
-    query still sees the whole image, at a coarser grain (quadratic cost would otherwise take hours on a CPU).
-    """
+    """Single-head self-attention over all positions, with 1x1-conv projections; exact at every size."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -65,17 +73,10 @@ class AttnBlock(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (proj(y) for proj in (self.q, self.k, self.v))
-        if h * w > MAX_EXACT_TOKENS:
-            p = math.ceil(math.sqrt(h * w / MAX_EXACT_TOKENS))
-            k, v = F.avg_pool2d(k, p, ceil_mode=True), F.avg_pool2d(v, p, ceil_mode=True)
-        q, k, v = (t.reshape(b, 1, c, -1).transpose(-1, -2) for t in (q, k, v))
-        step = max(1, SCORE_BYTES // (4 * k.shape[2]))
-        if h * w <= step:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v)
-                           for i in range(0, h * w, step)], dim=2)
+        # (B, C, H, W) -> (B, 1, HW, C), C innermost as the fused kernels need: a view when x is channels_last; a copy
+        # otherwise, made here so the NCHW projection is freed at once.
+        q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(-1, -2).contiguous() for proj in (self.q, self.k, self.v))
+        y = attention(q, k, v)
         return x + self.proj_out(y.transpose(-1, -2).reshape(b, c, h, w))
 
 
