@@ -26,6 +26,7 @@ from vaecli import latents  # noqa: E402
 from vaecli.codec import build_model, load_codec  # noqa: E402
 from vaecli.models import kl  # noqa: E402
 from vaecli.registry import REGISTRY  # noqa: E402
+from vaecli.tiling import parse_size  # noqa: E402
 
 
 def save_weights(path: Path) -> None:
@@ -41,10 +42,11 @@ def save_weights(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def child(side: int, weights: Path, out: Path) -> None:
-    """Decode a random side x side sd15 latent and write its timings to `out` as JSON."""
+def child(side: int, weights: Path, out: Path, budget: int) -> None:
+    """Decode a random side x side sd15 latent (`budget`: activation bytes, 0 for the default) and write its timings
+    to `out` as JSON."""
     spec = REGISTRY["sd15"]
-    codec = load_codec("sd15", [weights], roles=("decoder",), device="cpu")
+    codec = load_codec("sd15", [weights], roles=("decoder",), device="cpu", budget=budget)
     spent = {"block": 0.0, "attention": 0.0}
     attention = kl.attention
 
@@ -74,12 +76,14 @@ def child(side: int, weights: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 3072, 4096], help="image sides in pixels")
+    parser.add_argument("--max-memory", default="0", help="activation budget as `vae --max-memory` takes it (default: "
+                        "half the available RAM); the attention runs whole either way")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.weights, args.out)
+        child(args.child, args.weights, args.out, parse_size(args.max_memory))
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,13 +94,14 @@ def main() -> None:
         for side in args.sizes:
             out = Path(tmp) / f"{side}.json"
             rss, wall = peak_rss_mb([sys.executable, __file__, "--child", str(side), "--weights", str(weights),
-                                     "--out", str(out)])
+                                     "--out", str(out), "--max-memory", args.max_memory])
             r = json.loads(out.read_text())
             r.update(peak_rss_mb=round(rss, 1), wall_s=round(wall, 1), attn_share=r["attn_block_s"] / r["decode_s"])
             results[side] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
             print(f"{side:>5}x{side:<5} {r['positions']:>9,} {r['decode_s']:>9.1f} {r['attn_block_s']:>12.1f} "
                   f"{r['attention_s']:>11.1f} {r['attn_share']:>6.0%} {rss:>11.0f}", flush=True)
-    print(json.dumps({"bench": "kl_attention", "model": "sd15", "results": results, "time": time.time()}))
+    print(json.dumps({"bench": "kl_attention", "model": "sd15", "max_memory": args.max_memory, "results": results,
+                      "time": time.time()}))
 
 
 if __name__ == "__main__":

@@ -313,9 +313,11 @@ def test_fail_fast_stops_with_exit_1(vae, real_weights, photos, tmp_path, monkey
 
     monkeypatch.setattr(Codec, "encode_batch", _raise_for_sub(Codec.encode_batch, RuntimeError("boom")))
     (photos / "sub" / "c.png").write_bytes((photos / "a.png").read_bytes())
-    result = vae("encode", photos, "-r", "-o", tmp_path / "out", "--fail-fast", "--json")
+    result = vae("encode", photos, "-r", "-o", tmp_path / "out", "--fail-fast", "--batch-size", "1", "--json")
     assert result.exit_code == 1
-    assert [r["status"] for r in map(json.loads, result.stdout.splitlines())][-1] == "error"
+    records = _records(result)
+    assert records["b.png"]["status"] == "error"
+    assert "c.png" not in records and not (tmp_path / "out" / "sub" / "c.latent").exists()  # the run stopped at b
 
 
 def test_video_exception_inside_compute(vae, real_weights, shared, tmp_path, monkeypatch):
