@@ -89,12 +89,15 @@ def test_output_permissions_follow_umask(tmp_path):
 
 
 _VIDEO_READ_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from vaecli.latents import open_latent_video
+def status_kib(key):  # VmHWM: ru_maxrss would carry over the parent's peak across fork and exec
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 meta, shape, read = open_latent_video(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = status_kib("VmHWM")
 total = sum(float(read(i, i + 2).sum()) for i in range(0, shape[0], 2))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, total)
+print((status_kib("VmHWM") - before) // 1024, total)
 """
 
 
