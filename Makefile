@@ -45,3 +45,4 @@ bench: venv
 	$(BIN)/python bench/video_memory.py --scale 256:160
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/roundtrip_speed.py
+	$(BIN)/python bench/kl_attention.py --sizes 2048
