@@ -39,6 +39,18 @@ def shared_weights(shared) -> Path:
     return _require(shared / "weights")
 
 
+@pytest.fixture(scope="session")
+def clip(shared) -> Path:
+    """A real 512x320, 48-frame MP4."""
+    return _require(shared / "video" / "pan_motorcycle.mp4")
+
+
+@pytest.fixture(scope="session")
+def gif(shared) -> Path:
+    """A real tiny animated GIF (14x25)."""
+    return _require(shared / "video" / "no_time_for_that_tiny.gif")
+
+
 @pytest.fixture(autouse=True)
 def isolated_search_path(tmp_path_factory, monkeypatch):
     """No test sees weights from the developer's own weights/ folder, cache, or environment."""

@@ -231,3 +231,55 @@ def test_tiny_decoder_previews_a_kl_latent(vae, kl_files, random_taesd, small_im
     a = np.asarray(Image.open(tmp_path / "scaled.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "raw.png"), dtype=np.int16)
     assert np.abs(a - b).max() <= 1
+
+
+@pytest.fixture
+def svd_latent(vae, kl_files, gif, tmp_path):
+    """A 6-frame SVD latent video of the test GIF, with the random-weight SVD files."""
+    files = kl_files("svd")
+    lat = tmp_path / "s.latent"
+    result = vae("video", gif, "-o", lat, "--frames", 6, "--model", "svd", "--weights", files["diffusers"])
+    assert result.exit_code == 0, result.stderr
+    return lat, files["diffusers"]
+
+
+def test_svd_verify_compares_every_frame_with_the_whole_clip(vae, svd_latent, tmp_path):
+    lat, weights = svd_latent
+    out = tmp_path / "o"
+    result = vae("decode", lat, "-o", out, "--as-frames", "--weights", weights, "--chunk", 2, "--max-memory", "1",
+                 "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    check = json.loads(result.stdout)["verify"]
+    assert check["compared"] == "all 6 frames with the whole clip decoded at once"
+    assert check["max_abs_diff"] <= 1e-4
+    result = vae("decode", lat, "-o", tmp_path / "p", "--as-frames", "--weights", weights, "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert "  verify (all 6 frames with the whole clip decoded at once): max diff 0.0" in result.stderr
+
+
+def test_svd_scratch_folder_must_exist_and_have_room(vae, svd_latent, tmp_path, monkeypatch):
+    lat, weights = svd_latent
+    missing = tmp_path / "nowhere"
+    result = vae("decode", lat, "-o", tmp_path / "o", "--as-frames", "--weights", weights, "--max-memory", "1",
+                 "--scratch", missing)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {lat}: scratch folder {missing}: No such file or directory")
+    assert list((tmp_path / "o").iterdir()) == []  # no partial frame folder (nor its hidden temporary one)
+
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1 << 20))
+    result = vae("decode", lat, "-o", tmp_path / "o", "--as-frames", "--weights", weights, "--max-memory", "1",
+                 "--scratch", tmp_path)
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (
+        f"Error: {lat}: scratch folder {tmp_path}: this needs about 0.0 GB of scratch space, 0.0 GB are free "
+        "(use --scratch DIR or a larger --max-memory)")
+    monkeypatch.undo()
+    result = vae("decode", lat, "-o", tmp_path / "o", "--as-frames", "--weights", weights, "--max-memory", "1",
+                 "--scratch", tmp_path, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["scratch_bytes"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("vaecli-scratch")]  # unlinked, gone on exit

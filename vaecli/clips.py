@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -60,18 +61,26 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     writer = latents.LatentVideoWriter(out)
     recon_writer = video.VideoWriter(recon, out_fps, info.size) if recon else None
     meta: dict = {}
+    whole = recon_writer is not None and codec.mixes_frames
+    kept: list[torch.Tensor] = []  # a temporal decoder's latents, decoded as one clip at the end
+
+    def reconstruct(lat: torch.Tensor, originals: Iterator[torch.Tensor]) -> None:
+        for decoded in codec.decode_stream(lambda i, j: lat[i:j], lat.shape[0], meta, chunk):
+            for frame in decoded:
+                frame = quantize8(frame)
+                recon_writer.write(frame)
+                report.psnr.append(metrics.psnr(frame[None], next(originals)[None]))
+
     try:
         for batch in _chunks(stream, chunk):
             indices, pixels = zip(*batch, strict=True)
             x = torch.stack(pixels)
             lat, meta = codec.encode_batch(x, info.size)
             writer.write(lat)
-            if recon_writer is not None:
-                decoded = codec.decode_frames(lat, meta, chunk)
-                for original, frame in zip(x, decoded, strict=True):
-                    frame = quantize8(frame)
-                    recon_writer.write(frame)
-                    report.psnr.append(metrics.psnr(frame[None], original[None]))
+            if whole:
+                kept.append(lat)
+            elif recon_writer is not None:
+                reconstruct(lat, iter(x))
             report.frame_indices += indices
             if on_frames:
                 on_frames(len(indices))
@@ -82,6 +91,9 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
                     source_size=list(info.size), source=Path(src).name)
         writer.close(meta)
         report.shape = [report.frames, *lat.shape[1:]]
+        if whole:  # the source frames again, for the PSNRs, rather than all of them held
+            _, again = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
+            reconstruct(torch.cat(kept), (pixels for _, pixels in again))
         if recon_writer is not None:
             recon_writer.close()
             report.written_size = recon_writer.written_size
@@ -94,18 +106,58 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
 
 
 def decode_clip(codec: Codec, src: Path, out: Path, chunk: int | None = None, as_frames: bool = False,
-                on_frames: Callable[[int], None] | None = None) -> dict:
+                on_frames: Callable[[int], None] | None = None, verify: bool = False) -> dict:
     """Decode latent video `src` into a clip (or, `as_frames`, a PNG folder) at `out`, at its source size and fps,
-    `chunk` frames at a time (None: as many as fit the codec's memory budget)."""
-    if chunk is not None and chunk < 1:
-        raise UsageError(f"--chunk must be at least 1, got {chunk}")
+    `chunk` frames at a time (None: as many as fit the codec's memory budget); with `verify`, also compare the
+    decoded frames with a second, exact whole decode (`verify_clip`)."""
     meta, shape, read = latents.open_latent_video(src)
     size = tuple(meta["image_size"])
-    chunk = chunk or codec.frames_per_pass(size)
+    check = ClipCheck(codec, read, shape[0], meta) if verify else None
+    codec.scratch_bytes = 0
     with video.VideoWriter(out, float(meta["fps"]), size, as_frames) as writer:
-        for i in range(0, shape[0], chunk):
-            for frame in codec.decode_frames(read(i, i + chunk), meta, chunk):
+        done = 0
+        for frames in codec.decode_stream(read, shape[0], meta, chunk):
+            if check is not None:
+                check.add(done, frames)
+            for frame in frames:
                 writer.write(frame)
+            done += frames.shape[0]
             if on_frames:
-                on_frames(min(chunk, shape[0] - i))
-    return {"frames": shape[0], "fps": meta["fps"], "size": list(size), "written_size": list(writer.written_size)}
+                on_frames(frames.shape[0])
+    info = {"frames": shape[0], "fps": meta["fps"], "size": list(size), "written_size": list(writer.written_size),
+            "scratch_bytes": codec.scratch_bytes}
+    if check is not None:
+        info["verify"] = check.result()
+    return info
+
+
+class ClipCheck:
+    """`--verify` for a latent video: the decoded frames against an exact reference computed another way.
+
+    A temporal decoder (SVD): every frame against the plain forward over the whole clip at once. Per-frame models:
+    the first frame against the codec's own image check (a window decoded untiled, or the whole frame for KL).
+    """
+
+    def __init__(self, codec: Codec, read, frames: int, meta: dict):
+        self.codec, self.read, self.meta = codec, read, meta
+        self.ref = codec.whole_clip(read(0, frames), meta) if codec.mixes_frames else None
+        self.max_diff, self.sq, self.count, self.first = 0.0, 0.0, 0, None
+
+    def add(self, start: int, frames: torch.Tensor) -> None:
+        """Compare decoded frames start .. start + k, (k, 3, H, W) in [0, 1]."""
+        if self.ref is None:
+            if start == 0:
+                self.first = self.codec.verify_tiling(self.read(0, 1)[0], self.meta, frames[:1])
+            return
+        diff = frames - self.ref[start:start + frames.shape[0]]
+        self.max_diff = max(self.max_diff, diff.abs().max().item())
+        self.sq += diff.double().pow(2).sum().item()
+        self.count += diff.numel()
+
+    def result(self) -> dict:
+        """What was compared, the max abs difference and the PSNR (dB) there."""
+        if self.ref is None:
+            return {**self.first, "compared": "frame 0"}
+        mse = self.sq / max(1, self.count)
+        return {"tiled": True, "compared": f"all {self.ref.shape[0]} frames with the whole clip decoded at once",
+                "max_abs_diff": self.max_diff, "psnr": float("inf") if mse == 0 else -10 * math.log10(mse)}

@@ -6,12 +6,13 @@ Knows nothing of the CLI; every user-facing failure is a `VaeError`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vaecli import allocator, banded, media, tiling
+from vaecli import allocator, banded, media, scratch, tiling
 from vaecli.checkpoints import load_strict, model_state_dict, read_weights
 from vaecli.errors import LatentFormatError, UsageError
 from vaecli.latents import make_metadata
@@ -21,7 +22,6 @@ from vaecli.registry import REGISTRY, ModelSpec
 from vaecli.weights import find_on_search_path, load_state_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_CLIP_CHUNK = 8  # SVD's frames per temporal-decoder pass (diffusers' decode_chunk_size)
 MAX_CLIP_CHUNK = 64  # frames per pass when they are small: more only holds more frames, it is not faster
 
 
@@ -61,6 +61,8 @@ class Codec:
     budget: int = 0  # bytes for activations; 0: half of the memory available when used
     memory_format: torch.memory_format = torch.channels_last
     sources: tuple[str, ...] = ()  # the weight files loaded (already verified), for workers to load the same
+    scratch_dir: str | None = None  # where layers past the budget go (None: the system's temporary folder)
+    scratch_bytes: int = 0  # the most scratch-file space a decode has used so far
 
     def tile_size(self, pixels: int, batch: int = 1) -> int | None:
         """Tile side in pixels for a forward pass over `batch` images of `pixels` pixels, or None to run it whole
@@ -78,13 +80,12 @@ class Codec:
 
     def frames_per_pass(self, size: tuple[int, int]) -> int:
         """Video frames of `size` (W, H) to encode or decode together: as many as run whole within the budget, at
-        least one (a frame too large alone is tiled). SVD's temporal decoder mixes the frames of a pass, so its
-        passes stay at DEFAULT_CLIP_CHUNK frames whatever the memory, keeping its output independent of the machine."""
-        if getattr(self.spec.config, "temporal_decoder", False):
-            return DEFAULT_CLIP_CHUNK
+        least one (a frame too large alone is tiled); never changes the numbers."""
         w, h = size
         f = self.spec.spatial_factor
-        if self.spec.family == "tiny":
+        if self.mixes_frames:
+            per_frame, budget = self._temporal_frame_bytes(w * h), self._temporal_budget()
+        elif self.spec.family == "tiny":
             per_frame, budget = self._tiny_bytes_per_pixel() * w * h, self.budget or tiling.default_budget(self.device)
         else:
             per_frame = 0
@@ -96,6 +97,21 @@ class Codec:
                 per_frame = max(per_frame, tiling.whole_bytes(self.model.encoder_plan()[0], padded))
             budget = self._kl_budget()
         return max(1, min(MAX_CLIP_CHUNK, budget // max(1, per_frame)))
+
+    @property
+    def mixes_frames(self) -> bool:
+        """Whether the decoder mixes the frames of a clip (SVD): a clip is then decoded as a whole, never per frame."""
+        return bool(getattr(self.spec.config, "temporal_decoder", False)) and self.model.decoder is not None
+
+    def _temporal_budget(self) -> int:
+        # Frame chunks and whole-clip layers share it; what does not fit goes to scratch files, so the default is
+        # the tiny family's (1 GiB), not half the RAM: a clip's layers live in the page cache, not the process.
+        return self.budget or tiling.default_budget(self.device)
+
+    def _temporal_frame_bytes(self, pixels: int) -> int:
+        """Working set of the temporal decoder per frame of `pixels` output pixels (its widest layer, ~8 copies)."""
+        cfg = self.spec.config
+        return cfg.channels * cfg.channel_mult[0] * pixels * 8 * tiling.DTYPE_BYTES
 
     def _halo_px(self) -> int:
         """Overlap in pixels the tiles of whichever half is loaded need (their receptive field)."""
@@ -139,18 +155,36 @@ class Codec:
 
         from vaecli import metrics
 
-        if self.spec.config.temporal_decoder:
-            return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
-        _, blocks, shape, streams = self._kl_decoder_plan(1, latent.shape[-2:])
-        if not streams:
-            return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
-        need, room = tiling.whole_bytes(blocks, shape), tiling.default_budget(self.device, cap=None)
-        if need > room:
-            raise UsageError(f"--verify: decoding this latent untiled, the reference, needs about {need / 2**30:.1f} "
-                             f"GB; {room / 2**30:.1f} GB are free for it")
-        ref = replace(self, tile=None).decode_latent(latent, meta)
+        if self.mixes_frames:
+            ref = self.whole_clip(latent[None], meta)
+        else:
+            _, blocks, shape, streams = self._kl_decoder_plan(1, latent.shape[-2:])
+            if not streams:
+                return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+            self._check_room(tiling.whole_bytes(blocks, shape), "decoding this latent untiled")
+            ref = replace(self, tile=None).decode_latent(latent, meta)
         return {"tiled": True, "window": [0, 0, ref.shape[-1], ref.shape[-2]],
                 "max_abs_diff": (pixels - ref).abs().max().item(), "psnr": metrics.psnr(pixels, ref)}
+
+    def _check_room(self, need: int, what: str) -> None:
+        room = tiling.default_budget(self.device, cap=None)
+        if need > room:
+            raise UsageError(f"--verify: {what}, the reference, needs about {need / 2**30:.1f} GB; "
+                             f"{room / 2**30:.1f} GB are free for it")
+
+    def whole_clip(self, latents: torch.Tensor, meta: dict) -> torch.Tensor:
+        """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1] by the temporal decoder's plain forward
+        over the whole clip at once (the reference `--verify` compares the streamed decode with); a UsageError when
+        that would not fit in half the available memory."""
+        h, w = latents.shape[-2:]
+        f = self.spec.spatial_factor
+        self._check_room(latents.shape[0] * self._temporal_frame_bytes(h * w * f * f), "decoding the clip whole")
+        dec_dtype = next(self.model.decoder.parameters()).dtype
+        with torch.inference_mode():
+            z = self._to_input(latents.to(self.device, torch.float32), meta).to(dec_dtype)
+            pixels = self.model.decode(z.contiguous(memory_format=self.memory_format), latents.shape[0])
+        size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
+        return media.crop(pixels.float().cpu(), size, tuple(meta.get("padding") or (0, 0, 0, 0)))
 
     def _kl_decoder_plan(self, batch: int, hw) -> tuple:
         """The 2-D KL decoder's head and blocks, their input shape for `batch` latents of `hw`, and whether they
@@ -202,7 +236,7 @@ class Codec:
         tile = self.tile_size(z.shape[-2] * z.shape[-1] * f * f, z.shape[0])
         if self.spec.family != "tiny":
             if self.spec.config.temporal_decoder:
-                return self.model.decode(z, num_frames)
+                return self.model.decode(z, num_frames)  # one frame (an image latent): nothing to mix
             head, blocks, _, streams = self._kl_decoder_plan(z.shape[0], z.shape[-2:])
             if streams:
                 h = self._kl_streamed(blocks, head(z), unit=f)
@@ -272,27 +306,66 @@ class Codec:
         return self.decode_frames(latent[None], meta)
 
     def decode_frames(self, latents: torch.Tensor, meta: dict, chunk: int | None = None) -> torch.Tensor:
-        """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1], decoded `chunk` frames at a time.
+        """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1], decoded `chunk` frames at a time."""
+        return torch.cat(list(self.decode_stream(lambda i, j: latents[i:j], latents.shape[0], meta, chunk)))
 
-        A temporal decoder (SVD) mixes the frames within each chunk, as diffusers' `decode_chunk_size` does.
+    def decode_stream(self, read, frames: int, meta: dict, chunk: int | None = None) -> Iterator[torch.Tensor]:
+        """The T = `frames` latents of one clip, `read(i, j)` giving frames i .. j as (j - i, C, h, w) -> its pixels
+        as (k, 3, H, W) chunks in [0, 1], `chunk` frames at a time (None: as many as fit the budget).
+
+        Per-frame models decode chunk by chunk; a temporal decoder (SVD) decodes the clip as one, exactly as if
+        whole, keeping the layers it needs whole in RAM within the budget and in scratch files past it.
         """
         if self.model.decoder is None:
             raise UsageError(f"{self.spec.name} has no decoder" + (f" ({self.spec.notes})" if self.spec.notes else ""))
-        chunk = chunk or latents.shape[0]
-        if chunk < 1:
+        if chunk is not None and chunk < 1:
             raise UsageError(f"--chunk must be at least 1, got {chunk}")
+        size = tuple(meta.get("image_size") or ())
+        padding = tuple(meta.get("padding") or (0, 0, 0, 0))
         dec_dtype = next(self.model.decoder.parameters()).dtype  # fp32 when the model forces an upcast
-        out = []
+
+        def prepare(part: torch.Tensor) -> torch.Tensor:
+            check_latent_fits(self.spec, part[0], meta)
+            z = self._to_input(part.to(self.device, torch.float32), meta)
+            return z.to(dec_dtype).contiguous(memory_format=self.memory_format)
+
+        def finish(pixels: torch.Tensor) -> torch.Tensor:
+            pixels = pixels.float().cpu()
+            return media.crop(pixels, size or (pixels.shape[-1], pixels.shape[-2]), padding)
+
+        f = self.spec.spatial_factor
+        if not self.mixes_frames:
+            probe = read(0, 1)
+            chunk = chunk or self.frames_per_pass((probe.shape[-1] * f, probe.shape[-2] * f))
+            for i in range(0, frames, chunk):
+                with torch.inference_mode():
+                    part = read(i, min(frames, i + chunk))
+                    out = finish(self._decode_raw(prepare(part), part.shape[0]))
+                yield out
+            return
         with torch.inference_mode():
-            for i in range(0, latents.shape[0], chunk):
-                part = latents[i:i + chunk]
-                check_latent_fits(self.spec, part[0], meta)
-                z = self._to_input(part.to(self.device, torch.float32), meta)
-                z = z.to(dec_dtype).contiguous(memory_format=self.memory_format)
-                out.append(self._decode_raw(z, part.shape[0]).float().cpu())
-        pixels = torch.cat(out)
-        size = tuple(meta.get("image_size") or (pixels.shape[-1], pixels.shape[-2]))
-        return media.crop(pixels, size, tuple(meta.get("padding") or (0, 0, 0, 0)))
+            z = prepare(read(0, frames))
+            if self.model.post_quant_conv is not None:
+                z = self.model.post_quant_conv(z)
+        pixels = z.shape[-2] * z.shape[-1] * f * f
+        chunk = chunk or self.frames_per_pass((z.shape[-1] * f, z.shape[-2] * f))
+        budget = self._temporal_budget()
+        store = scratch.Scratch(max(0, budget - chunk * self._temporal_frame_bytes(pixels)), self.device,
+                                self.scratch_dir)
+        store.check_space(self.model.decoder.clip_bytes(frames, pixels, dec_dtype) - store.budget)
+        try:
+            with torch.inference_mode():
+                stream = self.model.decoder.stream(z, chunk, store)
+            while True:
+                with torch.inference_mode():
+                    part = next(stream, None)
+                    if part is None:
+                        break
+                    out = finish(((part + 1) / 2).clamp(0, 1))
+                self.scratch_bytes = max(self.scratch_bytes, store.peak_file_bytes)
+                yield out
+        finally:
+            store.close()
 
     def _from_raw(self, raw: torch.Tensor, space: str) -> torch.Tensor:
         if self.spec.family == "tiny":
@@ -357,7 +430,7 @@ def build_model(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> 
 
 def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, ...] = ("encoder", "decoder"),
                device: str = "auto", dtype: str = "fp32", verify: bool = True, tile: int | str | None = "auto",
-               budget: int = 0) -> Codec:
+               budget: int = 0, scratch: str | None = None) -> Codec:
     """Build model `name` and load the halves in `roles`: from `weights` files/folders, else the search path."""
     spec = get_spec(name)
     if dtype not in DTYPES:
@@ -405,4 +478,4 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
     if isinstance(tile, int) and getattr(spec.config, "temporal_decoder", False) and "decoder" in roles:
         raise UsageError(f"--tile {tile}: {spec.name}'s temporal decoder tiles over frames (--chunk), not space")
     return Codec(spec=spec, model=model, device=dev, dtype=DTYPES[dtype], tile=tile, budget=budget,
-                 memory_format=fmt, sources=tuple(sources))
+                 memory_format=fmt, sources=tuple(sources), scratch_dir=scratch)

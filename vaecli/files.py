@@ -13,11 +13,11 @@ from pathlib import Path
 from vaecli.errors import OutputError, UsageError
 
 
-def output_file_mode() -> int:
-    """Permission bits an ordinary open() would give a new file (mkstemp's temp files are 0600)."""
+def output_file_mode(folder: bool = False) -> int:
+    """Permission bits an ordinary open() (or mkdir, for a `folder`) would give (mkstemp/mkdtemp's are private)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def _blocking_file(path: Path) -> Path | None:

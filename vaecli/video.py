@@ -6,6 +6,7 @@ Frames inside the library are (3, H, W) float32 tensors in [0, 1]; nothing here 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,10 +136,10 @@ class VideoWriter:
         w, h = size
         self.written_size = (w + w % 2, h + h % 2) if self.kind == "ffmpeg" else size
         self._gif_frames: list = []
-        if self.kind == "frames":
-            self.path.mkdir(parents=True, exist_ok=True)
-            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.kind == "frames":  # a hidden folder beside it, renamed into place when complete
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent))
+            return
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".part{self.path.suffix}",
                                    dir=self.path.parent)
         os.close(fd)
@@ -168,7 +169,7 @@ class VideoWriter:
         if self.kind == "frames":
             from vaecli.media import write_image
 
-            write_image(self.path / f"frame_{self.count:06d}.png", frame[None])
+            write_image(self._tmp / f"frame_{self.count:06d}.png", frame[None])
         elif self.kind == "gif":
             from PIL import Image
 
@@ -187,6 +188,15 @@ class VideoWriter:
 
     def _close(self) -> None:
         if self.kind == "frames":
+            self._tmp.chmod(output_file_mode(folder=True))
+            if self.path.is_dir():  # --overwrite: the old folder goes only once the new one is complete
+                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
+                os.replace(self.path, old / "x")
+                os.replace(self._tmp, self.path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self._tmp, self.path)
+            self._tmp = None
             return
         if self.kind == "gif":
             if not self._gif_frames:
@@ -205,7 +215,9 @@ class VideoWriter:
                 self._ffmpeg.close()
             except Exception:  # ffmpeg may already be gone; the temp file is removed either way
                 pass
-        if self._tmp is not None:
+        if self._tmp is not None and self._tmp.is_dir():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        elif self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:

@@ -103,8 +103,11 @@ MaxMemOpt = Annotated[Optional[str], typer.Option(
     "less; on CUDA half the free GPU memory).")]
 ChunkOpt = Annotated[str, typer.Option(
     "--chunk", help="Video: frames encoded/decoded at a time: 'auto' = as many as fit --max-memory (one when a frame "
-    "alone is large; SVD: 8, since its temporal decoder mixes the frames of a chunk, like diffusers' "
-    "decode_chunk_size), or a number.")]
+    "alone is large), or a number. Changes memory and speed, never the frames (SVD decodes the whole clip as one, "
+    "whatever the chunk).")]
+ScratchOpt = Annotated[Optional[Path], typer.Option(
+    "--scratch", help="Folder for layers that do not fit --max-memory (SVD clips), as temporary files removed on "
+    "exit [default: the system's temporary folder].", file_okay=False)]
 NameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Output file name template with {stem}, {ext}, {model}, e.g. '{stem}.{model}{ext}'.")]
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
@@ -247,11 +250,12 @@ def plan_jobs(inputs: list[str], output: Optional[Path], recursive: bool, exts: 
     return [Job(src, dst, rel=rel) for src, dst, rel in zip(srcs, outs, rels, strict=True)], skip
 
 
-def tiling_kwargs(tile: str, max_memory: Optional[str]) -> dict:
-    """`load_codec` keyword arguments for --tile and --max-memory."""
+def tiling_kwargs(tile: str, max_memory: Optional[str], scratch: Optional[Path] = None) -> dict:
+    """`load_codec` keyword arguments for --tile, --max-memory and --scratch."""
     from vaecli import tiling
 
-    return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0}
+    return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0,
+            "scratch": str(scratch) if scratch else None}
 
 
 def parse_chunk(option: str) -> int | None:

@@ -24,6 +24,7 @@ from vaecli.cli.common import (
     OutputOpt,
     QuietOpt,
     RecursiveOpt,
+    ScratchOpt,
     SkipOpt,
     SuffixOpt,
     TileOpt,
@@ -51,8 +52,9 @@ def decode(
     as_frames: Annotated[bool, typer.Option(
         "--as-frames", help="Latent videos: write a folder of PNG frames (frame_000000.png, ...).")] = False,
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Also decode a window around a tile seam untiled and report the max abs difference and "
-        "PSNR of the tiled result there.")] = False,
+        "--verify", help="Also decode another, exact way and report the max abs difference and PSNR: tiny models a "
+        "window around a tile seam untiled, KL models the whole image untiled, SVD the whole clip at once; latent "
+        "videos of per-frame models: frame 0.")] = False,
     image_ext: Annotated[str, typer.Option(
         "--ext", help="Image extension for outputs vaecli names (png, jpg, webp, ...).")] = "png",
     recursive: RecursiveOpt = False,
@@ -62,6 +64,7 @@ def decode(
     suffix: SuffixOpt = "",
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
+    scratch: ScratchOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -85,7 +88,7 @@ def decode(
         return namer(name, suffix, ext, model.value if model else "")(p)
 
     try:
-        tiling_options = tiling_kwargs(tile, max_memory)
+        tiling_options = tiling_kwargs(tile, max_memory, scratch)
         frames_per_pass = parse_chunk(chunk)
         media.check_output_extension(Path("x" + image_suffix))
         jobs, skip = plan_jobs(inputs, output, recursive, batch.LATENT_EXTS, default_name, skip_existing)
@@ -125,11 +128,13 @@ def decode(
         for job in group:
             name, latent, meta = job.payload
             if latent is None:  # a latent video streams straight to its output
-                info = clips.decode_clip(codec_for(name), job.src, job.dst, frames_per_pass, as_frames)
+                info = clips.decode_clip(codec_for(name), job.src, job.dst, frames_per_pass, as_frames,
+                                         verify=verify)
                 job.payload = None
                 job.extra = {"model": name, **info,
                              "line": f"{job.src} -> {job.dst}  {name} {info['frames']} frames "
-                                     f"{info['size'][0]}x{info['size'][1]} @ {info['fps']:g} fps"}
+                                     f"{info['size'][0]}x{info['size'][1]} @ {info['fps']:g} fps"
+                                     + verify_text(info.get("verify"))}
             else:
                 pixels = codec_for(name).decode_latent(latent, meta)
                 check = codec_for(name).verify_tiling(latent, meta, pixels) if verify else None
@@ -145,9 +150,15 @@ def decode(
         job.extra = {"model": name, "size": size}
         if check is not None:
             job.extra["verify"] = check
-            line += (f"  verify: max diff {check['max_abs_diff'] * 255:.3f}/255, PSNR {check['psnr']:.2f} dB"
-                     if check["tiled"] else "  verify: not tiled")
-        job.extra["line"] = line
+        job.extra["line"] = line + verify_text(check)
+
+    def verify_text(check: dict | None) -> str:
+        if check is None:
+            return ""
+        if not check["tiled"]:
+            return "  verify: not tiled"
+        where = f" ({check['compared']})" if "compared" in check else ""
+        return f"  verify{where}: max diff {check['max_abs_diff'] * 255:.3f}/255, PSNR {check['psnr']:.2f} dB"
 
     run_batch(jobs, as_json, quiet, debug=debug, read=read, compute=compute, write=write, fail_fast=fail_fast,
                skip=lambda job: skip and job.dst.exists())

@@ -19,6 +19,7 @@ from vaecli.cli.common import (
     ModelName,
     NoVerifyOpt,
     QuietOpt,
+    ScratchOpt,
     SkipOpt,
     TileOpt,
     UsageError,
@@ -56,6 +57,7 @@ def video_cmd(
     skip_existing: SkipOpt = None,
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
+    scratch: ScratchOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -86,7 +88,7 @@ def video_cmd(
         if not skip:
             roles = ("encoder", "decoder") if roundtrip else ("encoder",)
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
-                               **tiling_kwargs(tile, max_memory))
+                               **tiling_kwargs(tile, max_memory, scratch))
     except Exception as exc:
         raise fail(exc, debug) from None
 

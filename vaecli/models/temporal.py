@@ -7,12 +7,17 @@ weights (`decoder.up.3.block.0.spatial_res_block.norm1`, `...temporal_res_block.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vaecli.models.kl import AttnBlock, ResnetBlock, norm, up_stages
 from vaecli.registry import KLConfig
+from vaecli.tiling import Moments, group_moments, merge_moments, norm_affine
+
+Frames = Callable[[int, int], torch.Tensor]  # frames start .. stop of a layer, (k, C, H, W)
 
 
 class TemporalResBlock(nn.Module):
@@ -94,3 +99,99 @@ class TemporalDecoder(nn.Module):
         bt, c, hh, ww = h.shape
         h5 = h.reshape(bt // num_frames, num_frames, c, hh, ww).permute(0, 2, 1, 3, 4)
         return self.time_conv_out(h5).permute(0, 2, 1, 3, 4).reshape(bt, c, hh, ww)
+
+    def stream(self, z: torch.Tensor, chunk: int, store) -> Iterator[torch.Tensor]:
+        """Latents (T, C, h, w) of one clip -> its pixels (k, 3, f*h, f*w) in about [-1, 1], `chunk` frames at a
+        time, equal to `forward(z, T)`: the temporal GroupNorms take their statistics over the whole clip and the
+        temporal convolutions see the neighbouring frames, through layers kept whole in `store` (a
+        `vaecli.scratch.Scratch`), so memory follows `chunk`, not T."""
+        frames = z.shape[0]
+        src: Frames = lambda s, e: z[s:e]  # noqa: E731
+        pending: list[nn.Module] = [self.conv_in]
+        held: list = []
+        for op in self._ops():
+            if not isinstance(op, SpatioTemporalBlock):
+                pending.append(op)
+                continue
+            h_store, moments = self._layer(src, pending + [op.spatial_res_block], frames, chunk, store,
+                                           op.temporal_res_block.norm1)
+            for old in held:
+                store.release(old)
+            act1 = _normed(h_store.read, op.temporal_res_block.norm1, moments)
+            a_store, moments = self._layer(lambda s, e, c=op.temporal_res_block.conv1, a=act1: _tconv(c, a, s, e,
+                                           frames), [], frames, chunk, store, op.temporal_res_block.norm2)
+            act2 = _normed(a_store.read, op.temporal_res_block.norm2, moments)
+
+            def src(s, e, op=op, h=h_store.read, a=act2):
+                spatial = h(s, e)
+                return op.time_mixer(spatial, _tconv(op.temporal_res_block.conv2, a, s, e, frames) + spatial)
+
+            pending, held = [], [h_store, a_store]
+        out, _ = self._layer(src, pending + [self.norm_out, nn.SiLU(), self.conv_out], frames, chunk, store, None)
+        for old in held:
+            store.release(old)
+        try:
+            for s in range(0, frames, chunk):
+                yield _tconv(self.time_conv_out, out.read, s, min(frames, s + chunk), frames)
+        finally:
+            store.release(out)
+
+    def clip_bytes(self, frames: int, pixels: int, dtype: torch.dtype) -> int:
+        """Bytes `stream` keeps whole at most for a clip of `frames` frames of `pixels` pixels: three layers of the
+        widest level (two of a block, one of the next)."""
+        elem = 4 if dtype == torch.bfloat16 else torch.finfo(dtype).bits // 8  # scratch files hold bf16 as fp32
+        return 3 * frames * self.conv_out.in_channels * pixels * elem
+
+    def _ops(self) -> list[nn.Module]:
+        """The decoder after conv_in as a flat list: SpatioTemporalBlocks and per-frame modules between them."""
+        ops = [self.mid.block_1, self.mid.attn_1, self.mid.block_2]
+        for stage in reversed(self.up):
+            ops += list(stage.block) + ([stage.upsample] if hasattr(stage, "upsample") else [])
+        return ops
+
+    @staticmethod
+    def _layer(src: Frames, modules: list[nn.Module], frames: int, chunk: int, store,
+               gn: nn.GroupNorm | None) -> tuple:
+        """Run per-frame `modules` over `src` chunk by chunk into a new store; with `gn`, also the whole clip's
+        statistics of the result for that temporal GroupNorm."""
+        layer, moments = None, None
+        for s in range(0, frames, chunk):
+            x = src(s, min(frames, s + chunk))
+            for module in modules:
+                x = module(x)
+            if layer is None:
+                layer = store.frames(frames, tuple(x.shape[1:]), x.dtype)
+            layer.write(s, x)
+            if gn is not None:
+                moments = merge_moments(moments, _clip_moments(x, gn.num_groups))
+            del x
+        return layer, moments
+
+
+def _clip_moments(x: torch.Tensor, groups: int) -> Moments:
+    """Moments of (k, C, H, W) frames of one clip, per group over all k frames, as a (1, G) batch."""
+    n, mean, m2 = group_moments(x, groups)
+    mu = mean.mean(0, keepdim=True)
+    return n * x.shape[0], mu, m2.sum(0, keepdim=True) + n * (mean - mu).pow(2).sum(0, keepdim=True)
+
+
+def _normed(read: Frames, gn: nn.GroupNorm, moments: Moments) -> Frames:
+    """Frames of a layer through `gn` with the whole clip's `moments`, then SiLU (a temporal block's conv input)."""
+    def frames(s: int, e: int) -> torch.Tensor:
+        x = read(s, e)
+        scale, shift = norm_affine(gn, moments, x.shape[1])
+        return F.silu(torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)), inplace=True)
+    return frames
+
+
+def _tconv(conv: nn.Conv3d, read: Frames, s: int, e: int, frames: int) -> torch.Tensor:
+    """A (3, 1, 1) Conv3d over frames s .. e of a T-frame clip, zero-padded at the clip's ends only."""
+    x = read(max(0, s - 1), min(frames, e + 1))
+    pad = [torch.zeros_like(x[:1])]
+    x = torch.cat((pad if s == 0 else []) + [x] + (pad if e == frames else []))  # frames s - 1 .. e
+    k, weight = e - s, conv.weight.to(x.dtype)
+    # out[t] = sum_j W_j x[t - 1 + j]: three 1x1 convolutions, GEMMs on channels_last (oneDNN's Conv3d is slower)
+    out = F.conv2d(x[1:k + 1], weight[:, :, 1], conv.bias)
+    out += F.conv2d(x[:k], weight[:, :, 0])
+    out += F.conv2d(x[2:], weight[:, :, 2])
+    return out

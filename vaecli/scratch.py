@@ -1,0 +1,260 @@
+"""Scratch space for whole layers that do not fit the memory budget: frame stores in RAM or in temporary files.
+
+A layer kept whole (every frame of a clip at one depth of a network) is written once and read back a few frames
+at a time. Up to the budget it stays in RAM; past it, it goes to an unlinked temporary file read and written with
+plain file calls, so it lives in the page cache (reclaimable, not the process's resident memory) and is removed
+by the OS on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaecli.errors import OutputError
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_IO_STEP = 1 << 30  # bytes per read/write call: Linux moves at most ~2 GB per call
+
+
+class FrameStore:
+    """A (T, C, H, W) tensor addressed by frame ranges, held in RAM or in a scratch file; reads come back
+    channels_last on `device`."""
+
+    def __init__(self, frames: int, frame_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 file=None):
+        self.frames, self.frame_shape, self.dtype, self.device = frames, tuple(frame_shape), dtype, device
+        c, h, w = self.frame_shape
+        self.frame_bytes = c * h * w * torch.finfo(dtype).bits // 8
+        self._file = file
+        self._ram = None if file is not None else torch.empty(
+            frames, c, h, w, dtype=dtype, device=device, memory_format=torch.channels_last)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole layer in bytes."""
+        return self.frames * self.frame_bytes
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        """Store (k, C, H, W) `x` as frames start .. start + k."""
+        if self._ram is not None:
+            self._ram[start:start + x.shape[0]] = x
+            return
+        # Frame-major, each frame (H, W, C): the channels_last layout the convolutions use, so no reorder.
+        data = x.detach().to("cpu", self.dtype).permute(0, 2, 3, 1).contiguous().view(torch.uint8).numpy()
+        view, offset = memoryview(data).cast("B"), start * self.frame_bytes
+        while view:
+            done = os.pwrite(self._file.fileno(), view[:_IO_STEP], offset)
+            view, offset = view[done:], offset + done
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Frames start .. stop as a (stop - start, C, H, W) channels_last tensor on the store's device."""
+        if self._ram is not None:
+            return self._ram[start:stop]
+        c, h, w = self.frame_shape
+        data = np.empty((stop - start, h, w, c), dtype=_NUMPY[self.dtype])
+        view, offset = memoryview(data).cast("B"), start * self.frame_bytes
+        while view:
+            got = os.preadv(self._file.fileno(), [view[:_IO_STEP]], offset)
+            if got <= 0:
+                raise OutputError(f"scratch file {self._file.name}: read past its end")
+            view, offset = view[got:], offset + got
+        return torch.from_numpy(data).permute(0, 3, 1, 2).to(self.device)
+
+    def close(self) -> None:
+        """Free the layer (RAM) or drop its file."""
+        self._ram = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Scratch:
+    """Hands out frame stores: in RAM while they fit `budget` bytes together, else as files in `directory`."""
+
+    def __init__(self, budget: int, device: torch.device, directory: str | Path | None = None):
+        self.budget, self.device = budget, device
+        self.directory = Path(directory or tempfile.gettempdir())
+        self.in_ram = 0
+        self.peak_file_bytes = self.file_bytes = 0
+        self._open: list[FrameStore] = []
+
+    def frames(self, frames: int, frame_shape: tuple[int, ...], dtype: torch.dtype) -> FrameStore:
+        """A new store for `frames` frames of `frame_shape` (C, H, W)."""
+        c, h, w = frame_shape
+        size = frames * c * h * w * torch.finfo(dtype).bits // 8
+        if self.in_ram + size <= self.budget:
+            store = FrameStore(frames, frame_shape, dtype, self.device)
+            self.in_ram += size
+        else:
+            if dtype not in _NUMPY:  # bf16: numpy has no such type; the bytes are the same in fp32's place
+                dtype = torch.float32
+            store = FrameStore(frames, frame_shape, dtype, self.device, file=self._file(size))
+            self.file_bytes += store.nbytes
+            self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
+        self._open.append(store)
+        return store
+
+    def check_space(self, size: int) -> None:
+        """Raise an OutputError when the scratch folder has less than `size` bytes free."""
+        if size <= 0:
+            return
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError as exc:
+            raise OutputError(f"scratch folder {self.directory}: {exc.strerror or exc}") from None
+        if free < size:
+            raise OutputError(f"scratch folder {self.directory}: this needs about {size / 2**30:.1f} GB of scratch "
+                              f"space, {free / 2**30:.1f} GB are free (use --scratch DIR or a larger --max-memory)")
+
+    def _file(self, size: int):
+        self.check_space(size)
+        try:
+            return tempfile.TemporaryFile(dir=self.directory, prefix="vaecli-scratch-")
+        except OSError as exc:
+            raise OutputError(f"scratch folder {self.directory}: cannot create a file: "
+                              f"{exc.strerror or exc}") from None
+
+    def release(self, store: FrameStore) -> None:
+        """Close `store` and return its bytes to the budget."""
+        if store in self._open:
+            self._open.remove(store)
+            if store._file is not None:
+                self.file_bytes -= store.nbytes
+            else:
+                self.in_ram -= store.nbytes
+        store.close()
+
+    def close(self) -> None:
+        """Close every store still open."""
+        for store in list(self._open):
+            self.release(store)
+
+
+class RowStore:
+    """A (1, C, H, W) image addressed by row ranges, held in RAM or in a scratch file.
+
+    Row-major, each row (W, C): the channels_last layout the convolutions use, so a band of rows is one contiguous
+    read or write and nothing is reordered. Reads come back channels_last on `device` (views of the RAM copy, or the
+    file's bytes read into a reusable buffer). A store made by a dry `Scratch` has no data: it only plans.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
+                 file=None, ram: torch.Tensor | None = None, capacity: int | None = None):
+        self.channels, self.height, self.width, self.dtype, self.device = channels, height, width, dtype, device
+        self.itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8
+        self.row_bytes = width * channels * self.itemsize
+        self.capacity = capacity if capacity is not None else height * self.row_bytes
+        self._file, self._flat = file, ram  # _flat: 1-D tensor of `dtype` holding the rows, (H, W, C) order
+
+    @classmethod
+    def wrap(cls, x: torch.Tensor) -> RowStore:
+        """A RAM store over (1, C, H, W) `x` itself (channels_last, or made so by a copy): writes land in `x`."""
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        _, c, h, w = x.shape
+        return cls(c, h, w, x.dtype, x.device, ram=x.permute(0, 2, 3, 1).reshape(-1))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this store holds (RAM or file), what `Scratch` accounts."""
+        return self.capacity
+
+    @property
+    def in_file(self) -> bool:
+        return self._file is not None
+
+    @property
+    def ram(self) -> torch.Tensor | None:
+        """The whole image as a (1, C, H, W) channels_last tensor when the store is in RAM, else None."""
+        if self._flat is None:
+            return None
+        n = self.height * self.width * self.channels
+        return self._flat[:n].view(1, self.height, self.width, self.channels).permute(0, 3, 1, 2)
+
+    def write(self, row: int, x: torch.Tensor) -> None:
+        """Store (1, C, k, W) `x` as rows row .. row + k."""
+        if self._flat is not None:
+            self.ram[:, :, row:row + x.shape[-2]] = x
+            return
+        data = x.detach().permute(0, 2, 3, 1)
+        if data.device.type != "cpu":
+            data = data.to("cpu")
+        data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+        view, offset = memoryview(data).cast("B"), row * self.row_bytes
+        while view:
+            done = os.pwrite(self._file.fileno(), view[:_IO_STEP], offset)
+            view, offset = view[done:], offset + done
+
+    def read(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start .. stop as a (1, C, stop - start, W) channels_last tensor on the store's device: a view in RAM,
+        else read from the file into `buffer` (a CPU uint8 tensor, reused by the caller; allocated if too small)."""
+        if self._flat is not None:
+            return self.ram[:, :, start:stop]
+        n = (stop - start) * self.row_bytes
+        if buffer is None or buffer.numel() < n:
+            buffer = torch.empty(n, dtype=torch.uint8)
+        buffer = buffer[:n]
+        view, offset = memoryview(buffer.numpy()).cast("B"), start * self.row_bytes
+        while view:
+            got = os.preadv(self._file.fileno(), [view[:_IO_STEP]], offset)
+            if got <= 0:
+                raise OutputError(f"scratch file {self._file.name}: read past its end")
+            view, offset = view[got:], offset + got
+        out = buffer.view(self.dtype).view(1, stop - start, self.width, self.channels).permute(0, 3, 1, 2)
+        return out if self.device.type == "cpu" else out.to(self.device)
+
+    def recast(self, channels: int) -> RowStore:
+        """The same storage as a store of `channels` (at most this one's) channels: for an output written over the
+        rows of this input that are already consumed. This store must not be used afterwards."""
+        if channels * self.width * self.itemsize * self.height > self.capacity:
+            raise ValueError("a recast store must fit the storage it reuses")
+        store = RowStore(channels, self.height, self.width, self.dtype, self.device, self._file, self._flat,
+                         self.capacity)
+        self._file = self._flat = None
+        return store
+
+    def close(self) -> None:
+        """Free the rows (RAM) or drop the file."""
+        self._flat = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _rows(self: Scratch, channels: int, height: int, width: int, dtype: torch.dtype) -> RowStore:
+    """A new row store for a (1, `channels`, `height`, `width`) image: in RAM while it fits the budget, else a file.
+
+    A dry Scratch (`dry = True`) makes stores without data, so a caller can plan (file bytes at peak) first."""
+    probe = RowStore(channels, height, width, dtype, self.device)
+    size, dry = probe.nbytes, getattr(self, "dry", False)
+    if self.in_ram + size <= self.budget:
+        ram = None if dry else torch.empty(size // probe.itemsize, dtype=dtype, device=self.device)
+        store = RowStore(channels, height, width, dtype, self.device, ram=ram)
+        self.in_ram += size
+        self.peak_ram_bytes = max(getattr(self, "peak_ram_bytes", 0), self.in_ram)
+    else:
+        store = RowStore(channels, height, width, dtype, self.device, file=None if dry else self._file(size))
+        store.planned_file = dry
+        self.file_bytes += size
+        self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
+    self._open.append(store)
+    return store
+
+
+def _recast(self: Scratch, store: RowStore, channels: int) -> RowStore:
+    """`store.recast(channels)`, keeping the account: the new store holds the old one's bytes."""
+    new = store.recast(channels)
+    new.planned_file = getattr(store, "planned_file", False)
+    if store in self._open:
+        self._open[self._open.index(store)] = new
+    return new
+
+
+Scratch.rows = _rows
+Scratch.recast = _recast
