@@ -211,8 +211,8 @@ def test_normalized_latent_needs_flux2(vae, kl_files, small_image, tmp_path):
     assert list(latent.shape) == [128, 3, 4] and meta["padding"] == [0, 0, 3, 3]
     result = vae("decode", lat, "-o", tmp_path / "x.png", "--model", "taef2")
     assert result.exit_code == 1
-    assert _only_error_line(result) == (f"Error: {lat}: 'normalized' latents (made by flux2) need FLUX.2's "
-                                        f"batch-norm statistics: decode with --model flux2, not taef2")
+    assert _only_error_line(result) == (f"Error: {lat}: 'normalized' latents (made by flux2) need flux2's "
+                                        f"normalization statistics: decode with --model flux2, not taef2")
     result = vae("decode", lat, "-o", tmp_path / "x.png", "--weights", files["diffusers"])
     assert result.exit_code == 0, result.stderr
 

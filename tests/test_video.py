@@ -220,3 +220,147 @@ def test_svd_roundtrip_reconstructs_the_whole_clip(vae, kl_files, gif, tmp_path)
     expected = [metrics.psnr(quantize8(w)[None], src[None]) for w, (_, src) in zip(whole, stream, strict=True)]
     assert report["psnr"] == pytest.approx(expected, abs=1e-3)
     assert len(list(iio.imiter(recon))) == 5
+
+
+# --- causal video families (Wan, Qwen-Image, TAEHV): the whole command against the references -----------------
+
+TINY_WAN = dict(base_dim=8, z_dim=16, num_res_blocks=1)  # 16 channels: Wan 2.1's latent statistics apply
+
+
+@pytest.fixture
+def tiny_wan(monkeypatch, tmp_path_factory):
+    """wan2.1 and qwen-image at tiny widths (registry entries swapped for the test), with a diffusers folder of
+    seeded random weights, and diffusers' model as the reference."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKLWan
+
+    from vaecli.registry import REGISTRY, WanConfig
+
+    for name in ("wan2.1", "qwen-image"):
+        spec = REGISTRY[name]
+        cfg = WanConfig(**TINY_WAN, latents_mean=spec.latents_mean, latents_std=spec.latents_std)
+        monkeypatch.setitem(REGISTRY, name, replace(spec, config=cfg))
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(**TINY_WAN).eval()
+    with torch.no_grad():
+        for key, p in ref.named_parameters():
+            if key.endswith("gamma"):
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("wan") / "vae"
+    ref.save_pretrained(folder)
+    return ref, folder.parent
+
+
+def _source(gif, n):
+    """The first `n` frames of the GIF as vaecli reads them, reflect-padded to multiples of 8: (1, 3, n, 32, 16)."""
+    from vaecli.media import pad_to_multiple
+
+    _, stream = video.read_frames(gif, limit=n)
+    frames = torch.stack([pixels for _, pixels in stream])
+    return pad_to_multiple(frames, 8)[0].movedim(0, 1)[None]
+
+
+def _normalized(z, spec):
+    mean = torch.tensor(spec.latents_mean).view(-1, 1, 1)
+    std = torch.tensor(spec.latents_std).view(-1, 1, 1)
+    return (z - mean) / std
+
+
+def test_wan_streams_a_clip_equal_to_diffusers(vae, tiny_wan, gif, tmp_path):
+    """`vae video --model wan2.1`: 7 frames -> the first 5 encoded (1 + 4k), the posterior means of diffusers'
+    whole-clip encode normalized for the denoiser; `vae decode` gives diffusers' decode of them."""
+    from vaecli.registry import REGISTRY
+
+    ref, weights = tiny_wan
+    lat = tmp_path / "w.latent"
+    result = vae("video", gif, "-o", lat, "--frames", 7, "--model", "wan2.1", "--weights", weights, "--chunk", 3,
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["frames"], report["dropped"], report["shape"]) == (5, 2, [2, 16, 4, 2])
+    assert result.stderr.splitlines()[0] == (f"note: wan2.1 encodes clips of 1 + 4k frames: the last 2 of 7 selected "
+                                             f"frames of {gif} were not encoded")
+    latent, meta = load_latent(lat)
+    assert (meta["space"], meta["temporal_factor"], meta["frame_indices"]) == ("normalized", 4, [0, 1, 2, 3, 4])
+    x = _source(gif, 5)
+    with torch.inference_mode():
+        mean = ref.encode(x * 2 - 1).latent_dist.mean[0].movedim(1, 0)
+        expected = _normalized(mean, REGISTRY["wan2.1"])
+        assert (latent - expected).abs().max().item() <= 1e-4
+        frames = ((ref.decode(mean.movedim(0, 1)[None]).sample[0].movedim(1, 0) + 1) / 2).clamp(0, 1)
+    out = tmp_path / "o"
+    result = vae("decode", lat, "-o", out, "--as-frames", "--weights", weights, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["frames"] == 5
+    decoded = torch.stack([read_image(p)[0][0] for p in sorted((out / "w").iterdir())])
+    assert (decoded - quantize8(frames[..., :25, :14])).abs().max().item() <= 1 / 255
+
+
+def test_qwen_image_encodes_a_photo_as_a_one_frame_clip(vae, tiny_wan, small_image, tmp_path):
+    from vaecli.media import pad_to_multiple
+    from vaecli.registry import REGISTRY
+
+    ref, weights = tiny_wan
+    lat = tmp_path / "q.latent"
+    result = vae("encode", small_image, "-o", lat, "--model", "qwen-image", "--weights", weights)
+    assert result.exit_code == 0, result.stderr
+    latent, meta = load_latent(lat)
+    assert list(latent.shape) == [16, 6, 8] and meta["space"] == "normalized"
+    x = pad_to_multiple(read_image(small_image)[0], 8)[0]
+    with torch.inference_mode():
+        mean = ref.encode(x[:, :, None] * 2 - 1).latent_dist.mean[0, :, 0]
+    assert (latent - _normalized(mean, REGISTRY["qwen-image"])).abs().max().item() <= 1e-4
+    result = vae("decode", lat, "-o", tmp_path / "q.png", "--weights", weights)
+    assert result.exit_code == 0, result.stderr
+    assert read_image(tmp_path / "q.png")[0].shape == (1, 3, 45, 61)
+    result = vae("decode", lat, "-o", tmp_path / "x.png", "--model", "taesd")
+    assert result.exit_code == 1
+    assert result.stderr.strip().endswith("cannot be decoded with taesd (SD 1.x/2.x latent space): decode with "
+                                          "wan2.1, qwen-image, taew2_1")
+
+
+def test_taew2_1_previews_wan_latents_like_the_reference(vae, tiny_wan, gif, shared, tmp_path):
+    """A Wan 2.1 latent decodes with the tiny twin (same latent space): frames equal to the reference taehv.py's
+    decode of the raw latents; and taew2_1's own `vae video` equals the reference's encode."""
+    import importlib.util
+
+    from vaecli.models.taehv import TAEHV
+    from vaecli.registry import REGISTRY
+
+    _, weights = tiny_wan
+    torch.manual_seed(1)
+    tiny = TAEHV(REGISTRY["taew2_1"].config)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
+        tiny.decoder[-1].bias += 0.5
+    path = tmp_path / "taew2_1.pth"
+    torch.save(tiny.state_dict(), path)
+    spec = importlib.util.spec_from_file_location("reference_taehv", shared / "reference" / "taehv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ref = module.TAEHV(checkpoint_path=str(path)).eval()
+
+    wan_lat = tmp_path / "w.latent"
+    assert vae("video", gif, "-o", wan_lat, "--frames", 5, "--model", "wan2.1", "--weights", weights).exit_code == 0
+    latent, meta = load_latent(wan_lat)
+    out = tmp_path / "p"
+    result = vae("decode", wan_lat, "-o", out, "--as-frames", "--model", "taew2_1", "--weights", path)
+    assert result.exit_code == 0, result.stderr
+    raw = latent * torch.tensor(REGISTRY["wan2.1"].latents_std).view(-1, 1, 1) + torch.tensor(
+        REGISTRY["wan2.1"].latents_mean).view(-1, 1, 1)
+    with torch.inference_mode():
+        expected = ref.decode_video(raw[None], parallel=True, show_progress_bar=False)[0]
+    decoded = torch.stack([read_image(p)[0][0] for p in sorted((out / "w").iterdir())])
+    assert decoded.shape[0] == 5
+    assert (decoded - quantize8(expected[..., :25, :14])).abs().max().item() <= 1 / 255
+
+    own = tmp_path / "t.latent"
+    result = vae("video", gif, "-o", own, "--frames", 9, "--model", "taew2_1", "--weights", path, "--chunk", 2)
+    assert result.exit_code == 0, result.stderr
+    latent, _ = load_latent(own)
+    with torch.inference_mode():
+        expected = ref.encode_video(_source(gif, 9).movedim(1, 2), parallel=True, show_progress_bar=False)[0]
+    assert latent.shape == (3, 16, 4, 2)
+    assert (latent - _normalized(expected, REGISTRY["taew2_1"])).abs().max().item() <= 1e-4

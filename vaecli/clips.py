@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -27,6 +28,7 @@ class ClipReport:
     frame_indices: list[int] = field(default_factory=list)
     psnr: list[float] = field(default_factory=list)
     written_size: tuple[int, int] | None = None
+    dropped: int = 0  # frames after the last 1 + f * k that a causal video model did not encode
 
     @property
     def mean_psnr(self) -> float | None:
@@ -52,7 +54,10 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
                 fps: float | None = None, chunk: int | None = None, recon: Path | None = None,
                 on_frames: Callable[[int], None] | None = None) -> ClipReport:
     """Encode the selected frames of clip `src` into latent video `out`, `chunk` frames at a time (None: as many
-    as fit the codec's memory budget); with `recon`, also decode and write them."""
+    as fit the codec's memory budget); with `recon`, also decode and write them.
+
+    A causal video model (Wan, TAEHV) encodes the first 1 + f * k frames (`report.dropped` says how many follow).
+    """
     check_selection(start, frames, stride, fps, chunk)
     info, stream = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
     chunk = chunk or codec.frames_per_pass(info.size)
@@ -60,40 +65,60 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     report = ClipReport(frames=0, shape=[], fps=out_fps, size=info.size)
     writer = latents.LatentVideoWriter(out)
     recon_writer = video.VideoWriter(recon, out_fps, info.size) if recon else None
-    meta: dict = {}
+    enc = codec.clip_encoder(info.size)
     whole = recon_writer is not None and codec.mixes_frames
     kept: list[torch.Tensor] = []  # a temporal decoder's latents, decoded as one clip at the end
+    originals: deque[torch.Tensor] = deque()  # source frames waiting for their reconstruction
+    dec = None
+    n_latents, shape = 0, []
 
-    def reconstruct(lat: torch.Tensor, originals: Iterator[torch.Tensor]) -> None:
-        for decoded in codec.decode_stream(lambda i, j: lat[i:j], lat.shape[0], meta, chunk):
-            for frame in decoded:
-                frame = quantize8(frame)
-                recon_writer.write(frame)
-                report.psnr.append(metrics.psnr(frame[None], next(originals)[None]))
+    def reconstruct(decoded: torch.Tensor, source: Iterator[torch.Tensor] | None = None) -> None:
+        for frame in decoded:
+            frame = quantize8(frame)
+            recon_writer.write(frame)
+            original = next(source) if source is not None else originals.popleft()
+            report.psnr.append(metrics.psnr(frame[None], original[None]))
+
+    def emit(lat: torch.Tensor) -> None:
+        nonlocal dec, n_latents, shape
+        if not lat.shape[0]:
+            return
+        writer.write(lat)
+        n_latents, shape = n_latents + lat.shape[0], list(lat.shape[1:])
+        if whole:
+            kept.append(lat)
+        elif recon_writer is not None:
+            dec = dec or codec.clip_decoder(enc.meta)
+            reconstruct(dec.push(lat))
 
     try:
         for batch in _chunks(stream, chunk):
             indices, pixels = zip(*batch, strict=True)
             x = torch.stack(pixels)
-            lat, meta = codec.encode_batch(x, info.size)
-            writer.write(lat)
-            if whole:
-                kept.append(lat)
-            elif recon_writer is not None:
-                reconstruct(lat, iter(x))
+            if recon_writer is not None and not whole:
+                originals.extend(x)
             report.frame_indices += indices
+            emit(enc.push(x))
             if on_frames:
                 on_frames(len(indices))
         if not report.frame_indices:
             raise InputError(f"{src}: no frames selected (the clip ends before frame {start})")
+        tail, report.dropped = enc.flush()
+        emit(tail)
+        if report.dropped:
+            report.frame_indices = report.frame_indices[:-report.dropped]
         report.frames = len(report.frame_indices)
-        meta.update(kind="video", fps=out_fps, frame_indices=report.frame_indices, source_fps=info.fps,
+        meta = dict(enc.meta, kind="video", fps=out_fps, frame_indices=report.frame_indices, source_fps=info.fps,
                     source_size=list(info.size), source=Path(src).name)
+        if codec.spec.temporal_factor > 1:
+            meta["temporal_factor"] = codec.spec.temporal_factor
         writer.close(meta)
-        report.shape = [report.frames, *lat.shape[1:]]
+        report.shape = [n_latents, *shape]
         if whole:  # the source frames again, for the PSNRs, rather than all of them held
             _, again = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
-            reconstruct(torch.cat(kept), (pixels for _, pixels in again))
+            lat = torch.cat(kept)
+            for decoded in codec.decode_stream(lambda i, j: lat[i:j], lat.shape[0], meta, chunk):
+                reconstruct(decoded, (pixels for _, pixels in again))
         if recon_writer is not None:
             recon_writer.close()
             report.written_size = recon_writer.written_size
@@ -124,7 +149,8 @@ def decode_clip(codec: Codec, src: Path, out: Path, chunk: int | None = None, as
             done += frames.shape[0]
             if on_frames:
                 on_frames(frames.shape[0])
-    info = {"frames": shape[0], "fps": meta["fps"], "size": list(size), "written_size": list(writer.written_size),
+    info = {"frames": done, "latent_frames": shape[0], "fps": meta["fps"], "size": list(size),
+            "written_size": list(writer.written_size),
             "scratch_bytes": codec.scratch_bytes}
     if check is not None:
         info["verify"] = check.result()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vaecli import allocator, banded, media, scratch, tiling
+from vaecli import allocator, banded, causal, media, scratch, tiling
 from vaecli.checkpoints import load_strict, model_state_dict, read_weights
 from vaecli.errors import LatentFormatError, UsageError
 from vaecli.latents import make_metadata
@@ -290,7 +290,7 @@ class Codec:
         if self.model.encoder is None:
             raise UsageError(f"{self.spec.name} has no encoder loaded")
         space = self.check_encode_options(space, sample)
-        patch = self.spec.config.patch_size if space == "normalized" else 1
+        patch = self.spec.normalized_patch if space == "normalized" else 1
         padded, padding = media.pad_to_multiple(pixels, self.spec.spatial_factor * patch)
         with torch.inference_mode():
             x = padded.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
@@ -304,6 +304,14 @@ class Codec:
     def decode_latent(self, latent: torch.Tensor, meta: dict) -> torch.Tensor:
         """A (C, h, w) latent with its metadata -> (1, 3, H, W) pixels in [0, 1], cropped to the source size."""
         return self.decode_frames(latent[None], meta)
+
+    def clip_encoder(self, size: tuple[int, int], space: str | None = None) -> FrameEncoder:
+        """A stream for one clip of `size` (W, H): push((k, 3, H, W) in [0, 1]) -> its k latents (k, C, h, w)."""
+        return FrameEncoder(self, size, space)
+
+    def clip_decoder(self, meta: dict, n_latents: int | None = None) -> FrameDecoder:
+        """A stream for one latent clip: push((k, C, h, w) latents) -> their frames (k, 3, H, W) in [0, 1]."""
+        return FrameDecoder(self, meta)
 
     def decode_frames(self, latents: torch.Tensor, meta: dict, chunk: int | None = None) -> torch.Tensor:
         """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1], decoded `chunk` frames at a time."""
@@ -397,6 +405,33 @@ class Codec:
         return raw
 
 
+class FrameEncoder:
+    """Frame by frame models' clip stream (`Codec.clip_encoder`): every frame is its own latent."""
+
+    def __init__(self, codec: Codec, size: tuple[int, int], space: str | None):
+        self.codec, self.size, self.space, self.meta = codec, size, space, {}
+
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        """(k, 3, H, W) frames in [0, 1] -> (k, C, h, w) latents."""
+        latents, self.meta = self.codec.encode_batch(frames, self.size, self.space)
+        return latents
+
+    def flush(self) -> tuple[torch.Tensor, int]:
+        """Nothing is held back: no latents, no frames dropped."""
+        return torch.zeros(0), 0
+
+
+class FrameDecoder:
+    """Frame by frame models' latent clip stream (`Codec.clip_decoder`)."""
+
+    def __init__(self, codec: Codec, meta: dict):
+        self.codec, self.meta = codec, meta
+
+    def push(self, latents: torch.Tensor) -> torch.Tensor:
+        """(k, C, h, w) latents -> (k, 3, H, W) frames in [0, 1]."""
+        return self.codec.decode_frames(latents, self.meta, latents.shape[0])
+
+
 def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None:
     """Raise a LatentFormatError when a (C, h, w) latent cannot be decoded by `spec`."""
     made_by = f" (made by {meta['model']})" if meta.get("model") and meta["model"] != spec.name else ""
@@ -407,12 +442,13 @@ def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None
         raise LatentFormatError(f"a {maker.name} latent ({maker.latent_family or maker.name} latent space) cannot be "
                                 f"decoded with {spec.name} ({spec.latent_family or spec.name} latent space){hint}")
     space = meta.get("space", spec.latent_space)
-    if space == "normalized" and not getattr(spec.config, "batch_norm", False):
-        raise LatentFormatError(f"'normalized' latents{made_by} need FLUX.2's batch-norm statistics: "
-                                f"decode with --model flux2, not {spec.name}")
+    if space == "normalized" and not spec.can_normalize:
+        owner = meta.get("model") or "the model that made them"
+        raise LatentFormatError(f"'normalized' latents{made_by} need {owner}'s normalization statistics: "
+                                f"decode with --model {owner}, not {spec.name}")
     if (space == "native") != (spec.latent_space == "native") or (space == "native" and made_by):
         raise LatentFormatError(f"{spec.name} cannot decode '{space}' latents{made_by}")
-    expected = spec.latent_channels * (spec.config.patch_size ** 2 if space == "normalized" else 1)
+    expected = spec.latent_channels * (spec.normalized_patch ** 2 if space == "normalized" else 1)
     if latent.shape[0] != expected:
         raise LatentFormatError(f"expected {expected} latent channels for {spec.name}, "
                                 f"got {latent.shape[0]}{made_by}")
@@ -459,6 +495,11 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
             if str(path) not in sources:
                 sd.update(model_state_dict(spec, load_state_dict(path), str(path)))
                 sources.append(str(path))
+    if causal.family(spec) is not None:
+        if isinstance(tile, int):
+            raise UsageError(f"--tile {tile}: {spec.name} runs frames whole (spatial tiles of causal video models are "
+                             "not implemented)")
+        return causal.load(spec, sd, sources, roles, dev, DTYPES[dtype], budget, scratch)
     absent = [prefix for half, prefixes in HALVES.items() if half not in roles for prefix in prefixes]
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(absent))}
     model = build_model(spec, encoder="encoder" in roles, decoder="decoder" in roles)

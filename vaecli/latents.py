@@ -30,7 +30,7 @@ def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, in
     """Metadata for a latent made by `spec` from an image of `image_size` (W, H) padded by `padding`."""
     space = space or spec.latent_space
     scaled = space == "scaled"
-    patch = spec.config.patch_size if space == "normalized" else 1
+    patch = spec.normalized_patch if space == "normalized" else 1
     return {
         "format": FORMAT, "version": VERSION, "model": spec.name, "channels": channels or spec.latent_channels,
         "spatial_factor": spec.spatial_factor * patch, "space": space,
@@ -144,6 +144,7 @@ _FIELDS = {
     "fps": ("a positive number", lambda v: _number(v) and v > 0),
     "model": ("a model name", lambda v: isinstance(v, str)),
     "space": ("a latent space name", lambda v: isinstance(v, str)),
+    "temporal_factor": ("a positive integer", lambda v: _ints([v], 1) and v > 0),
 }
 
 

@@ -66,6 +66,119 @@ class KLConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
+Flags = tuple[bool, bool, bool]
+
+
+@dataclass(frozen=True)
+class TAEHVConfig:
+    """Shape of a TAEHV network: frames (N, T, 3, H, W) in [0, 1] <-> latents (N, T', C, H/f, W/f), f = 8 * patch."""
+
+    latent_channels: int = 16
+    patch_size: int = 1  # pixel (un)shuffle around the network
+    encoder_time_downscale: Flags = (True, True, False)  # per encoder stage: TPool stride 2 or 1
+    decoder_time_upscale: Flags = (False, True, True)  # per decoder stage: TGrow stride 2 or 1 (1: cheaper preview)
+    decoder_space_upscale: Flags = (True, True, True)  # per decoder stage: 2x or 1x spatially (1x: preview)
+    arch: str = "base"  # "super": ConvNeXt-style decoder with about twice the parameters
+    encoder_width: int = 64
+    decoder_widths: tuple[int, int, int, int] | None = None  # None: the published widths for `arch`
+    cogvideox_trim: bool = False  # taecvx: the startup frames are kept when the latent count is even
+
+    def __post_init__(self):
+        if self.arch not in ("base", "super"):
+            raise ValueError(f"unknown TAEHV decoder arch {self.arch!r} (base, super)")
+        if self.decoder_widths is None:
+            widths = (512, 256, 128, 64) if self.arch == "super" else (256, 128, 64, 64)
+            object.__setattr__(self, "decoder_widths", widths)
+
+    @property
+    def t_downscale(self) -> int:
+        """Input frames per latent frame."""
+        return 2 ** sum(self.encoder_time_downscale)
+
+    @property
+    def t_upscale(self) -> int:
+        """Decoder output frames per latent frame, before the startup trim."""
+        return 2 ** sum(self.decoder_time_upscale)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along H and W (with every spatial upscale on)."""
+        return 8 * self.patch_size
+
+    def latent_frames(self, n_frames: int) -> int:
+        """Latent frames for `n_frames` input frames: ceil(T / t_downscale), the tail padded with the last frame."""
+        return -(-n_frames // self.t_downscale)
+
+    def frames_to_trim(self, n_latents: int | None = None) -> int:
+        """Startup frames dropped from the front of the decoder's output for a clip of `n_latents` latents."""
+        # The first latent stands for one frame (4k+1 frame clips), but TGrow makes t_upscale of it: all but the last
+        # precede the clip. taecvx keeps them for even counts; with the count unknown (a stream) it keeps them too,
+        # as the reference's StreamingTAEHV does.
+        if self.cogvideox_trim and (n_latents is None or n_latents % 2 == 0):
+            return 0
+        return self.t_upscale - 1
+
+    def decoded_frames(self, n_latents: int) -> int:
+        """Output frames for `n_latents` latent frames: n * t_upscale - frames_to_trim(n), e.g. 21 -> 81 for Wan."""
+        return max(0, n_latents * self.t_upscale - self.frames_to_trim(n_latents))
+
+    def frame_rule(self, n_frames: int) -> tuple[int, int]:
+        """(latent frames, frames a round trip gives back) for a clip of `n_frames`; equal for T = k * t_down + 1."""
+        # Other lengths come back shorter or longer: the padded tail shares the last latent, e.g. Wan 8 -> 2 -> 5.
+        n_latents = self.latent_frames(n_frames)
+        return n_latents, self.decoded_frames(n_latents)
+
+
+# Per-channel statistics of the 48 latent channels, as Wan 2.2's own VAE code (vae2_2.py) publishes them.
+WAN22_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+              -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+              -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+              -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+              -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+              0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
+WAN22_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+             0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+             0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+             0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+             0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+             0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Shape of a Wan VAE (diffusers' `AutoencoderKLWan` config names) and its latent statistics."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    decoder_base_dim: int | None = None  # None: base_dim
+    is_residual: bool = False  # Wan 2.2: down/up blocks with parameter-free shortcuts
+    patch_size: int = 1  # Wan 2.2: pixels folded 2x2 into channels before the encoder
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of a latent frame."""
+        return self.z_dim
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along H and W (8 for Wan 2.1, 16 for Wan 2.2 5B)."""
+        return 2 ** (len(self.dim_mult) - 1) * self.patch_size
+
+
+WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+             3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+WAN21_CONFIG = WanConfig(latents_mean=WAN21_MEAN, latents_std=WAN21_STD)  # Wan 2.1, 2.2 14B, Qwen-Image
+WAN22_CONFIG = WanConfig(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2,
+                  latents_mean=WAN22_MEAN, latents_std=WAN22_STD)  # Wan 2.2 TI2V 5B
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A registry entry: everything vaecli knows about one model, none of it read from disk."""
@@ -73,7 +186,7 @@ class ModelSpec:
     name: str
     family: str
     description: str
-    config: TinyConfig | KLConfig
+    config: TinyConfig | KLConfig | WanConfig | TAEHVConfig
     weights: tuple[WeightFile, ...]
     # The latent space the model writes by default (and a tiny decoder reads): "scaled" = diffusers'
     # (posterior_mean - shift) * scale, the space the denoiser consumes; "raw" = the KL posterior itself;
@@ -85,6 +198,11 @@ class ModelSpec:
     pixel_range: tuple[float, float] = (0.0, 1.0)  # what the network itself consumes and produces
     force_upcast: bool = False  # fp16 overflows in the reference weights: decode in fp32 unless told otherwise
     notes: str = ""
+    # "normalized" space of the video families: (raw - latents_mean) / latents_std per channel, as diffusers' Wan
+    # pipelines give the denoiser (FLUX.2's normalized space uses its batch-norm statistics instead).
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
+    temporal_factor: int = 1  # causal video families: input frames per latent frame (a clip is 1 + factor * k)
 
     @property
     def spaces(self) -> tuple[str, ...]:
@@ -93,6 +211,16 @@ class ModelSpec:
             return ("native",)
         extra = ("normalized",) if getattr(self.config, "batch_norm", False) else ()
         return tuple(dict.fromkeys((self.latent_space, "raw", *extra)))
+
+    @property
+    def normalized_patch(self) -> int:
+        """Side of the patches folded into channels in the "normalized" space (FLUX.2: 2; else 1)."""
+        return self.config.patch_size if getattr(self.config, "batch_norm", False) else 1
+
+    @property
+    def can_normalize(self) -> bool:
+        """Whether this model knows a "normalized" space (batch-norm statistics or per-channel mean and std)."""
+        return bool(getattr(self.config, "batch_norm", False) or self.latents_mean)
 
     @property
     def latent_channels(self) -> int:
@@ -200,6 +328,49 @@ REGISTRY.update({
     "flux2": _kl("flux2", "FLUX.2 autoencoder (32 ch; --latent-space normalized: 2x2 patches, batch-norm)",
                  KLConfig(latent_channels=32, batch_norm=True, patch_size=2), "flux2_ae.safetensors",
                  HF + "black-forest-labs/FLUX.2-dev", **FLUX2_SCALING),
+})
+
+WAN21_SPACE = {"latent_space": "normalized", "latent_family": "Wan 2.1", "latents_mean": WAN21_MEAN,
+               "latents_std": WAN21_STD, "temporal_factor": 4}
+WAN22_SPACE = {"latent_space": "normalized", "latent_family": "Wan 2.2 (48 ch)", "latents_mean": WAN22_MEAN,
+               "latents_std": WAN22_STD, "temporal_factor": 4}
+HUNYUAN_SCALING = {"latent_space": "scaled", "scaling_factor": 0.476986, "latent_family": "HunyuanVideo",
+                   "temporal_factor": 4}
+COGVIDEOX_SCALING = {"latent_space": "scaled", "scaling_factor": 0.7, "latent_family": "CogVideoX",
+                     "temporal_factor": 4}
+TAEHV_URL = "https://github.com/madebyollin/taehv/raw/main/{name}"
+
+
+def _wan(name: str, description: str, cfg: WanConfig, file: str, repo: str, **conventions) -> ModelSpec:
+    return ModelSpec(name=name, family="wan", description=description, config=cfg,
+                     weights=(WeightFile("vae", file, url=HF + repo),), pixel_range=(-1.0, 1.0), **conventions)
+
+
+def _taehv(name: str, description: str, cfg: TAEHVConfig, **conventions) -> ModelSpec:
+    return ModelSpec(name=name, family="taehv", description=description, config=cfg,
+                     weights=(WeightFile("vae", f"{name}.pth", url=TAEHV_URL.format(name=f"{name}.pth")),),
+                     **conventions)
+
+
+TAEHV_BASE = TAEHVConfig()
+REGISTRY.update({
+    "wan2.1": _wan("wan2.1", "Wan 2.1 causal video VAE (16 ch, 8x, 4x in time; also Wan 2.2 14B)", WAN21_CONFIG,
+                   "Wan2.1_VAE.pth", "Wan-AI/Wan2.1-T2V-14B", **WAN21_SPACE),
+    "wan2.2": _wan("wan2.2", "Wan 2.2 TI2V-5B video VAE (48 ch, 16x, 4x in time)", WAN22_CONFIG,
+                   "Wan2.2_VAE.pth", "Wan-AI/Wan2.2-TI2V-5B", **WAN22_SPACE),
+    "qwen-image": _wan("qwen-image", "Qwen-Image VAE (Wan 2.1's, decoder fine-tuned; images are 1-frame clips)",
+                       WAN21_CONFIG, "qwen_image_vae.safetensors", "Qwen/Qwen-Image", **WAN21_SPACE),
+    "taew2_1": _taehv("taew2_1", "Tiny video autoencoder for Wan 2.1 latents", TAEHV_BASE, **WAN21_SPACE),
+    "taew2_2": _taehv("taew2_2", "Tiny video autoencoder for Wan 2.2 5B latents (48 ch)",
+                      TAEHVConfig(latent_channels=48, patch_size=2), **WAN22_SPACE),
+    "taehv": _taehv("taehv", "Tiny video autoencoder for HunyuanVideo latents", TAEHV_BASE, **HUNYUAN_SCALING),
+    "taecvx": _taehv("taecvx", "Tiny video autoencoder for CogVideoX latents", TAEHVConfig(cogvideox_trim=True),
+                     **COGVIDEOX_SCALING),
+    "taesdv": ModelSpec(
+        name="taesdv", family="taesdv", description="Tiny video autoencoder for SVD latents (frame by frame, causal)",
+        config=TinyConfig(latent_channels=4),
+        weights=(WeightFile("vae", "taesdv.pth", url="https://github.com/madebyollin/taesdv/raw/main/taesdv.pth"),),
+        **SD_SCALING),
 })
 
 DEFAULT_MODEL = "taef2"

@@ -25,6 +25,7 @@ def models(
     if manifest:
         typer.echo("\n".join(manifest_lines()))
         return
+    width = max(len(name) for name in REGISTRY)
     for spec in REGISTRY.values():
         status = {}
         for wf in spec.weights:
@@ -34,9 +35,12 @@ def models(
                 status[wf.role] = None if "not found" in str(exc) else "checksum mismatch"
         f = spec.spatial_factor
         rule = f"{spec.latent_channels} x H/{f} x W/{f}"
+        if spec.temporal_factor > 1:
+            rule = f"{spec.latent_channels} x (1+(T-1)/{spec.temporal_factor}) x H/{f} x W/{f}"
         if as_json:
             typer.echo(json.dumps({"name": spec.name, "family": spec.family, "channels": spec.latent_channels,
-                                   "spatial_factor": f, "latent_shape": rule, "weights": status,
+                                   "spatial_factor": f, "temporal_factor": spec.temporal_factor,
+                                   "latent_shape": rule, "weights": status,
                                    "default": spec.name == DEFAULT_MODEL, "description": spec.description}))
             continue
         found = [r for r, s in status.items() if s and s != "checksum mismatch"]
@@ -46,4 +50,4 @@ def models(
         if not spec.has_decoder and found:
             state += " (encoder only)"
         default = " (default)" if spec.name == DEFAULT_MODEL else ""
-        typer.echo(f"{spec.name:<8} {rule:<18} {state:<24} {spec.description}{default}")
+        typer.echo(f"{spec.name:<{width}} {rule:<30} {state:<24} {spec.description}{default}")

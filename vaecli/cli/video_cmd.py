@@ -96,11 +96,15 @@ def video_cmd(
         job = group[0]
         report = clips.encode_clip(codec, job.src, job.dst, start=start, frames=frames, stride=stride, fps=fps,
                                    chunk=frames_per_pass, recon=recon if roundtrip else None)
-        if frames is not None and report.frames < frames and not quiet:
-            say(f"note: {job.src} has only {report.frames} frames to select from frame {start}; "
+        if frames is not None and report.frames + report.dropped < frames and not quiet:
+            say(f"note: {job.src} has only {report.frames + report.dropped} frames to select from frame {start}; "
                 f"encoded {report.frames} of --frames {frames}")
+        if report.dropped and not quiet:
+            f = codec.spec.temporal_factor
+            say(f"note: {codec.spec.name} encodes clips of 1 + {f}k frames: the last {report.dropped} of "
+                f"{report.frames + report.dropped} selected frames of {job.src} were not encoded")
         job.extra = {"model": codec.spec.name, "frames": report.frames, "shape": report.shape, "fps": report.fps,
-                     "size": list(report.size)}
+                     "size": list(report.size), "dropped": report.dropped}
         line = f"{job.src} -> {job.dst}  {codec.spec.name} latent {report.shape} @ {report.fps:g} fps"
         if roundtrip:
             job.extra.update(recon=str(recon), written_size=list(report.written_size),

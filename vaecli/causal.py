@@ -1,0 +1,225 @@
+"""Causal video autoencoders as codecs (Wan, Qwen-Image, TAEHV, TAESDV): clips stream through the networks' caches.
+
+Each family module in `vaecli.models` holds a `Family` (build, checkpoint keys, push/flush streams over frames); this
+codec adds what every family shares: device and dtype, padding to the spatial factor, latent spaces, metadata, and
+the image API (an image is a one-frame clip), so the commands use it as they use `vaecli.codec.Codec`.
+A latent video is (T', C, h, w) latent frames, written as they come; T = 1 + f * k frames give 1 + k of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from vaecli import media
+from vaecli.errors import UsageError
+from vaecli.latents import make_metadata
+from vaecli.registry import ModelSpec
+
+FAMILIES = {"wan": "vaecli.models.wan", "taehv": "vaecli.models.taehv", "taesdv": "vaecli.models.taesdv"}
+
+
+def family(spec: ModelSpec):
+    """The `Family` of a causal video model's registry entry, or None for the image families."""
+    module = FAMILIES.get(spec.family)
+    return importlib.import_module(module).Family if module else None
+
+
+@dataclass
+class CausalCodec:
+    """A loaded causal video autoencoder on a device: clips in, latent frames out, and back."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    family: type
+    sources: tuple[str, ...] = ()
+    budget: int = 0
+    scratch_dir: str | None = None
+    scratch_bytes: int = 0
+    tile: None = None  # frames run whole (spatial tiles of causal 3-D networks are not implemented)
+    mixes_frames = False  # causal: a frame depends on those before it only, so clips stream
+    max_batch_pixels = 0  # one image per pass
+    padding: tuple[int, int, int, int] = field(default=(0, 0, 0, 0))
+
+    @property
+    def dtype_name(self) -> str:
+        """The compute dtype's short name (fp32/fp16/bf16)."""
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    def check_encode_options(self, space: str | None, sample: bool) -> str:
+        """The latent space to write (default: the model's own); a UsageError if this model can't do it."""
+        space = space or self.spec.latent_space
+        if space not in self.spec.spaces:
+            raise UsageError(f"{self.spec.name} cannot write '{space}' latents: expected one of "
+                             f"{', '.join(self.spec.spaces)}")
+        if sample:
+            raise UsageError(f"{self.spec.name}: --sample is not supported for video autoencoders (the posterior "
+                             "mean is written)")
+        return space
+
+    def frames_per_pass(self, size: tuple[int, int]) -> int:
+        """Frames pushed at a time: the network's own step (it runs 1 + f * k frames in groups of f anyway)."""
+        return max(1, self.spec.temporal_factor)
+
+    # --- clips ---------------------------------------------------------------------------------------------------
+
+    def clip_encoder(self, size: tuple[int, int], space: str | None = None) -> ClipEncoder:
+        """A stream for one clip of `size` (W, H): push((k, 3, H, W) in [0, 1]) -> latent frames (k', C, h, w)."""
+        if self.model.encoder is None:
+            raise UsageError(f"{self.spec.name} has no encoder loaded")
+        return ClipEncoder(self, size, self.check_encode_options(space, False))
+
+    def clip_decoder(self, meta: dict, n_latents: int | None = None) -> ClipDecoder:
+        """A stream for one latent clip with `meta`: push((k, C, h, w) latent frames) -> frames (k', 3, H, W)."""
+        if self.model.decoder is None:
+            raise UsageError(f"{self.spec.name} has no decoder loaded")
+        return ClipDecoder(self, meta, n_latents)
+
+    def decode_stream(self, read, frames: int, meta: dict, chunk: int | None = None) -> Iterator[torch.Tensor]:
+        """The `frames` latent frames of one clip, `read(i, j)` giving frames i .. j -> its pixels as (k, 3, H, W)
+        chunks in [0, 1], `chunk` latent frames at a time."""
+        if chunk is not None and chunk < 1:
+            raise UsageError(f"--chunk must be at least 1, got {chunk}")
+        dec = self.clip_decoder(meta, frames)
+        step = chunk or 1
+        for i in range(0, frames, step):
+            out = dec.push(read(i, min(frames, i + step)))
+            if out.shape[0]:
+                yield out
+
+    def decode_frames(self, latents: torch.Tensor, meta: dict, chunk: int | None = None) -> torch.Tensor:
+        """(T', C, h, w) latent frames of one clip -> all its frames (T, 3, H, W) in [0, 1]."""
+        return torch.cat(list(self.decode_stream(lambda i, j: latents[i:j], latents.shape[0], meta, chunk)))
+
+    # --- images: one-frame clips ---------------------------------------------------------------------------------
+
+    def encode_batch(self, pixels: torch.Tensor, size: tuple[int, int], space: str | None = None,
+                     sample: bool = False, seed: int | None = None) -> tuple[torch.Tensor, dict]:
+        """(B, 3, H, W) same-sized images in [0, 1] -> (B, C, h, w) latents in `space` and their shared metadata."""
+        self.check_encode_options(space, sample)
+        out, meta = [], {}
+        for image in pixels:
+            enc = self.clip_encoder(size, space)
+            first = enc.push(image[None])
+            rest, _ = enc.flush()
+            out.append(torch.cat([t for t in (first, rest) if t.shape[0]])[:1])
+            meta = enc.meta
+        return torch.cat(out), meta
+
+    def encode_image(self, pixels: torch.Tensor, size: tuple[int, int], space: str | None = None,
+                     sample: bool = False, seed: int | None = None) -> tuple[torch.Tensor, dict]:
+        """(1, 3, H, W) in [0, 1] -> a (C, h, w) latent in `space` and its metadata."""
+        latents, meta = self.encode_batch(pixels, size, space, sample, seed)
+        return latents[0], meta
+
+    def decode_latent(self, latent: torch.Tensor, meta: dict) -> torch.Tensor:
+        """A (C, h, w) latent with its metadata -> (1, 3, H, W) pixels in [0, 1], cropped to the source size."""
+        return self.decode_frames(latent[None], meta)[:1]
+
+    def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
+        """`--verify`: these models run frames whole, so there is no tiled result to check."""
+        return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+
+    # --- latent spaces -------------------------------------------------------------------------------------------
+
+    def to_space(self, z: torch.Tensor, space: str) -> torch.Tensor:
+        """The network's latent frames (T, C, h, w) -> `space`: raw, scaled, or normalized per channel."""
+        spec = self.spec
+        raw = z / spec.scaling_factor + spec.shift_factor if self.family.network_space == "scaled" else z
+        if space == "scaled":
+            return (raw - spec.shift_factor) * spec.scaling_factor
+        if space == "normalized":
+            mean, std = self._stats(raw)
+            return (raw - mean) / std
+        return raw
+
+    def from_space(self, z: torch.Tensor, meta: dict) -> torch.Tensor:
+        """Latent frames in the space `meta` names -> what the network consumes."""
+        spec, space = self.spec, meta.get("space", self.spec.latent_space)
+        if space == "scaled":
+            raw = z / float(meta.get("scaling_factor", spec.scaling_factor)) + float(meta.get("shift_factor", 0.0))
+        elif space == "normalized":
+            mean, std = self._stats(z)
+            raw = z * std + mean
+        else:
+            raw = z
+        return (raw - spec.shift_factor) * spec.scaling_factor if self.family.network_space == "scaled" else raw
+
+    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+                     for v in (self.spec.latents_mean, self.spec.latents_std))
+
+
+class ClipEncoder:
+    """One clip through the encoder: frames padded to the spatial factor, latents converted to the chosen space."""
+
+    def __init__(self, codec: CausalCodec, size: tuple[int, int], space: str):
+        self.codec, self.size, self.space = codec, size, space
+        self.stream = codec.family.encoder(codec.model)
+        self.meta: dict = {}
+
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        """(k, 3, H, W) frames in [0, 1] -> the latent frames (k', C, h, w) now complete, on the CPU in fp32."""
+        padded, padding = media.pad_to_multiple(frames, self.codec.spec.spatial_factor)
+        if not self.meta:
+            c = self.codec
+            self.meta = make_metadata(c.spec, self.size, padding, c.dtype_name, self.space)
+        with torch.inference_mode():
+            z = self.stream.push(padded.to(self.codec.device, self.codec.dtype))
+            return self._out(z)
+
+    def flush(self) -> tuple[torch.Tensor, int]:
+        """End the clip: its last latent frames (k', C, h, w) and how many trailing frames were not encoded."""
+        with torch.inference_mode():
+            z, dropped = self.stream.flush()
+            empty = torch.zeros(0, self.codec.spec.latent_channels, 0, 0)
+            return (empty if z is None or not z.shape[0] else self._out(z)), dropped
+
+    def _out(self, z: torch.Tensor) -> torch.Tensor:
+        return self.codec.to_space(z.float(), self.space).cpu() if z.shape[0] else z.float().cpu()
+
+
+class ClipDecoder:
+    """One latent clip through the decoder: latents converted from their space, frames cropped to the source."""
+
+    def __init__(self, codec: CausalCodec, meta: dict, n_latents: int | None):
+        from vaecli.codec import check_latent_fits
+
+        self.codec, self.meta, self.check = codec, meta, check_latent_fits
+        self.stream = codec.family.decoder(codec.model, n_latents)
+        self.size = tuple(meta.get("image_size") or ())
+        self.padding = tuple(meta.get("padding") or (0, 0, 0, 0))
+
+    def push(self, latents: torch.Tensor) -> torch.Tensor:
+        """(k, C, h, w) latent frames -> the frames (k', 3, H, W) in [0, 1] they complete, on the CPU in fp32."""
+        if not latents.shape[0]:
+            return torch.zeros(0, 3, 0, 0)
+        self.check(self.codec.spec, latents[0], self.meta)
+        c = self.codec
+        with torch.inference_mode():
+            z = c.from_space(latents.to(c.device, torch.float32), self.meta).to(c.dtype)
+            pixels = self.stream.push(z).float().cpu()
+        size = self.size or (pixels.shape[-1], pixels.shape[-2])
+        return media.crop(pixels, size, self.padding) if pixels.shape[0] else pixels
+
+
+def load(spec: ModelSpec, sd: dict, sources: list[str], roles: tuple[str, ...], device: torch.device,
+         dtype: torch.dtype, budget: int = 0, scratch: str | None = None) -> CausalCodec:
+    """A CausalCodec for `spec` with state dict `sd` (already in the family's keys) loaded strictly."""
+    from vaecli.checkpoints import load_strict
+
+    fam = family(spec)
+    model = fam.build(spec, encoder="encoder" in roles, decoder="decoder" in roles)
+    own = set(model.state_dict())
+    load_strict(model, {k: v for k, v in sd.items() if k in own or not k.startswith(("encoder.", "decoder.",
+                                                                                        "quant_conv.",
+                                                                                        "post_quant_conv."))},
+                f"{' + '.join(sources)} as the {spec.name} {' and '.join(roles)}")
+    model = model.to(device, dtype).eval()
+    return CausalCodec(spec=spec, model=model, device=device, dtype=dtype, family=fam, sources=tuple(sources),
+                       budget=budget, scratch_dir=scratch)
