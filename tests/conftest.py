@@ -51,6 +51,15 @@ def gif(shared) -> Path:
     return _require(shared / "video" / "no_time_for_that_tiny.gif")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP's spinning workers cost ten times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def isolated_search_path(tmp_path_factory, monkeypatch):
     """No test sees weights from the developer's own weights/ folder, cache, or environment."""

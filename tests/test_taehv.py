@@ -26,6 +26,7 @@ from vaecli.models.taehv import (
 from vaecli.models.taesdv import TAESDV, load_taesdv
 
 # Checkpoint-style names: the reference picks patch size, latent channels, time factors and decoder arch from them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ["taehv", "taew2_1", "taew2_2", "taecvx", "taehv1_5", "taeltx", "taew2_1_super", "taehv1_5_super"]
 # Run in full: one per distinct network and frame rule (taehv is taew2_1's network; taehv1_5 is taew2_2 at 32 ch).
 RUN = ["taew2_1", "taew2_2", "taecvx", "taeltx", "taew2_1_super"]
@@ -40,15 +41,6 @@ def _import(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP's spinning workers cost ten times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,12 @@ import torch
 
 from vaecli.models.wan import QWEN_IMAGE, WAN21, WAN22, WanConfig, WanVAE, frames_used, load_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4
 STREAM_TOL = 1e-5
 TINY21 = dict(base_dim=8, z_dim=4, num_res_blocks=1)
 TINY22 = dict(base_dim=8, decoder_base_dim=12, z_dim=8, num_res_blocks=1, is_residual=True, patch_size=2)
 DIFFUSERS22 = dict(in_channels=12, out_channels=12, scale_factor_spatial=16)  # what Wan 2.2's config.json adds
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP's spinning workers cost ten times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference(cls, seed=0, **kw):
