@@ -1,3 +1,19 @@
-"""vaecli: a command-line latent codec for diffusion-model autoencoders."""
+"""vaecli: a command-line latent codec for diffusion-model autoencoders, and its Python API (`vaecli.api`):
+
+    import vaecli
+    model = vaecli.load("taef2")
+    latent = model.encode("photo.png")        # vaecli.Latent: .tensor (C, h, w), .meta
+    pixels = model.decode(latent)             # (1, 3, H, W) float in [0, 1]
+"""
 
 __version__ = "0.1.0"
+__all__ = ["Latent", "Model", "load", "load_latent", "to_image"]
+
+
+def __getattr__(name: str):
+    # Lazy: `vae --help` must not import torch.
+    if name in __all__:
+        from vaecli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'vaecli' has no attribute {name!r}")
