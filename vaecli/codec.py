@@ -17,6 +17,7 @@ from vaecli.checkpoints import load_strict, model_state_dict, read_weights
 from vaecli.errors import LatentFormatError, UsageError
 from vaecli.latents import make_metadata
 from vaecli.models.kl import KLAutoencoder
+from vaecli.models.temporal import TemporalDecoder
 from vaecli.models.tiny import TinyAutoencoder
 from vaecli.registry import REGISTRY, ModelSpec
 from vaecli.weights import find_on_search_path, load_state_dict
@@ -461,7 +462,8 @@ def build_model(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> 
     """An uninitialised network for `spec` with the requested halves."""
     if spec.family == "tiny":
         return TinyAutoencoder(spec.config, encoder=encoder, decoder=decoder)
-    return KLAutoencoder(spec.config, encoder=encoder, decoder=decoder)
+    temporal = TemporalDecoder if spec.config.temporal_decoder else None
+    return KLAutoencoder(spec.config, encoder=encoder, decoder=decoder, decoder_cls=temporal)
 
 
 def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, ...] = ("encoder", "decoder"),

@@ -196,19 +196,14 @@ class Decoder(nn.Module):
 class KLAutoencoder(nn.Module):
     """A KL autoencoder; `encode`/`decode` work in [0, 1] pixels and raw (unscaled) latents."""
 
-    def __init__(self, cfg: KLConfig, encoder: bool = True, decoder: bool = True):
+    def __init__(self, cfg: KLConfig, encoder: bool = True, decoder: bool = True,
+                 decoder_cls: type[nn.Module] | None = None):
         super().__init__()
         self.cfg = cfg
         c = cfg.latent_channels
         self.encoder = Encoder(cfg) if encoder else None
-        self.decoder = None
-        if decoder:
-            if cfg.temporal_decoder:
-                from vaecli.models.temporal import TemporalDecoder
-
-                self.decoder = TemporalDecoder(cfg)
-            else:
-                self.decoder = Decoder(cfg)
+        # SVD passes its TemporalDecoder (`vaecli.models.temporal`, which builds on this module).
+        self.decoder = (decoder_cls or Decoder)(cfg) if decoder else None
         post_quant = cfg.quant_conv if cfg.post_quant_conv is None else cfg.post_quant_conv
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.quant_conv and encoder else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if post_quant and decoder else None
