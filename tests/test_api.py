@@ -57,3 +57,19 @@ def test_errors_are_vaecli_errors(real_weights):
         vaecli.load("nope")
     with pytest.raises(UsageError, match="unknown dtype 'fp8'"):
         vaecli.load("taef2", dtype="fp8")
+
+
+def test_readme_python_snippet_runs(real_weights, small_image, gif, tmp_path, monkeypatch, capsys):
+    """The README's Python API example, run as written (photo.png and clip.mp4 are test files here)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    shutil.copy(small_image, tmp_path / "photo.png")
+    shutil.copy(gif, tmp_path / "clip.mp4")  # read by content: a GIF under the README's name
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "photo.latent").exists() and (tmp_path / "photo.decoded.png").exists()
+    assert "torch.Size([" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ["encode", "decode", "roundtrip", "video", "info", "models"]
+COMMANDS = ["encode", "decode", "roundtrip", "video", "info", "models", "weights", "compare"]
 
 
 def test_top_level_help_lists_every_command(vae):
@@ -24,8 +24,12 @@ def test_every_command_has_help(vae, name):
     assert "Usage: vae " + name in " ".join(result.stdout.split())
     from vaecli.cli import app
 
-    command = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == name)
-    assert command.callback.__doc__ and len(command.callback.__doc__.strip()) > 20
+    commands = [c.callback for c in app.registered_commands if (c.name or c.callback.__name__) == name]
+    groups = [g.typer_instance for g in app.registered_groups if (g.name or g.typer_instance.info.name) == name]
+    callbacks = commands or [c.callback for g in groups for c in g.registered_commands]
+    assert callbacks, f"{name} is not registered"
+    for callback in callbacks:  # a group (`vae weights`): each of its subcommands
+        assert callback.__doc__ and len(callback.__doc__.strip()) > 20
 
 
 def test_no_arguments_shows_help(vae):

@@ -62,3 +62,24 @@ def test_roundtrip_several_into_folder(vae, real_weights, small_image, tmp_path)
     result = vae("roundtrip", small_image, other, "-o", outdir)
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in outdir.iterdir()) == ["other.png", "small.png"]
+
+
+def test_diff_writes_the_error_heat_map(vae, real_weights, small_image, tmp_path):
+    from PIL import Image
+
+    from vaecli import sheet
+    from vaecli.media import read_image
+
+    recon, heat = tmp_path / "r.png", tmp_path / "d.png"
+    result = vae("roundtrip", small_image, "-o", recon, "--diff", heat)
+    assert result.exit_code == 0, result.stderr
+    expected = sheet.heat_image(sheet.error_map(read_image(small_image)[0], read_image(recon)[0]), (61, 45))
+    with Image.open(heat) as img:
+        assert img.size == (61, 45)
+        assert img.tobytes() == expected.tobytes()
+    result = vae("roundtrip", small_image, small_image, "--diff", tmp_path / "e.png")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"Error: --diff {tmp_path / 'e.png'}: needs exactly one input image, got 2"
+    result = vae("roundtrip", small_image, "--diff", small_image)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"Error: --diff {small_image}: would overwrite the input"

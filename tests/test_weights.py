@@ -25,9 +25,9 @@ def test_missing_weights_message(vae, small_image, tmp_path, monkeypatch):
     looked = ", ".join(str(p) for p in weights.search_path())
     assert str(tmp_path / "a") in looked and str(tmp_path / "b") in looked
     assert _error_line(result) == (
-        f"Error: taef2_encoder.pth (taef2 encoder) not found; looked in: {looked}; download it from "
-        f"https://github.com/madebyollin/taesd/raw/main/taef2_encoder.pth into one of those folders, "
-        f"or pass --weights PATH")
+        f"Error: taef2_encoder.pth (taef2 encoder) not found; looked in: {looked}; run 'vae weights pull taef2' "
+        f"or download it from https://github.com/madebyollin/taesd/raw/main/taef2_encoder.pth into one of those "
+        f"folders, or pass --weights PATH")
     assert not (tmp_path / "x.latent").exists()
 
 

@@ -61,15 +61,25 @@ def safetensors_bytes(latent: torch.Tensor, meta: dict, source: str = "latent") 
     run: equal latents must give equal files, for checksums, dedup and comparing engines.
     """
     _check_latent(latent, meta, source)
-    tensor = latent.detach().to("cpu").contiguous()
-    if tensor.dtype not in _ST_DTYPES:
-        raise LatentFormatError(f"{source}: expected a float32/float16/bfloat16 latent, got {tensor.dtype}")
-    data = tensor.flatten().view(torch.uint8).numpy()
-    entry = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, data.nbytes]}
+    return _st_bytes({"latent": latent}, meta, source)
+
+
+def _st_bytes(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> bytes:
+    """Named tensors (stored in this order) and string-encoded metadata as deterministic `.safetensors` bytes."""
+    entries, blobs, offset = {}, [], 0
+    for name, latent in tensors.items():
+        tensor = latent.detach().to("cpu").contiguous()
+        if tensor.dtype not in _ST_DTYPES:
+            raise LatentFormatError(f"{source}: expected a float32/float16/bfloat16 latent, got {tensor.dtype}")
+        data = tensor.flatten().view(torch.uint8).numpy().tobytes()
+        entries[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
     strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    header = json.dumps({"__metadata__": strings, "latent": entry}, sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps({"__metadata__": strings, **entries}, sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
-    return len(header).to_bytes(8, "little") + header + data.tobytes()
+    return len(header).to_bytes(8, "little") + header + b"".join(blobs)
 
 
 def save_safetensors(path: Path, latent: torch.Tensor, meta: dict) -> None:
@@ -230,8 +240,17 @@ def _png_meta(text: str, source: str) -> dict:
     return meta
 
 
-def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
-    """Read a latent file (safetensors or PNG, told apart by content) as a (C, h, w) tensor and its metadata."""
+def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Read a latent file (safetensors or PNG, told apart by content) as a (C, h, w) tensor and its metadata.
+
+    A ComfyUI `.latent` file gives its item `path.index` (see `latent_item`), read as raw latents of `model` (or
+    `path.model`) unless vaecli's metadata rides in its header.
+    """
+    comfy = _comfyui_open(path, model)
+    if comfy is not None:
+        meta, shape, frames = comfy
+        latent = frames(0, shape[0])
+        return (latent if meta.get("kind") == "video" else latent[0]), meta
     path = Path(path)
     if not path.exists():
         raise LatentFormatError(f"{path}: no such file")
@@ -303,8 +322,13 @@ class LatentVideoWriter:
         self._data.close()
 
 
-def read_metadata(path: Path) -> dict:
-    """A latent file's metadata without reading its tensor (safetensors header or PNG text chunk)."""
+def read_metadata(path: Path, model: str | None = None) -> dict:
+    """A latent file's metadata without reading its tensor (safetensors header or PNG text chunk); `model` as for
+    `load_latent`."""
+    comfy = _comfyui_open(path, model)
+    if comfy is not None:
+        meta, shape, _ = comfy
+        return {**meta, "shape": shape if meta.get("kind") == "video" else shape[1:]}
     path = Path(path)
     if not path.is_file():
         return load_latent(path)[1]  # raises the right "no such file" / "is a folder" error
@@ -335,8 +359,18 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def open_latent_video(path: Path) -> tuple[dict, list[int], Callable[[int, int], torch.Tensor]]:
-    """Metadata, shape (T, C, h, w) and a reader of frames [i, j) of a latent video, without loading it all."""
+def open_latent_video(path: Path, model: str | None = None) -> tuple[dict, list[int], Callable[[int, int],
+                                                                                        torch.Tensor]]:
+    """Metadata, shape (T, C, h, w) and a reader of frames [i, j) of a latent video, without loading it all
+    (ComfyUI's (B, C, T, h, w) files too: item `path.index`, `model` as for `load_latent`)."""
+    comfy = _comfyui_open(path, model)
+    if comfy is not None:
+        meta, shape, frames = comfy
+        missing = [k for k in ("image_size", "fps") if k not in meta]
+        if missing:
+            raise LatentFormatError(f"{path}: a latent video needs 'image_size' and 'fps' metadata; "
+                                    f"no {', '.join(missing)}")
+        return {**meta, "kind": "video"}, shape, frames
     from safetensors import safe_open
 
     try:
@@ -373,3 +407,208 @@ def open_latent_video(path: Path) -> tuple[dict, list[int], Callable[[int, int],
         return torch.frombuffer(data, dtype=dtype).reshape(j - i, *shape[1:])
 
     return meta, shape, frames
+
+
+# --- ComfyUI `.latent` files ----------------------------------------------------------------------------------------
+# safetensors with `latent_tensor` (images (B, C, h, w), video (B, C, T, h, w)) in the autoencoder's raw space and an
+# empty `latent_format_version_0` marker; ComfyUI's LoadLatent reads a file without the marker as SD 1.x latents
+# scaled by 0.18215 and multiplies it by 1 / 0.18215. Its workflow JSON rides in the header's metadata.
+
+COMFYUI_KEY = "latent_tensor"
+COMFYUI_MARKER = "latent_format_version_0"
+COMFYUI_LEGACY_SCALE = 0.18215
+COMFYUI_FPS = 24.0  # ComfyUI records no frame rate
+_ST_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class LatentItem(type(Path())):
+    """A latent file path naming item `index` of a batched (ComfyUI) file, read as `model`'s latents when the file
+    records no model. Plain `Path` methods see the file itself."""
+
+    model: str | None = None
+    index: int = 0
+
+
+def latent_item(path: Path, model: str | None = None, index: int = 0) -> LatentItem:
+    """`path` carrying the model and batch item a ComfyUI file is read with (see `LatentItem`)."""
+    item = LatentItem(path)
+    item.model, item.index = model, index
+    return item
+
+
+def _st_header(path: Path) -> tuple[dict, int] | None:
+    """A safetensors file's JSON header and where its data starts, or None when it is not one (or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if not 2 <= n <= SAFETENSORS_MAGIC_MAX_HEADER:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    return (header, 8 + n) if isinstance(header, dict) else None
+
+
+def comfyui_batch(path: Path) -> int | None:
+    """The batch size of a ComfyUI `.latent` file (from its header alone), or None for any other file."""
+    try:
+        layout = _comfyui_layout(Path(path))
+    except LatentFormatError:
+        return 1  # reported when the file is read
+    return None if layout is None else layout[2][0]
+
+
+def _comfyui_layout(path: Path) -> tuple[dict, int, tuple[int, ...], torch.dtype, int] | None:
+    """A ComfyUI file's header, data start, shape (B, C, T, h, w), dtype and tensor offset, checked against the
+    file's size; None when `path` is no ComfyUI file."""
+    found = _st_header(path) if path.is_file() else None
+    if found is None or COMFYUI_KEY not in found[0]:
+        return None
+    header, start = found
+    entry = header[COMFYUI_KEY]
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not (isinstance(shape, list) and len(shape) in (4, 5) and _ints(shape, len(shape)) and min(shape) > 0):
+        raise LatentFormatError(f"{path}: expected a ComfyUI latent_tensor of shape (B, C, h, w) or (B, C, T, h, w), "
+                                f"got {str(shape)[:60]}")
+    dtype = _ST_NAMES.get(entry.get("dtype"))
+    if dtype is None:
+        raise LatentFormatError(f"{path}: expected a float32/float16/bfloat16 latent_tensor, got "
+                                f"{str(entry.get('dtype'))[:20]}")
+    shape5 = tuple(shape) if len(shape) == 5 else (shape[0], shape[1], 1, *shape[2:])
+    offsets = entry.get("data_offsets")
+    if not (_ints(offsets, 2) and 0 <= offsets[0] and
+            offsets[1] - offsets[0] == math.prod(shape5) * torch.finfo(dtype).bits // 8):
+        raise LatentFormatError(f"{path}: latent_tensor data does not match its shape {shape}")
+    if path.stat().st_size < start + offsets[1]:
+        raise LatentFormatError(f"{path}: truncated ComfyUI latent (file shorter than its latent_tensor)")
+    return header, start, shape5, dtype, offsets[0]
+
+
+def _comfyui_open(path: Path, model: str | None) -> tuple[dict, list[int], Callable[[int, int], torch.Tensor]] | None:
+    """A ComfyUI file's item as (vaecli metadata, shape (T, C, h, w), reader of frames [i, j)); None for others."""
+    index = getattr(path, "index", 0)
+    model = model or getattr(path, "model", None)
+    path = Path(path)
+    layout = _comfyui_layout(path)
+    if layout is None:
+        return None
+    header, start, (b, c, t, h, w), dtype, offset = layout
+    if not 0 <= index < b:
+        raise LatentFormatError(f"{path}: no batch item {index} (batch of {b})")
+    multiplier = 1.0 if COMFYUI_MARKER in header else 1.0 / COMFYUI_LEGACY_SCALE
+    raw = header.get("__metadata__") or {}
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        meta = _decode_meta(raw, str(path))  # written by `vae encode/video --format comfyui`
+        if meta.get("space", "raw") != "raw":
+            raise LatentFormatError(f"{path}: a ComfyUI latent holds raw latents, metadata says "
+                                    f"'{str(meta.get('space'))[:20]}'")
+    else:
+        meta = _comfyui_meta(path, model, c, h, w, video=t > 1)
+    if "channels" in meta and meta["channels"] != c:
+        raise LatentFormatError(f"{path}: metadata says {meta['channels']} channels, tensor has {c}")
+    video = meta.get("kind") == "video"
+    plane = h * w * torch.finfo(dtype).bits // 8
+    base = start + offset + index * c * t * plane
+
+    def frames(i: int, j: int) -> torch.Tensor:
+        i, j = max(0, i), min(t, j)
+        if j <= i:
+            return torch.zeros(0, c, h, w)
+        parts = []
+        with open(path, "rb") as f:  # plain reads, not a memory map: resident memory stays one chunk
+            for ch in range(c):
+                f.seek(base + (ch * t + i) * plane)
+                data = bytearray(f.read((j - i) * plane))
+                if len(data) != (j - i) * plane:
+                    raise LatentFormatError(f"{path}: truncated ComfyUI latent")
+                parts.append(torch.frombuffer(data, dtype=dtype).reshape(j - i, h, w))
+        out = torch.stack(parts, 1).float()  # (j - i, C, h, w); ComfyUI's LoadLatent takes .float() too
+        return out * multiplier if multiplier != 1.0 else out
+
+    return meta, [t if video else 1, c, h, w], frames
+
+
+def _comfyui_meta(path: Path, model: str | None, c: int, h: int, w: int, video: bool) -> dict:
+    """vaecli metadata for a ComfyUI file, which records no model: raw latents of `model`, nothing padded."""
+    from vaecli.registry import REGISTRY
+
+    if model is None:
+        raise LatentFormatError(f"{path}: a ComfyUI latent records no model: pass --model")
+    spec = REGISTRY.get(model)
+    if spec is None:
+        raise LatentFormatError(f"{path}: unknown model '{model}'")
+    f = spec.spatial_factor
+    meta = make_metadata(spec, (w * f, h * f), (0, 0, 0, 0), "fp32", space="raw", channels=c)
+    if video:
+        meta.update(kind="video", fps=COMFYUI_FPS)
+        if spec.temporal_factor > 1:
+            meta["temporal_factor"] = spec.temporal_factor
+    return meta
+
+
+def comfyui_bytes(latent: torch.Tensor, meta: dict, source: str = "latent") -> bytes:
+    """A raw (C, h, w) latent as ComfyUI `.latent` bytes: `latent_tensor` (1, C, h, w), the empty version marker,
+    and vaecli's metadata in the header (so `vae decode` needs no flags)."""
+    _check_latent(latent, meta, source)
+    if meta.get("space") != "raw":
+        raise LatentFormatError(f"{source}: ComfyUI latents are raw; got '{meta.get('space')}' latents")
+    return _st_bytes({COMFYUI_KEY: latent[None], COMFYUI_MARKER: torch.zeros(0)}, meta, source)
+
+
+def save_comfyui(path: Path, latent: torch.Tensor, meta: dict) -> None:
+    """Write a raw (C, h, w) latent as a ComfyUI `.latent` file (see `comfyui_bytes`) atomically."""
+    blob = comfyui_bytes(latent, meta, str(path))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def _to_raw(meta: dict, spec, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (a, b) with raw = z * a + b for latents in the space `meta` names (of model `spec`)."""
+    space = meta.get("space", spec.latent_space)
+    ones, zeros = torch.ones(channels), torch.zeros(channels)
+    if space == "raw":
+        return ones, zeros
+    if space == "scaled":
+        return ones / float(meta["scaling_factor"]), zeros + float(meta.get("shift_factor", 0.0))
+    if space == "normalized" and len(spec.latents_mean) == channels:
+        return torch.tensor(spec.latents_std), torch.tensor(spec.latents_mean)
+    raise LatentFormatError(f"{spec.name}: '{space}' latents cannot be written for ComfyUI (raw latents only)")
+
+
+def comfyui_video(src: Path, dst: Path, spec) -> list[int]:
+    """Rewrite vaecli latent video `src` ((T, C, h, w), any space of `spec`) as ComfyUI file `dst`: raw
+    (1, C, T, h, w), the marker, vaecli's metadata; streamed a latent plane at a time, written atomically.
+    Returns the ComfyUI shape."""
+    meta, shape, _ = open_latent_video(src)
+    t, c, h, w = shape
+    a, b = _to_raw(meta, spec, c)
+    with open(src, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(n))["latent"]
+    dtype = _ST_NAMES[entry["dtype"]]
+    item = torch.finfo(dtype).bits // 8
+    plane = h * w * item
+    data_start = 8 + n + int(entry["data_offsets"][0])
+    out_meta = {**meta, "space": "raw", "scaling_factor": 1.0, "shift_factor": 0.0}
+    size = t * c * plane
+    entries = {COMFYUI_KEY: {"dtype": entry["dtype"], "shape": [1, c, t, h, w], "data_offsets": [0, size]},
+               COMFYUI_MARKER: {"dtype": "F32", "shape": [0], "data_offsets": [size, size]}}
+    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in out_meta.items()}
+    header = json.dumps({"__metadata__": strings, **entries}, sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+
+    def write(tmp: Path) -> None:
+        with open(src, "rb") as inp, open(tmp, "wb") as out:
+            out.write(len(header).to_bytes(8, "little") + header)
+            for ch in range(c):
+                for i in range(t):
+                    inp.seek(data_start + (i * c + ch) * plane)
+                    z = torch.frombuffer(bytearray(inp.read(plane)), dtype=dtype)
+                    if a[ch] != 1 or b[ch] != 0:
+                        z = (z.float() * a[ch] + b[ch]).to(dtype)
+                    out.write(z.view(torch.int16 if dtype == torch.bfloat16 else dtype).numpy().tobytes())
+
+    atomic_write(Path(dst), write)
+    return [1, c, t, h, w]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vaecli import latents, media
 
-SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png}
+SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png, "comfyui": latents.save_comfyui}
 
 
 def input_seed(seed: int, rel: Path | str) -> int:
@@ -44,7 +44,8 @@ def encode_stages(codec, fmt: str = "safetensors", space: str | None = None, sam
                   seed: int | None = None, alpha: str = "white", batch_size: int = 8,
                   skip_existing: bool = False) -> dict:
     """`batch.run` keyword arguments that encode each job's image into `job.dst` as a `fmt` latent file
-    ("safetensors" or "png"), or with fmt "bytes" keep the safetensors bytes in `job.extra["latent_bytes"]`."""
+    ("safetensors", "png" or "comfyui", which needs space "raw"), or with fmt "bytes" keep the safetensors bytes
+    in `job.extra["latent_bytes"]`."""
     options = {"space": space, "sample": sample, "seed": seed}
 
     def compute(group: list) -> None:

@@ -21,13 +21,16 @@ FLUX2_SCALING = {"latent_space": "raw", "latent_family": "FLUX.2"}  # the denois
 
 @dataclass(frozen=True)
 class WeightFile:
-    """One weights file a model needs: its role (`encoder`/`decoder`), file name and known checksum."""
+    """One weights file a model needs: its role (`encoder`/`decoder`/`vae`), the name vaecli searches for, its known
+    checksum, and where it is published (a Hugging Face `repo` and `path_in_repo`, or only a download `url`)."""
 
     role: str
     name: str
     sha256: str | None = None  # None: no published checksum known to vaecli, so it cannot be verified
     size: int | None = None
-    url: str = ""
+    url: str = ""  # where to download it by hand
+    repo: str = ""  # Hugging Face model repository that publishes it ("" : not on the hub, `url` only)
+    path_in_repo: str = ""  # its path there; a pulled file is stored under `name` whatever this is
 
 
 @dataclass(frozen=True)
@@ -302,32 +305,44 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 
-def _kl(name: str, description: str, cfg: KLConfig, file: str, url: str, **conventions) -> ModelSpec:
+HF = "https://huggingface.co/"
+
+
+def _hub_file(name: str, repo: str, path_in_repo: str = "") -> WeightFile:
+    """The single "vae" file `name`, published as `path_in_repo` (default: `name`) in the hub repository `repo`."""
+    path_in_repo = path_in_repo or name
+    return WeightFile("vae", name, url=f"{HF}{repo}/resolve/main/{path_in_repo}", repo=repo,
+                      path_in_repo=path_in_repo)
+
+
+def _kl(name: str, description: str, cfg: KLConfig, file: str, repo: str, path_in_repo: str = "",
+        **conventions) -> ModelSpec:
     return ModelSpec(name=name, family="kl", description=description, config=cfg,
-                     weights=(WeightFile("vae", file, url=url),), pixel_range=(-1.0, 1.0), **conventions)
+                     weights=(_hub_file(file, repo, path_in_repo),), pixel_range=(-1.0, 1.0), **conventions)
 
 
 SD_VAE = KLConfig(latent_channels=4)
-HF = "https://huggingface.co/"
+DIFFUSERS_VAE = "vae/diffusion_pytorch_model.safetensors"  # the VAE of a diffusers pipeline repository
 REGISTRY.update({
     "sd15": _kl("sd15", "SD 1.x VAE (sd-vae-ft-mse)", SD_VAE, "vae-ft-mse-840000-ema-pruned.safetensors",
-                HF + "stabilityai/sd-vae-ft-mse-original", **SD_SCALING),
+                "stabilityai/sd-vae-ft-mse-original", **SD_SCALING),
     "sd21": _kl("sd21", "SD 2.x VAE (sd-vae-ft-ema)", SD_VAE, "vae-ft-ema-560000-ema-pruned.safetensors",
-                HF + "stabilityai/sd-vae-ft-ema-original", **SD_SCALING),
+                "stabilityai/sd-vae-ft-ema-original", **SD_SCALING),
     "sdxl": _kl("sdxl", "SDXL VAE (decodes in fp32: fp16 overflows)", SD_VAE, "sdxl_vae.safetensors",
-                HF + "stabilityai/sdxl-vae", force_upcast=True, **SDXL_SCALING),
+                "stabilityai/sdxl-vae", force_upcast=True, **SDXL_SCALING),
     "sdxl-fp16-fix": _kl("sdxl-fp16-fix", "SDXL VAE fine-tuned to run in fp16", SD_VAE, "sdxl.vae.safetensors",
-                         HF + "madebyollin/sdxl-vae-fp16-fix", **SDXL_SCALING),
+                         "madebyollin/sdxl-vae-fp16-fix", **SDXL_SCALING),
     "sd3": _kl("sd3", "SD3 / SD3.5 VAE (16 ch)", KLConfig(latent_channels=16, quant_conv=False),
-               "sd3_vae.safetensors", HF + "stabilityai/stable-diffusion-3-medium-diffusers", **SD3_SCALING),
+               "sd3_vae.safetensors", "stabilityai/stable-diffusion-3-medium-diffusers", DIFFUSERS_VAE,
+               **SD3_SCALING),
     "flux1": _kl("flux1", "FLUX.1 autoencoder (16 ch)", KLConfig(latent_channels=16, quant_conv=False),
-                 "ae.safetensors", HF + "black-forest-labs/FLUX.1-schnell", **FLUX1_SCALING),
+                 "ae.safetensors", "black-forest-labs/FLUX.1-schnell", **FLUX1_SCALING),
     "svd": _kl("svd", "Stable Video Diffusion VAE (temporal decoder mixes frames)",
                KLConfig(latent_channels=4, post_quant_conv=False, temporal_decoder=True), "svd_vae.safetensors",
-               HF + "stabilityai/stable-video-diffusion-img2vid-xt", **SD_SCALING),
+               "stabilityai/stable-video-diffusion-img2vid-xt", DIFFUSERS_VAE, **SD_SCALING),
     "flux2": _kl("flux2", "FLUX.2 autoencoder (32 ch; --latent-space normalized: 2x2 patches, batch-norm)",
                  KLConfig(latent_channels=32, batch_norm=True, patch_size=2), "flux2_ae.safetensors",
-                 HF + "black-forest-labs/FLUX.2-dev", **FLUX2_SCALING),
+                 "black-forest-labs/FLUX.2-dev", "ae.safetensors", **FLUX2_SCALING),
 })
 
 WAN21_SPACE = {"latent_space": "normalized", "latent_family": "Wan 2.1", "latents_mean": WAN21_MEAN,
@@ -341,9 +356,10 @@ COGVIDEOX_SCALING = {"latent_space": "scaled", "scaling_factor": 0.7, "latent_fa
 TAEHV_URL = "https://github.com/madebyollin/taehv/raw/main/{name}"
 
 
-def _wan(name: str, description: str, cfg: WanConfig, file: str, repo: str, **conventions) -> ModelSpec:
+def _wan(name: str, description: str, cfg: WanConfig, file: str, repo: str, path_in_repo: str = "",
+         **conventions) -> ModelSpec:
     return ModelSpec(name=name, family="wan", description=description, config=cfg,
-                     weights=(WeightFile("vae", file, url=HF + repo),), pixel_range=(-1.0, 1.0), **conventions)
+                     weights=(_hub_file(file, repo, path_in_repo),), pixel_range=(-1.0, 1.0), **conventions)
 
 
 def _taehv(name: str, description: str, cfg: TAEHVConfig, **conventions) -> ModelSpec:
@@ -359,7 +375,7 @@ REGISTRY.update({
     "wan2.2": _wan("wan2.2", "Wan 2.2 TI2V-5B video VAE (48 ch, 16x, 4x in time)", WAN22_CONFIG,
                    "Wan2.2_VAE.pth", "Wan-AI/Wan2.2-TI2V-5B", **WAN22_SPACE),
     "qwen-image": _wan("qwen-image", "Qwen-Image VAE (Wan 2.1's, decoder fine-tuned; images are 1-frame clips)",
-                       WAN21_CONFIG, "qwen_image_vae.safetensors", "Qwen/Qwen-Image", **WAN21_SPACE),
+                       WAN21_CONFIG, "qwen_image_vae.safetensors", "Qwen/Qwen-Image", DIFFUSERS_VAE, **WAN21_SPACE),
     "taew2_1": _taehv("taew2_1", "Tiny video autoencoder for Wan 2.1 latents", TAEHV_BASE, **WAN21_SPACE),
     "taew2_2": _taehv("taew2_2", "Tiny video autoencoder for Wan 2.2 5B latents (48 ch)",
                       TAEHVConfig(latent_channels=48, patch_size=2), **WAN22_SPACE),
@@ -377,10 +393,11 @@ DEFAULT_MODEL = "taef2"
 
 
 def manifest_lines() -> list[str]:
-    """Rows of `weights/manifest.tsv`: file name, sha256, size, URL and model, for every known weights file."""
-    rows = ["# name\tsha256\tsize\turl\tmodel\trole"]
+    """Rows of `weights/manifest.tsv`: file name, sha256, size, URL, model, role and hub repository and path, for every
+    known weights file."""
+    rows = ["# name\tsha256\tsize\turl\tmodel\trole\trepo\tpath_in_repo"]
     for spec in REGISTRY.values():
         for w in spec.weights:
             rows.append("\t".join([w.name, w.sha256 or "-", str(w.size) if w.size else "-", w.url,
-                                   spec.name, w.role]))
+                                   spec.name, w.role, w.repo or "-", w.path_in_repo or "-"]))
     return rows

@@ -34,24 +34,74 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+SIDECAR = ".sha256"  # `vae weights pull` records a file's checksum beside it, in `sha256sum` format
+
+
+def sidecar_of(path: Path) -> Path:
+    """The checksum record beside a weights file: `NAME.sha256`, one `sha256sum` line."""
+    return path.with_name(path.name + SIDECAR)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded beside `path` when it was pulled, or None (no record, or not a `sha256sum` line)."""
+    try:
+        digest = sidecar_of(path).read_text().split()[0].lower()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def record_sha256(path: Path, digest: str) -> None:
+    """Write `digest` beside `path` as `NAME.sha256` (atomically: a temporary file, then a rename)."""
+    side = sidecar_of(path)
+    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{digest}  {path.name}\n")
+    os.replace(tmp, side)
+
+
+def expected_sha256(wf: WeightFile, path: Path) -> tuple[str | None, str]:
+    """The checksum `path` must have and where it comes from: the registry's, else the one recorded at pull."""
+    if wf.sha256 is not None:
+        return wf.sha256, "registry"
+    recorded = recorded_sha256(path)
+    return (recorded, "recorded") if recorded else (None, "")
+
+
+def check_file(wf: WeightFile, path: Path) -> str:
+    """Checksum state of a found file: "verified", "unverified" (no checksum known) or "checksum mismatch"."""
+    expected, _ = expected_sha256(wf, path)
+    if expected is None:
+        return "unverified"
+    return "verified" if sha256_of(path) == expected else "checksum mismatch"
+
+
+def locate(wf: WeightFile) -> list[Path]:
+    """Every copy of `wf` on the search path, in search order (the first is the one vaecli uses)."""
+    return [d / wf.name for d in search_path() if (d / wf.name).is_file()]
+
+
 def find_on_search_path(spec: ModelSpec, wf: WeightFile, verify: bool = True) -> Path:
-    """Path of `wf` on the search path, checksum-verified against the registry unless `verify` is False."""
+    """Path of `wf` on the search path, checksum-verified (against the registry, else the checksum recorded when
+    `vae weights pull` fetched it) unless `verify` is False."""
     dirs = search_path()
     for d in dirs:
         path = d / wf.name
         if path.is_file():
-            if verify and wf.sha256 is not None:
+            expected, origin = expected_sha256(wf, path) if verify else (None, "")
+            if expected is not None:
                 digest = sha256_of(path)
-                if digest != wf.sha256:
+                if digest != expected:
+                    where = f" (recorded in {sidecar_of(path).name} when pulled)" if origin == "recorded" else ""
                     raise WeightsError(
-                        f"checksum mismatch for {path}: expected sha256 {wf.sha256}, got {digest} "
+                        f"checksum mismatch for {path}: expected sha256 {expected}{where}, got {digest} "
                         f"(replace the file, or pass --no-verify to use it anyway)"
                     )
             return path
     looked = ", ".join(str(d) for d in dirs)
     raise WeightsError(
         f"{wf.name} ({spec.name} {wf.role}) not found; looked in: {looked}; "
-        f"download it from {wf.url} into one of those folders, or pass --weights PATH"
+        f"run 'vae weights pull {spec.name}' or download it from {wf.url} into one of those folders, "
+        f"or pass --weights PATH"
     )
 
 

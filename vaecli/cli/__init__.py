@@ -3,7 +3,16 @@
 import sys
 
 from vaecli import allocator
-from vaecli.cli import decode, encode, info, models, roundtrip, video_cmd  # noqa: F401  (registers the commands)
+from vaecli.cli import (  # noqa: F401  (registers the commands)
+    compare,
+    decode,
+    encode,
+    info,
+    models,
+    roundtrip,
+    video_cmd,
+    weights_cmd,
+)
 from vaecli.cli.common import app, fail, say
 
 __all__ = ["app", "run"]

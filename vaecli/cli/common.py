@@ -67,6 +67,7 @@ class OutputFormat(str, Enum):
 class LatentFormat(str, Enum):
     safetensors = "safetensors"
     png = "png"
+    comfyui = "comfyui"  # a .latent file ComfyUI's LoadLatent reads: raw latent_tensor + version marker
 
 
 LATENT_EXTS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -46,7 +47,8 @@ def decode(
         help="Latent files written by 'vae encode' or 'vae video', folders, globs, or - for stdin.")],
     output: OutputOpt = None,
     model: Annotated[Optional[ModelName], typer.Option(
-        "-m", "--model", help="Decode with this model instead of the one named in the latent's metadata.")] = None,
+        "-m", "--model", help="Decode with this model instead of the one named in the latent's metadata; required "
+        "for ComfyUI .latent files, which name none (read as that model's raw latents).")] = None,
     weights: WeightsOpt = None,
     chunk: ChunkOpt = "auto",
     as_frames: Annotated[bool, typer.Option(
@@ -73,6 +75,8 @@ def decode(
     debug: DebugOpt = False,
 ) -> None:
     """Decode latent files back to images (PNG, JPEG, WebP, BMP, TIFF) or latent videos to clips (by -o extension)."""
+    import torch
+
     from vaecli import batch, clips, latents, media, video
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
     from vaecli.errors import InputError
@@ -81,7 +85,7 @@ def decode(
 
     def default_name(p: Path) -> str:
         try:
-            is_video = latents.read_metadata(p).get("kind") == "video"
+            is_video = latents.read_metadata(p, model.value if model else None).get("kind") == "video"
         except Exception:
             is_video = False  # reported when the input itself is processed
         ext = "" if as_frames else ".mp4" if is_video else image_suffix
@@ -92,6 +96,7 @@ def decode(
         frames_per_pass = parse_chunk(chunk)
         media.check_output_extension(Path("x" + image_suffix))
         jobs, skip = plan_jobs(inputs, output, recursive, batch.LATENT_EXTS, default_name, skip_existing)
+        jobs = _comfyui_items(jobs, model.value if model else None)
         for job in jobs:
             suffix_ = job.dst.suffix.lower()
             if not as_frames and suffix_ not in media.OUTPUT_FORMATS and suffix_ not in video.VIDEO_EXTS:
@@ -117,6 +122,8 @@ def decode(
             if job.dst.suffix.lower() in media.OUTPUT_FORMATS and not as_frames:
                 raise InputError(f"{job.src}: a latent video; write it as .mp4, .mov, .mkv, .webm, .gif "
                                  f"or use --as-frames")
+            if isinstance(job.src, latents.LatentItem):  # a ComfyUI file: its channels checked before decoding
+                check_latent_fits(get_spec(name), torch.empty(meta["shape"][1], 0, 0), meta)
             return name, None, meta
         if job.dst.suffix.lower() not in media.OUTPUT_FORMATS or as_frames:
             raise InputError(f"{job.src}: an image latent; write it as {', '.join(media.OUTPUT_FORMATS)}")
@@ -162,3 +169,22 @@ def decode(
 
     run_batch(jobs, as_json, quiet, debug=debug, read=read, compute=compute, write=write, fail_fast=fail_fast,
                skip=lambda job: skip and job.dst.exists())
+
+
+def _comfyui_items(jobs: list, model: str | None) -> list:
+    """Jobs for ComfyUI `.latent` inputs carry the model to read them with; a batch of B > 1 becomes B jobs, item i
+    written as `<stem>_<i><ext>` beside where the whole file's output would go."""
+    from vaecli import latents
+
+    out = []
+    for job in jobs:
+        n = latents.comfyui_batch(job.src)
+        if n is None:
+            out.append(job)
+            continue
+        for i in range(n):
+            dst = job.dst
+            if n > 1:
+                dst = dst.with_name(f"{dst.stem}_{i}{dst.suffix}" if dst.suffix else f"{dst.name}_{i}")
+            out.append(replace(job, src=latents.latent_item(job.src, model, i), dst=dst))
+    return out

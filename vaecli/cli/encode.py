@@ -52,6 +52,8 @@ def _latent_format(output: Optional[Path], n_inputs: int, fmt: Optional[LatentFo
         by_ext = LATENT_EXTS.get(output.suffix.lower())
         if by_ext is None:
             raise UsageError(f"-o {output}: expected a latent file ending in .latent, .safetensors or .png")
+        if fmt == LatentFormat.comfyui and by_ext == "safetensors":
+            return "comfyui"
         if fmt is not None and fmt.value != by_ext:
             raise UsageError(f"--format {fmt.value} disagrees with the output name {output}")
         return by_ext
@@ -68,7 +70,8 @@ def encode(
     = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     fmt: Annotated[Optional[LatentFormat], typer.Option(
-        "--format", help="Latent file format (default: from the -o extension, else safetensors).")] = None,
+        "--format", help="Latent file format (default: from the -o extension, else safetensors); comfyui: a "
+        ".latent file ComfyUI's LoadLatent reads (raw latents, vaecli's metadata kept in its header).")] = None,
     space: Annotated[Optional[Space], typer.Option(
         "--latent-space", help="KL models: 'scaled' = (mean - shift) * scale, what the denoiser consumes (default); "
         "'raw' = the posterior itself; 'normalized' = FLUX.2's 2x2-patchified, batch-normed latents.")] = None,
@@ -125,6 +128,11 @@ def encode(
         if engine == Engine.local and any(v is not None for v in ray_opts.values()):
             raise UsageError(f"{next(k for k, v in ray_opts.items() if v is not None)} needs --engine ray")
         kind = _latent_format(output, n_hint, fmt)
+        if kind == "comfyui":
+            if space is not None and space != Space.raw:
+                raise UsageError(f"--format comfyui writes raw latents (ComfyUI's VAE applies scale and shift "
+                                 f"itself): drop --latent-space {space.value}")
+            space = Space.raw
         ext = ".latent.png" if kind == "png" else ".latent"
         jobs, skip = plan_jobs(inputs, output, recursive, batch.IMAGE_EXTS, namer(name, suffix, ext, model.value),
                            skip_existing)

@@ -52,6 +52,9 @@ def roundtrip(
     via: Annotated[LatentFormat, typer.Option(
         "--via", help="'png' quantizes the latent through the 8-bit PNG latent scheme, as a saved PNG latent "
         "would be.")] = LatentFormat.safetensors,
+    diff: Annotated[Optional[Path], typer.Option(
+        "--diff", help="One input: also write a heat map of its reconstruction error here (PNG; black = exact, "
+        "pale yellow = 0.1 or more, averaged over RGB).")] = None,
     alpha: AlphaOpt = Alpha.white,
     recursive: RecursiveOpt = False,
     batch_size: BatchOpt = 8,
@@ -72,6 +75,7 @@ def roundtrip(
 
     from vaecli import batch, latents, media, metrics
     from vaecli.codec import load_codec
+    from vaecli.errors import UsageError
     from vaecli.pipeline import encode_group
 
     try:
@@ -80,6 +84,13 @@ def roundtrip(
         for job in jobs:
             if job.dst is not None:
                 media.check_output_extension(job.dst)
+        if diff is not None:
+            if len(jobs) != 1:
+                raise UsageError(f"--diff {diff}: needs exactly one input image, got {len(jobs)}")
+            if diff.suffix.lower() != ".png":
+                raise UsageError(f"--diff {diff}: expected a .png file")
+            if diff.resolve() == jobs[0].src.resolve():
+                raise UsageError(f"--diff {diff}: would overwrite the input")
         codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify,
                            **tiling_kwargs(tile, max_memory))
     except Exception as exc:
@@ -90,12 +101,21 @@ def roundtrip(
             if via == LatentFormat.png:
                 latent = latents.quantize_png(latent)
             recon = media.quantize8(codec.decode_latent(latent, meta))
-            job.payload = (recon, *metrics.psnr_ssim(recon, job.payload[0]))
+            heat = None
+            if diff is not None:
+                from vaecli import sheet
+
+                heat = sheet.heat_image(sheet.error_map(job.payload[0], recon), (recon.shape[-1], recon.shape[-2]))
+            job.payload = (recon, *metrics.psnr_ssim(recon, job.payload[0]), heat)
 
     def write(job) -> None:
-        recon, p, s = job.payload
+        recon, p, s, heat = job.payload
         if job.dst is not None:
             media.write_image(job.dst, recon)
+        if heat is not None:
+            from vaecli.files import atomic_write
+
+            atomic_write(diff, lambda tmp: heat.save(tmp, format="PNG"))
         where = f" -> {job.dst}" if job.dst else ""
         job.extra = {"model": codec.spec.name, "psnr": round(p, 4), "ssim": round(s, 5),
                      "line": f"{job.src}{where}  PSNR {p:.2f} dB  SSIM {s:.4f}"}

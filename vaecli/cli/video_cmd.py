@@ -15,6 +15,7 @@ from vaecli.cli.common import (
     DType,
     DTypeOpt,
     JsonOpt,
+    LatentFormat,
     MaxMemOpt,
     ModelName,
     NoVerifyOpt,
@@ -48,6 +49,9 @@ def video_cmd(
     model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
     = DEFAULT_MODEL,
     weights: WeightsOpt = None,
+    fmt: Annotated[Optional[LatentFormat], typer.Option(
+        "--format", help="safetensors: vaecli's (T, C, h, w) latent video (default); comfyui: a .latent file "
+        "ComfyUI's LoadLatent reads, raw (1, C, T, h, w) with vaecli's metadata in its header.")] = None,
     chunk: ChunkOpt = "auto",
     roundtrip: Annotated[bool, typer.Option(
         "--roundtrip", help="Also decode the latents, write the reconstructed clip and report PSNR per frame.")]
@@ -66,7 +70,7 @@ def video_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Encode a video clip into a latent video [frames, channels, h, w], streaming (audio is not carried)."""
-    from vaecli import clips, video
+    from vaecli import clips, latents, video
     from vaecli.batch import Job
     from vaecli.codec import load_codec
     from vaecli.files import plan_outputs, strip_suffixes
@@ -76,6 +80,8 @@ def video_cmd(
         clips.check_selection(start, frames, stride, fps, frames_per_pass)
         if output is not None and output.suffix.lower() not in (".latent", ".safetensors"):
             raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors")
+        if fmt == LatentFormat.png:
+            raise UsageError("--format png: latent videos are written as safetensors or comfyui")
         out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
         if roundtrip:
             recon = recon or out.with_name(strip_suffixes(out, ".latent") + ".recon.mp4")
@@ -89,13 +95,23 @@ def video_cmd(
             roles = ("encoder", "decoder") if roundtrip else ("encoder",)
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
                                **tiling_kwargs(tile, max_memory, scratch))
+            if fmt == LatentFormat.comfyui:
+                codec.check_encode_options("raw", False)  # ComfyUI's files are raw: a model without them is refused
     except Exception as exc:
         raise fail(exc, debug) from None
 
     def compute(group) -> None:
         job = group[0]
-        report = clips.encode_clip(codec, job.src, job.dst, start=start, frames=frames, stride=stride, fps=fps,
-                                   chunk=frames_per_pass, recon=recon if roundtrip else None)
+        comfy = fmt == LatentFormat.comfyui
+        dst = job.dst.with_name(f".{job.dst.name}-frames.tmp") if comfy else job.dst  # not a .part: see atomic_write
+        try:
+            report = clips.encode_clip(codec, job.src, dst, start=start, frames=frames, stride=stride, fps=fps,
+                                       chunk=frames_per_pass, recon=recon if roundtrip else None)
+            if comfy:  # ComfyUI's layout, raw (1, C, T, h, w), rewritten a latent plane at a time
+                latents.comfyui_video(dst, job.dst, codec.spec)
+        finally:
+            if comfy:
+                dst.unlink(missing_ok=True)
         if frames is not None and report.frames + report.dropped < frames and not quiet:
             say(f"note: {job.src} has only {report.frames + report.dropped} frames to select from frame {start}; "
                 f"encoded {report.frames} of --frames {frames}")
@@ -105,7 +121,10 @@ def video_cmd(
                 f"{report.frames + report.dropped} selected frames of {job.src} were not encoded")
         job.extra = {"model": codec.spec.name, "frames": report.frames, "shape": report.shape, "fps": report.fps,
                      "size": list(report.size), "dropped": report.dropped}
-        line = f"{job.src} -> {job.dst}  {codec.spec.name} latent {report.shape} @ {report.fps:g} fps"
+        if comfy:
+            job.extra["format"] = "comfyui"
+        line = (f"{job.src} -> {job.dst}  {codec.spec.name} latent {report.shape} @ {report.fps:g} fps"
+                + (" (ComfyUI layout, raw)" if comfy else ""))
         if roundtrip:
             job.extra.update(recon=str(recon), written_size=list(report.written_size),
                              psnr=[round(p, 4) for p in report.psnr], mean_psnr=round(report.mean_psnr, 4))

@@ -1,0 +1,160 @@
+"""`vae compare`: several autoencoders on the same images, as a contact sheet and a table of PSNR/SSIM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaecli.cli.common import (
+    Alpha,
+    AlphaOpt,
+    DebugOpt,
+    Device,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    JsonOpt,
+    MaxMemOpt,
+    NoVerifyOpt,
+    QuietOpt,
+    RecursiveOpt,
+    TileOpt,
+    app,
+    fail,
+    say,
+    tiling_kwargs,
+)
+
+
+def parse_weights(values: list[str], models: list[str]) -> dict[str, list[Path]]:
+    """`-w` values -> weights paths per model: `MODEL=PATH` (repeatable, e.g. encoder and decoder files), or a bare
+    PATH when a single model is compared."""
+    from vaecli.errors import UsageError
+    from vaecli.registry import REGISTRY
+
+    out: dict[str, list[Path]] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and name in REGISTRY:
+            if name not in models:
+                raise UsageError(f"-w {value}: {name} is not one of the compared models ({', '.join(models)})")
+            out.setdefault(name, []).append(Path(path))
+        elif len(models) == 1:
+            out.setdefault(models[0], []).append(Path(value))
+        else:
+            raise UsageError(f"-w {value}: with several models, say whose weights these are: -w MODEL=PATH")
+    return out
+
+
+def summary_table(names: list[str], records: list[dict]) -> str:
+    """A Markdown table: per model, mean and worst PSNR/SSIM over the images, and the image with the worst PSNR."""
+    lines = ["| model | mean PSNR (dB) | worst PSNR (dB) | mean SSIM | worst SSIM | lowest-PSNR image |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name in names:
+        rows = [(r["models"][name], r["input"]) for r in records]
+        psnrs = [m["psnr"] for m, _ in rows]
+        ssims = [m["ssim"] for m, _ in rows]
+        worst = min(rows, key=lambda mr: mr[0]["psnr"])[1]
+        lines.append(f"| {name} | {sum(psnrs) / len(psnrs):.2f} | {min(psnrs):.2f} | {sum(ssims) / len(ssims):.4f} "
+                     f"| {min(ssims):.4f} | {worst} |")
+    return "\n".join(lines)
+
+
+@app.command()
+def compare(
+    inputs: Annotated[list[str], typer.Argument(
+        metavar="IMAGE", help="Images to compare the models on: files, folders, globs, or - for a list on stdin.")],
+    models: Annotated[Optional[list[str]], typer.Option(
+        "-m", "--model", metavar="MODEL", show_default=False,
+        help="A registry model to compare (see 'vae models'); repeat for each, e.g. -m taef2 -m sd15.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", metavar="SHEET", show_default=False,
+        help="The contact sheet to write (.png, .jpg, .webp, ...): required.")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option(
+        "-w", "--weights", metavar="MODEL=PATH", show_default=False,
+        help="Weights for one model as MODEL=PATH (file or folder; repeat for encoder and decoder files); a bare "
+        "PATH only when comparing a single model. Default: each model's weights from VAE_WEIGHTS_DIR, weights/, "
+        "~/.cache/vaecli.")] = None,
+    rows: Annotated[int, typer.Option(
+        "--rows", min=1, help="Most images shown on the sheet: past it, the ones with the lowest PSNR (any model) "
+        "are shown. The table and --json cover every image.")] = 16,
+    alpha: AlphaOpt = Alpha.white,
+    recursive: RecursiveOpt = False,
+    tile: TileOpt = "auto",
+    max_memory: MaxMemOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    no_verify: NoVerifyOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare autoencoders side by side: write a contact sheet of each image's reconstructions and print PSNR/SSIM.
+
+    Each row of the sheet holds the original, then per model its reconstruction with the worst region outlined (the
+    64x64 window with the largest mean absolute error), that region zoomed 4x beside the original's, and a heat map
+    of the error. Metrics are those of 'vae roundtrip', at full resolution. Without --json a Markdown table of the
+    mean and worst PSNR/SSIM per model is printed on stdout. Any failure stops the command: no sheet is written.
+    """
+    from vaecli import batch, media, metrics
+    from vaecli.codec import load_codec
+    from vaecli.errors import OutputError, UsageError
+    from vaecli.files import atomic_write
+    from vaecli.sheet import ContactSheet
+
+    try:
+        if output is None:
+            raise UsageError("missing -o/--output: the contact sheet to write, e.g. -o sheet.png")
+        fmt = media.check_output_extension(output)
+        if not models:
+            raise UsageError("missing -m/--model: name the models to compare, e.g. -m taef2 -m sd15")
+        names = list(dict.fromkeys(models))
+        paths = parse_weights(weights or [], names)
+        srcs = [src for src, _ in batch.expand_inputs(inputs, recursive, batch.IMAGE_EXTS)]
+        if not srcs:
+            raise UsageError("no inputs (stdin was empty)")
+        if any(src.resolve() == output.resolve() for src in srcs):
+            raise OutputError(f"{output}: would overwrite an input")
+        codecs = [load_codec(name, paths.get(name), ("encoder", "decoder"), device.value, dtype.value,
+                             not no_verify, **tiling_kwargs(tile, max_memory)) for name in names]
+
+        sheet = ContactSheet(max_rows=rows)
+        records = []
+        for src in srcs:
+            pixels, info = media.read_image(src, alpha.value)
+            sheet.start(pixels, str(src))
+            record = {"input": str(src), "output": str(output), "status": "ok", "error": None,
+                      "size": list(info.size), "models": {}}
+            for name, codec in zip(names, codecs, strict=True):
+                latent, meta = codec.encode_batch(pixels, info.size)
+                recon = media.quantize8(codec.decode_latent(latent[0], meta))
+                del latent
+                p, s = metrics.psnr_ssim(recon, pixels)
+                region = sheet.add(name, recon, p, s)
+                del recon
+                record["models"][name] = {"psnr": round(p, 4), "ssim": round(s, 5), "worst": region.box(),
+                                          "worst_error": round(region.error, 5)}
+            records.append(record)
+            if not quiet and not as_json:
+                say(f"{src}  " + "  ".join(f"{n} {m['psnr']:.2f} dB / {m['ssim']:.4f}"
+                                          for n, m in record["models"].items()))
+            del pixels
+
+        image = sheet.render()
+        options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+        atomic_write(output, lambda tmp: image.save(tmp, format=fmt, **options))
+    except Exception as exc:
+        raise fail(exc, debug) from None
+
+    if as_json:  # only now: every record describes a row of a sheet that exists
+        for record in records:
+            typer.echo(json.dumps(record))
+    if not quiet:
+        shown = len(sheet.rows)
+        more = f" ({shown} of {len(srcs)} images: the lowest PSNR)" if shown < len(srcs) else ""
+        say(f"wrote {output}: {image.width}x{image.height}, {shown} rows x {len(names)} models{more}")
+        if not as_json:
+            typer.echo(summary_table(names, records))
