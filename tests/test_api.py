@@ -73,3 +73,23 @@ def test_readme_python_snippet_runs(real_weights, small_image, gif, tmp_path, mo
     exec(compile(snippet, "README.md", "exec"), {})
     assert (tmp_path / "photo.latent").exists() and (tmp_path / "photo.decoded.png").exists()
     assert "torch.Size([" in capsys.readouterr().out
+
+
+def test_readme_diffusers_snippet_runs(vae, kl_files, small_image, tmp_path, monkeypatch):
+    """The README's diffusers example, with a local random-weight sd15 folder for the hub id: diffusers decodes
+    vaecli's latent to what `vae decode` gives."""
+    import re
+    from pathlib import Path
+
+    files = kl_files("sd15")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"### With diffusers\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    snippet = snippet.replace('"stabilityai/sd-vae-ft-mse"', repr(str(files["diffusers"])))
+    monkeypatch.chdir(tmp_path)
+    result = vae("encode", small_image, "-o", "photo.latent", "-m", "sd15", "--weights", files["diffusers"])
+    assert result.exit_code == 0, result.stderr
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    model = vaecli.load("sd15", weights=files["diffusers"], device="cpu")
+    ours = model.decode(vaecli.load_latent("photo.latent"))
+    assert (scope["pixels"][..., :45, :61] - ours).abs().max().item() <= 1e-4
