@@ -318,7 +318,10 @@ def _run(ray, jobs, settings, on_done, shards, shard_size, todo, done, pool, cpu
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         encoder = type("ConfiguredShardEncoder", (ShardEncoder,), {"settings": asdict(settings)})
         options = dict(batch_size=1, batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
-                       compute=ray.data.ActorPoolStrategy(size=min(pool, len(items))))
+                       compute=ray.data.ActorPoolStrategy(size=min(pool, len(items)),
+                                                          max_tasks_in_flight_per_actor=1))
+        # One shard in flight per actor: an actor that dies takes down only the shard it was encoding, not shards
+        # queued behind it (they would burn their retries on a crash that is not theirs).
         # Ray Data restarts a dead actor and retries its task forever: a shard that kills its worker every time (a
         # crash, memory) would hang the run. Retry it a few times, then report its inputs and go on. Ray 2.60
         # deprecates the keyword and has no other; without it (a later Ray), the default.
