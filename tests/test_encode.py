@@ -270,3 +270,20 @@ def test_kl_checkpoint_for_another_model(vae, kl_files, small_image, tmp_path):
     assert line.startswith(f"Error: {kl_files('sd15')['ldm']} as the flux1 encoder does not fit: 2 unexpected: "
                            f"quant_conv.bias, quant_conv.weight; 2 mismatched (file vs model): "
                            f"encoder.conv_out.weight (8, 512, 3, 3) vs (32, 512, 3, 3)")
+
+
+def test_kl_encode_past_the_budget_spills_layers_to_scratch_exactly(vae, kl_files, small_image, tmp_path):
+    """sd15 with --max-memory 1 byte: the encoder runs layer by layer from scratch files in --scratch (gone on
+    exit); the latent equals the untiled one to 1e-4 and the record says how much scratch space it took."""
+    weights = kl_files("sd15")["diffusers"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    args = ["encode", small_image, "--model", "sd15", "--weights", weights, "--json"]
+    whole = vae(*args, "-o", tmp_path / "whole.latent", "--tile", "off")
+    assert whole.exit_code == 0, whole.stderr
+    assert "scratch_bytes" not in json.loads(whole.stdout)
+    result = vae(*args, "-o", tmp_path / "spilled.latent", "--max-memory", "1", "--scratch", scratch)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["scratch_bytes"] > 0 and list(scratch.iterdir()) == []
+    a, b = load_latent(tmp_path / "whole.latent")[0], load_latent(tmp_path / "spilled.latent")[0]
+    assert (a - b).abs().max().item() <= 1e-4

@@ -83,3 +83,14 @@ def test_diff_writes_the_error_heat_map(vae, real_weights, small_image, tmp_path
     result = vae("roundtrip", small_image, "--diff", small_image)
     assert result.exit_code == 2
     assert result.stderr.strip() == f"Error: --diff {small_image}: would overwrite the input"
+
+
+def test_kl_roundtrip_past_the_budget_reports_scratch(vae, kl_files, small_image, tmp_path):
+    """sd15 under a 1-byte budget: encode and decode both spill whole layers; the metrics are the untiled run's."""
+    args = ["roundtrip", small_image, "--model", "sd15", "--weights", kl_files("sd15")["diffusers"], "--json"]
+    whole = vae(*args, "--tile", "off")
+    spilled = vae(*args, "--max-memory", "1", "--scratch", tmp_path)
+    assert whole.exit_code == 0 and spilled.exit_code == 0, spilled.stderr
+    a, b = json.loads(whole.stdout), json.loads(spilled.stdout)
+    assert b["scratch_bytes"] > 0 and "scratch_bytes" not in a
+    assert abs(a["psnr"] - b["psnr"]) <= 0.05 and abs(a["ssim"] - b["ssim"]) <= 1e-3

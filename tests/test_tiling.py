@@ -158,19 +158,27 @@ def test_kl_decode_in_tiles_equals_untiled(sd15, monkeypatch):
 
 
 def test_kl_small_budget_fuses_segments_and_stays_exact(sd15, monkeypatch):
-    """A budget too small to keep full-resolution tensors whole runs several blocks per segment (more passes)."""
+    """A budget too small to keep full-resolution tensors whole: the codec's KL path runs layer by layer with
+    scratch files (no tiles, no segments); the tile path (`streamed_tiles`, for --tile N) runs several blocks per
+    segment (more passes) instead. Both exact."""
     torch.manual_seed(1)
     z = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
     x = torch.rand(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     spy = SpanSpy(monkeypatch)
     small = codec_for(sd15, tile="auto", budget=3 << 20)  # full-resolution tensors are 2 MB each
     with torch.inference_mode():
-        assert (small._decode_raw(z) - codec_for(sd15, tile=None)._decode_raw(z)).abs().max().item() <= 1e-3
-        assert max(spy.segments) >= 2 and max(spy.tiles) >= 2
-        spy.segments.clear()
+        whole = codec_for(sd15, tile=None)._decode_raw(z)
+        assert (small._decode_raw(z) - whole).abs().max().item() <= 1e-4
+        stats = tiling.last_stats()
+        assert stats["path"] == "layerwise" and stats["scratch_bytes"] > 0 and not spy.segments and not spy.tiles
         ref = codec_for(sd15, tile=None)._encode_raw(x, False, None)
-        assert (small._encode_raw(x, False, None) - ref).abs().max().item() <= 1e-3
-        assert max(spy.segments) >= 2
+        assert (small._encode_raw(x, False, None) - ref).abs().max().item() <= 1e-4
+        assert tiling.last_stats()["path"] == "layerwise" and not spy.segments
+
+        head, blocks = sd15.decoder_plan()
+        tiles = tiling.streamed_tiles(blocks, head(z), 3 << 20)
+        assert max(spy.segments) >= 2 and max(spy.tiles) >= 2
+        assert (((tiles + 1) / 2).clamp(0, 1) - whole).abs().max().item() <= 1e-4
 
 
 def test_stream_norm_pools_statistics_exactly():
@@ -228,3 +236,172 @@ def test_default_budget_is_half_the_available_ram_under_the_cap():
     assert tiling.default_budget(cpu) == min(tiling.DEFAULT_BUDGET, available // 2)
     assert abs(tiling.default_budget(cpu, cap=None) - available // 2) < 256 << 20  # RAM in use moves a little
     assert tiling.default_budget(cpu, cap=None) > tiling.DEFAULT_BUDGET  # this machine has over 2 GB free
+
+
+# --- layer by layer out of core: whole layers in RAM or scratch files, every layer computed once ---
+
+
+class ConvCount:
+    """Counts the output elements every 2-D convolution computes (F.conv2d, module convs included)."""
+
+    def __init__(self, monkeypatch):
+        import torch.nn.functional as F
+
+        self.elements, conv = 0, F.conv2d
+
+        def counted(*args, **kwargs):
+            out = conv(*args, **kwargs)
+            self.elements += out.numel()
+            return out
+
+        monkeypatch.setattr(F, "conv2d", counted)
+
+
+def conv_elements(blocks, x) -> int:
+    """Output elements of every convolution of `blocks` run whole on `x` (each layer once)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        total += output.numel()
+
+    handles = [m.register_forward_hook(hook) for b in blocks for m in b.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        torch.nn.Sequential(*blocks)(x.clone())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+@pytest.mark.parametrize("half, shape, budget", [("decoder", (2, 4, 7, 5), 160 << 10),
+                                                 ("decoder", (1, 4, 7, 5), 2 << 20),
+                                                 ("encoder", (2, 3, 56, 40), 160 << 10),
+                                                 ("encoder", (1, 3, 50, 38), 2 << 20)])
+def test_layerwise_out_of_core_equals_untiled(sd15, monkeypatch, half, shape, budget):
+    """sd15 configuration, a batch of two, odd sizes: tiny budgets put the layers in scratch files (every layer
+    there at 160 KB, some in RAM at 2 MB), a chunk of rows per file call and a few rows per band; each convolution
+    runs once (no recomputation); equal to the untiled chain (1e-5 of its range) and to the tile path."""
+    torch.manual_seed(4)
+    if half == "decoder":
+        head, blocks = sd15.decoder_plan()
+        x = head(torch.randn(*shape).contiguous(memory_format=torch.channels_last))
+    else:
+        blocks, _ = sd15.encoder_plan()
+        x = (torch.rand(*shape) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        x_before = x.clone()
+        whole = torch.nn.Sequential(*blocks)(x.clone())
+        expected = conv_elements(blocks, x)
+        count, stats = ConvCount(monkeypatch), {}
+        out = tiling.streamed(blocks, x, budget, stats=stats)
+        assert count.elements == expected  # every layer once, the shortcuts and folded upsamplers included
+        assert torch.equal(x, x_before)  # the caller's input is left as it was
+        # The tile path cuts tiles aligned to the downsampling: images a multiple of 8, as the codec pads them.
+        tiles = tiling.streamed_tiles(blocks, x, 1 << 20) if x.shape[-1] % 8 == 0 else whole
+    scale = whole.abs().max().item()
+    assert out.shape == whole.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out - whole).abs().max().item() <= 1e-5 * scale
+    assert (out - tiles).abs().max().item() <= 1e-5 * scale
+    assert stats["path"] == "layerwise" and stats["scratch_bytes"] > 0
+    if budget > 1 << 20:
+        assert 0 < stats["ram_bytes"] <= budget
+    else:
+        assert stats["ram_bytes"] == 0
+    assert tiling.last_stats() == stats
+
+
+def test_layerwise_in_ram_matches_banded_and_uses_no_scratch(sd15):
+    """With room for every layer, nothing goes to a file and the numbers are the banded untiled run's."""
+    from vaecli import banded
+
+    torch.manual_seed(5)
+    head, blocks = sd15.decoder_plan()
+    with torch.inference_mode():
+        x = head(torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last))
+        stats = {}
+        out = tiling.streamed(blocks, x, 1 << 34, stats=stats)
+        ref = banded.run_chain(blocks, x.clone())
+    assert stats == {"path": "layerwise", "scratch_bytes": 0, "ram_bytes": stats["ram_bytes"]} and stats["ram_bytes"]
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_layerwise_scratch_folder_and_free_space(sd15, monkeypatch, tmp_path):
+    """Scratch files go to `scratch_dir` (unlinked: nothing is left); too little free space there is a clear error
+    before any layer runs."""
+    import shutil
+    import tempfile
+
+    from vaecli.errors import OutputError
+
+    made = []
+    real = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: made.append(kw["dir"]) or real(**kw))
+    torch.manual_seed(6)
+    head, blocks = sd15.decoder_plan()
+    with torch.inference_mode():
+        x = head(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last))
+        stats = {}
+        tiling.streamed(blocks, x, 256 << 10, scratch_dir=tmp_path, stats=stats)
+        assert made and set(map(str, made)) == {str(tmp_path)} and stats["scratch_bytes"] > 0
+        assert list(tmp_path.iterdir()) == []
+
+        count = ConvCount(monkeypatch)
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=stats["scratch_bytes"] - 1))
+        with pytest.raises(OutputError, match=f"scratch folder {tmp_path}: this needs about"):
+            tiling.streamed(blocks, x, 256 << 10, scratch_dir=tmp_path)
+        assert count.elements == 0
+
+
+def test_row_store_files_ram_recast_and_plan():
+    """Row stores: a band of rows in and out of RAM or a file, a narrower store over a wider one's bytes, spare
+    files reused, and a dry Scratch planning the same peaks as the real one."""
+    from vaecli.scratch import RowStore, Scratch
+
+    torch.manual_seed(7)
+    x = torch.randn(1, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+    real, dry = Scratch(6 * 5 * 4 * 4, torch.device("cpu")), Scratch(6 * 5 * 4 * 4, torch.device("cpu"), dry=True)
+    for scratch in (real, dry):
+        a = scratch.rows(6, 5, 4, torch.float32)  # fits the budget: RAM
+        b = scratch.rows(6, 5, 4, torch.float32)  # past it: a file
+        assert not a.in_file and b.in_file
+        if not scratch.dry:
+            for store in (a, b):
+                store.write(0, x[:, :, :2])
+                store.write(2, x[:, :, 2:])
+                assert torch.equal(store.read(1, 4), x[:, :, 1:4])
+                assert store.read(0, 5).is_contiguous(memory_format=torch.channels_last)
+            narrow = scratch.recast(b, 3)
+            narrow.write(0, x[:, :3, :1])
+            assert torch.equal(narrow.read(0, 1), x[:, :3, :1]) and torch.equal(b.read(1, 5), x[:, :, 1:])
+            b = narrow
+        scratch.release(b)
+        c = scratch.rows(4, 5, 4, torch.float32)  # the spare file, reused
+        assert c.in_file and scratch.file_bytes == 6 * 5 * 4 * 4
+        scratch.release(a)
+        scratch.release(c)
+    assert (real.peak_file_bytes, real.peak_ram_bytes) == (dry.peak_file_bytes, dry.peak_ram_bytes)
+    real.close()
+    assert real.file_bytes == 0 and real.in_ram == 0
+    wrapped = RowStore.wrap(x)
+    wrapped.write(1, torch.zeros(1, 6, 1, 4))
+    assert x[:, :, 1].abs().max() == 0  # a wrapped store writes into the tensor itself
+
+
+def test_gathered_moments_equal_one_group_norm(monkeypatch):
+    """Moments gathered over uneven bands of rows and small pieces (a large offset between rows: the spread between
+    the parts' means counts) equal the whole image's, as GroupNorm takes them."""
+    monkeypatch.setattr(tiling, "MOMENT_BYTES", 3 * 16 * 29 * 4)  # 3 rows of (29, 16) per kernel call
+    torch.manual_seed(8)
+    x = (torch.randn(1, 16, 23, 29) + torch.linspace(0, 50, 23).view(1, 1, 23, 1)).contiguous(
+        memory_format=torch.channels_last)
+    gather = tiling._Gather(4)
+    for r0, r1 in ((0, 5), (5, 6), (6, 23)):
+        gather.add(x[:, :, r0:r1])
+    n, mean, m2 = gather.moments()
+    whole_n, whole_mean, whole_m2 = tiling.group_moments(x.double(), 4)
+    assert len(gather.parts) == 2 + 1 + 6 and n == whole_n
+    assert torch.allclose(mean, whole_mean, rtol=1e-6) and torch.allclose(m2, whole_m2, rtol=1e-5)
+    scale, shift = tiling.norm_affine(torch.nn.GroupNorm(4, 16), (n, mean, m2), 16)
+    assert (x.double() * scale + shift - torch.nn.functional.group_norm(x.double(), 4)).abs().max() <= 1e-5

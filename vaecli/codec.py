@@ -63,7 +63,7 @@ class Codec:
     memory_format: torch.memory_format = torch.channels_last
     sources: tuple[str, ...] = ()  # the weight files loaded (already verified), for workers to load the same
     scratch_dir: str | None = None  # where layers past the budget go (None: the system's temporary folder)
-    scratch_bytes: int = 0  # the most scratch-file space a decode has used so far
+    scratch_bytes: int = 0  # the most scratch-file space an encode or decode has used so far
 
     def tile_size(self, pixels: int, batch: int = 1) -> int | None:
         """Tile side in pixels for a forward pass over `batch` images of `pixels` pixels, or None to run it whole
@@ -208,7 +208,11 @@ class Codec:
     def _kl_streamed(self, blocks: list, x: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
         """`tiling.streamed` over a KL chain with this codec's budget and tile (`unit`: pixels per cell of `x`)."""
         tile = None if self.tile == "auto" else int(self.tile)
-        return tiling.streamed(blocks, x, self._kl_budget(), tile, unit=unit)
+        stats: dict = {}
+        out = tiling.streamed(blocks, x, self._kl_budget(), tile, unit=unit, scratch_dir=self.scratch_dir,
+                              stats=stats)
+        self.scratch_bytes = max(self.scratch_bytes, stats["scratch_bytes"])
+        return out
 
     def _banded(self, blocks: list) -> bool:
         """Whether a whole-image KL chain runs band by band (CPU: less memory, cache-sized work, same numbers)."""

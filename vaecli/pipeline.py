@@ -21,6 +21,16 @@ def input_seed(seed: int, rel: Path | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def scratch_fields(nbytes: int) -> dict:
+    """The JSON record's `scratch_bytes` (the most scratch-file space one input used), present when it used some."""
+    return {"scratch_bytes": nbytes} if nbytes else {}
+
+
+def scratch_text(nbytes: int) -> str:
+    """The summary line's note of the scratch-file space one input used, if any."""
+    return f"  scratch {nbytes / 1e9:.2f} GB" if nbytes else ""
+
+
 def encode_group(group: list, codec, **options) -> Iterator[tuple]:
     """Encode same-sized image jobs (payload: (1, 3, H, W) in [0, 1] and ImageInfo) in forward passes within the
     codec's pixel budget; yields (job, (C, h, w) latent, metadata) for each."""
@@ -35,6 +45,7 @@ def encode_group(group: list, codec, **options) -> Iterator[tuple]:
         opts = options
         if sampled:
             opts = {**options, "seed": input_seed(options["seed"], part[0].rel or part[0].src.name)}
+        codec.scratch_bytes = 0  # read by callers as each image comes: this pass's scratch files
         out, meta = codec.encode_batch(torch.cat([job.payload[0] for job in part]), size, **opts)
         for job, latent in zip(part, out, strict=True):
             yield job, latent, meta
@@ -50,19 +61,19 @@ def encode_stages(codec, fmt: str = "safetensors", space: str | None = None, sam
 
     def compute(group: list) -> None:
         for job, latent, meta in encode_group(group, codec, **options):
-            job.payload = (latent.clone(), meta)
+            job.payload = (latent.clone(), meta, codec.scratch_bytes)
 
     def write(job) -> None:
-        latent, meta = job.payload
+        latent, meta, scratch = job.payload
         shape = list(latent.shape)
-        job.extra = {"model": codec.spec.name, "shape": shape}
+        job.extra = {"model": codec.spec.name, "shape": shape, **scratch_fields(scratch)}
         if fmt == "bytes":
             job.extra["latent_bytes"] = latents.safetensors_bytes(latent, meta, str(job.src))
             job.extra["image_size"] = list(meta["image_size"])
-            job.extra["line"] = f"{job.src}  {codec.spec.name} latent {shape}"
+            job.extra["line"] = f"{job.src}  {codec.spec.name} latent {shape}{scratch_text(scratch)}"
         else:
             SAVERS[fmt](job.dst, latent, meta)
-            job.extra["line"] = f"{job.src} -> {job.dst}  {codec.spec.name} latent {shape}"
+            job.extra["line"] = f"{job.src} -> {job.dst}  {codec.spec.name} latent {shape}{scratch_text(scratch)}"
 
     return {"read": lambda job: media.read_image(job.src, alpha), "compute": compute, "write": write,
             "batch_size": 1 if sample else batch_size, "key": lambda job: tuple(job.payload[0].shape),

@@ -75,14 +75,16 @@ class FrameStore:
 
 
 class Scratch:
-    """Hands out frame stores: in RAM while they fit `budget` bytes together, else as files in `directory`."""
+    """Hands out frame stores and row stores: in RAM while they fit `budget` bytes together, else as files in
+    `directory`. A `dry` Scratch hands out row stores without data, to plan a run (its peak file bytes) first."""
 
-    def __init__(self, budget: int, device: torch.device, directory: str | Path | None = None):
-        self.budget, self.device = budget, device
+    def __init__(self, budget: int, device: torch.device, directory: str | Path | None = None, dry: bool = False):
+        self.budget, self.device, self.dry = budget, device, dry
         self.directory = Path(directory or tempfile.gettempdir())
-        self.in_ram = 0
-        self.peak_file_bytes = self.file_bytes = 0
-        self._open: list[FrameStore] = []
+        self.in_ram = self.peak_ram_bytes = 0
+        self.peak_file_bytes = self.file_bytes = 0  # scratch-file bytes held (spare row-store files included)
+        self._open: list[FrameStore | RowStore] = []
+        self._spare: list[tuple] = []  # (file or None when dry, bytes) of released row stores, for reuse
 
     def frames(self, frames: int, frame_shape: tuple[int, ...], dtype: torch.dtype) -> FrameStore:
         """A new store for `frames` frames of `frame_shape` (C, H, W)."""
@@ -91,6 +93,7 @@ class Scratch:
         if self.in_ram + size <= self.budget:
             store = FrameStore(frames, frame_shape, dtype, self.device)
             self.in_ram += size
+            self.peak_ram_bytes = max(self.peak_ram_bytes, self.in_ram)
         else:
             if dtype not in _NUMPY:  # bf16: numpy has no such type; the bytes are the same in fp32's place
                 dtype = torch.float32
@@ -99,6 +102,40 @@ class Scratch:
             self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
         self._open.append(store)
         return store
+
+    def rows(self, channels: int, height: int, width: int, dtype: torch.dtype) -> RowStore:
+        """A new row store for a (1, `channels`, `height`, `width`) image: in RAM while it fits, else a file."""
+        size = RowStore(channels, height, width, dtype, self.device).nbytes
+        if self.in_ram + size <= self.budget:
+            ram = None if self.dry else torch.empty(size // (torch.finfo(dtype).bits // 8), dtype=dtype,
+                                                    device=self.device)
+            store = RowStore(channels, height, width, dtype, self.device, ram=ram)
+            self.in_ram += size
+            self.peak_ram_bytes = max(self.peak_ram_bytes, self.in_ram)
+        else:
+            # A released row store's file is kept and reused: rewriting pages already in the page cache runs at
+            # memory speed, while fresh pages of a new file cost block allocation and writeback (~10x slower here).
+            fits = [s for s in self._spare if s[1] >= size]
+            spare = min(fits, key=lambda s: s[1]) if fits else max(self._spare, key=lambda s: s[1], default=None)
+            if spare is not None:
+                self._spare.remove(spare)
+                file, held = spare
+                self.file_bytes += max(0, size - held)
+            else:
+                file, held = None if self.dry else self._file(size), 0
+                self.file_bytes += size
+            store = RowStore(channels, height, width, dtype, self.device, file=file, capacity=max(size, held))
+            store.planned_file = self.dry
+            self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
+        self._open.append(store)
+        return store
+
+    def recast(self, store: RowStore, channels: int) -> RowStore:
+        """`store.recast(channels)`, keeping the account: the new store holds the old one's bytes."""
+        new = store.recast(channels)
+        if store in self._open:
+            self._open[self._open.index(store)] = new
+        return new
 
     def check_space(self, size: int) -> None:
         """Raise an OutputError when the scratch folder has less than `size` bytes free."""
@@ -120,20 +157,28 @@ class Scratch:
             raise OutputError(f"scratch folder {self.directory}: cannot create a file: "
                               f"{exc.strerror or exc}") from None
 
-    def release(self, store: FrameStore) -> None:
+    def release(self, store: FrameStore | RowStore) -> None:
         """Close `store` and return its bytes to the budget."""
         if store in self._open:
             self._open.remove(store)
-            if store._file is not None:
+            if isinstance(store, RowStore) and store.in_file:
+                self._spare.append((store._file, store.nbytes))  # kept for the next row store (see `rows`)
+                store._file = None
+            elif store._file is not None:
                 self.file_bytes -= store.nbytes
             else:
                 self.in_ram -= store.nbytes
         store.close()
 
     def close(self) -> None:
-        """Close every store still open."""
+        """Close every store still open, and the spare files."""
         for store in list(self._open):
             self.release(store)
+        for file, size in self._spare:
+            if file is not None:
+                file.close()
+            self.file_bytes -= size
+        self._spare = []
 
 
 class RowStore:
@@ -151,6 +196,7 @@ class RowStore:
         self.row_bytes = width * channels * self.itemsize
         self.capacity = capacity if capacity is not None else height * self.row_bytes
         self._file, self._flat = file, ram  # _flat: 1-D tensor of `dtype` holding the rows, (H, W, C) order
+        self.planned_file = False  # a dry Scratch's store that would be a file
 
     @classmethod
     def wrap(cls, x: torch.Tensor) -> RowStore:
@@ -167,7 +213,8 @@ class RowStore:
 
     @property
     def in_file(self) -> bool:
-        return self._file is not None
+        """Whether the rows are (or, planned, would be) in a scratch file."""
+        return self._file is not None or self.planned_file
 
     @property
     def ram(self) -> torch.Tensor | None:
@@ -210,13 +257,14 @@ class RowStore:
         return out if self.device.type == "cpu" else out.to(self.device)
 
     def recast(self, channels: int) -> RowStore:
-        """The same storage as a store of `channels` (at most this one's) channels: for an output written over the
-        rows of this input that are already consumed. This store must not be used afterwards."""
+        """The same storage as a store of `channels` (at most this one's) channels, for an output written over the
+        rows of this input already consumed: row r of the new store ends where row r of this one does or before.
+        Both share the storage (this one can still be read); close only the new one."""
         if channels * self.width * self.itemsize * self.height > self.capacity:
             raise ValueError("a recast store must fit the storage it reuses")
         store = RowStore(channels, self.height, self.width, self.dtype, self.device, self._file, self._flat,
                          self.capacity)
-        self._file = self._flat = None
+        store.planned_file = self.planned_file
         return store
 
     def close(self) -> None:
@@ -226,35 +274,3 @@ class RowStore:
             self._file.close()
             self._file = None
 
-
-def _rows(self: Scratch, channels: int, height: int, width: int, dtype: torch.dtype) -> RowStore:
-    """A new row store for a (1, `channels`, `height`, `width`) image: in RAM while it fits the budget, else a file.
-
-    A dry Scratch (`dry = True`) makes stores without data, so a caller can plan (file bytes at peak) first."""
-    probe = RowStore(channels, height, width, dtype, self.device)
-    size, dry = probe.nbytes, getattr(self, "dry", False)
-    if self.in_ram + size <= self.budget:
-        ram = None if dry else torch.empty(size // probe.itemsize, dtype=dtype, device=self.device)
-        store = RowStore(channels, height, width, dtype, self.device, ram=ram)
-        self.in_ram += size
-        self.peak_ram_bytes = max(getattr(self, "peak_ram_bytes", 0), self.in_ram)
-    else:
-        store = RowStore(channels, height, width, dtype, self.device, file=None if dry else self._file(size))
-        store.planned_file = dry
-        self.file_bytes += size
-        self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
-    self._open.append(store)
-    return store
-
-
-def _recast(self: Scratch, store: RowStore, channels: int) -> RowStore:
-    """`store.recast(channels)`, keeping the account: the new store holds the old one's bytes."""
-    new = store.recast(channels)
-    new.planned_file = getattr(store, "planned_file", False)
-    if store in self._open:
-        self._open[self._open.index(store)] = new
-    return new
-
-
-Scratch.rows = _rows
-Scratch.recast = _recast

@@ -107,8 +107,9 @@ ChunkOpt = Annotated[str, typer.Option(
     "alone is large), or a number. Changes memory and speed, never the frames (SVD decodes the whole clip as one, "
     "whatever the chunk).")]
 ScratchOpt = Annotated[Optional[Path], typer.Option(
-    "--scratch", help="Folder for layers that do not fit --max-memory (SVD clips), as temporary files removed on "
-    "exit [default: the system's temporary folder].", file_okay=False)]
+    "--scratch", help="Folder for whole layers that do not fit --max-memory (KL models past the budget, SVD clips), "
+    "as temporary files removed on exit; its free space is checked first [default: the system's temporary folder].",
+    file_okay=False)]
 NameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Output file name template with {stem}, {ext}, {model}, e.g. '{stem}.{model}{ext}'.")]
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]

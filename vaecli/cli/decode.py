@@ -80,6 +80,7 @@ def decode(
     from vaecli import batch, clips, latents, media, video
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
     from vaecli.errors import InputError
+    from vaecli.pipeline import scratch_fields, scratch_text
 
     image_suffix = "." + image_ext.lstrip(".").lower()
 
@@ -143,18 +144,21 @@ def decode(
                                      f"{info['size'][0]}x{info['size'][1]} @ {info['fps']:g} fps"
                                      + verify_text(info.get("verify"))}
             else:
-                pixels = codec_for(name).decode_latent(latent, meta)
-                check = codec_for(name).verify_tiling(latent, meta, pixels) if verify else None
-                job.payload = (name, pixels, check)
+                codec = codec_for(name)
+                codec.scratch_bytes = 0
+                pixels = codec.decode_latent(latent, meta)
+                scratch_used = codec.scratch_bytes
+                check = codec.verify_tiling(latent, meta, pixels) if verify else None
+                job.payload = (name, pixels, check, scratch_used)
 
     def write(job) -> None:
         if job.payload is None:
             return
-        name, pixels, check = job.payload
+        name, pixels, check, scratch_used = job.payload
         media.write_image(job.dst, pixels)
         size = [pixels.shape[-1], pixels.shape[-2]]
-        line = f"{job.src} -> {job.dst}  {name} {size[0]}x{size[1]}"
-        job.extra = {"model": name, "size": size}
+        line = f"{job.src} -> {job.dst}  {name} {size[0]}x{size[1]}{scratch_text(scratch_used)}"
+        job.extra = {"model": name, "size": size, **scratch_fields(scratch_used)}
         if check is not None:
             job.extra["verify"] = check
         job.extra["line"] = line + verify_text(check)

@@ -29,6 +29,7 @@ from vaecli.cli.common import (
     OutputOpt,
     QuietOpt,
     RecursiveOpt,
+    ScratchOpt,
     SkipOpt,
     Space,
     SuffixOpt,
@@ -87,6 +88,7 @@ def encode(
     suffix: SuffixOpt = "",
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
+    scratch: ScratchOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -141,7 +143,7 @@ def encode(
         # Ray: the driver loads on CPU only to check the options and verify the weights its workers will load.
         codec = load_codec(model.value, weights, ("encoder",), "cpu" if engine == Engine.ray else device.value,
                            dtype.value, not no_verify,
-                           **tiling_kwargs(tile, max_memory))
+                           **tiling_kwargs(tile, max_memory, scratch))
         codec.check_encode_options(space.value if space else None, sample)
         runner = None
         if engine == Engine.ray:

@@ -25,6 +25,7 @@ from vaecli.cli.common import (
     NoVerifyOpt,
     QuietOpt,
     RecursiveOpt,
+    ScratchOpt,
     SkipOpt,
     SuffixOpt,
     TileOpt,
@@ -64,6 +65,7 @@ def roundtrip(
     suffix: SuffixOpt = "",
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
+    scratch: ScratchOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -76,7 +78,7 @@ def roundtrip(
     from vaecli import batch, latents, media, metrics
     from vaecli.codec import load_codec
     from vaecli.errors import UsageError
-    from vaecli.pipeline import encode_group
+    from vaecli.pipeline import encode_group, scratch_fields, scratch_text
 
     try:
         jobs, skip = plan_jobs(inputs, output, recursive, batch.IMAGE_EXTS,
@@ -92,7 +94,7 @@ def roundtrip(
             if diff.resolve() == jobs[0].src.resolve():
                 raise UsageError(f"--diff {diff}: would overwrite the input")
         codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify,
-                           **tiling_kwargs(tile, max_memory))
+                           **tiling_kwargs(tile, max_memory, scratch))
     except Exception as exc:
         raise fail(exc, debug) from None
 
@@ -106,10 +108,11 @@ def roundtrip(
                 from vaecli import sheet
 
                 heat = sheet.heat_image(sheet.error_map(job.payload[0], recon), (recon.shape[-1], recon.shape[-2]))
-            job.payload = (recon, *metrics.psnr_ssim(recon, job.payload[0]), heat)
+            # encode_group reset the count for this image; the decode adds its own peak
+            job.payload = (recon, *metrics.psnr_ssim(recon, job.payload[0]), heat, codec.scratch_bytes)
 
     def write(job) -> None:
-        recon, p, s, heat = job.payload
+        recon, p, s, heat, scratch_used = job.payload
         if job.dst is not None:
             media.write_image(job.dst, recon)
         if heat is not None:
@@ -118,7 +121,8 @@ def roundtrip(
             atomic_write(diff, lambda tmp: heat.save(tmp, format="PNG"))
         where = f" -> {job.dst}" if job.dst else ""
         job.extra = {"model": codec.spec.name, "psnr": round(p, 4), "ssim": round(s, 5),
-                     "line": f"{job.src}{where}  PSNR {p:.2f} dB  SSIM {s:.4f}"}
+                     **scratch_fields(scratch_used),
+                     "line": f"{job.src}{where}  PSNR {p:.2f} dB  SSIM {s:.4f}{scratch_text(scratch_used)}"}
 
     run_batch(jobs, as_json, quiet, debug=debug, read=lambda job: media.read_image(job.src, alpha.value),
               compute=compute, write=write, batch_size=batch_size, fail_fast=fail_fast,
