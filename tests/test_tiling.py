@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vaecli import tiling
+from vaecli import layerwise, tiling
 from vaecli.codec import load_codec
 from vaecli.errors import UsageError
 from vaecli.latents import load_latent
@@ -392,11 +392,11 @@ def test_row_store_files_ram_recast_and_plan():
 def test_gathered_moments_equal_one_group_norm(monkeypatch):
     """Moments gathered over uneven bands of rows and small pieces (a large offset between rows: the spread between
     the parts' means counts) equal the whole image's, as GroupNorm takes them."""
-    monkeypatch.setattr(tiling, "MOMENT_BYTES", 3 * 16 * 29 * 4)  # 3 rows of (29, 16) per kernel call
+    monkeypatch.setattr(layerwise, "MOMENT_BYTES", 3 * 16 * 29 * 4)  # 3 rows of (29, 16) per kernel call
     torch.manual_seed(8)
     x = (torch.randn(1, 16, 23, 29) + torch.linspace(0, 50, 23).view(1, 1, 23, 1)).contiguous(
         memory_format=torch.channels_last)
-    gather = tiling._Gather(4)
+    gather = layerwise._Gather(4)
     for r0, r1 in ((0, 5), (5, 6), (6, 23)):
         gather.add(x[:, :, r0:r1])
     n, mean, m2 = gather.moments()
