@@ -8,7 +8,11 @@ diffusers runs in a child script that encodes the whole clip at once (`Autoencod
 `enable_tiling()`, again, reporting its peak RSS, time, and the max difference of the tiled posterior mean from the
 whole one and of vaecli's latents from the whole one.
 
-Run: `python bench/video_families.py [--size 320x192] [--frames 33 129] [--models wan2.1 taew2_1] [--no-diffusers]`
+With `--max-memory 2GB ...` each command runs again under those budgets (Wan frames past one go tile by tile):
+peak RSS, time, and the latents' max difference from the default run's.
+
+Run: `python bench/video_families.py [--size 320x192] [--frames 33 129] [--models wan2.1 taew2_1] [--no-diffusers]
+[--max-memory 2GB]`
 (needs ../shared; the wan2.1 runs take minutes each on 2 cores; diffusers tiles only past 256 px, so its
 blending shows at sizes above that).
 """
@@ -90,12 +94,34 @@ def make_weights(tmp: Path) -> dict[str, Path]:
     return {"wan2.1": tmp / "wan21", "taew2_1": tmp / "taew2_1.pth"}
 
 
+def budgeted(results: dict, vae: str, model: str, weights: Path, clip: Path, lat: Path, n: int, budget: str,
+             tmp: Path) -> None:
+    """`vae video` and `vae decode` of the same clip under `--max-memory budget` (frames past it go tile by tile):
+    peak RSS, time, and how far the latents are from the default run's."""
+    from vaecli.latents import load_latent
+
+    out = tmp / f"{model}{n}_{budget}.latent"
+    rss, secs = measured([vae, "video", str(clip), "-o", str(out), "--model", model, "--weights", str(weights),
+                          "--max-memory", budget, "-q"], tmp / "out.txt")
+    diff = (load_latent(out)[0] - load_latent(lat)[0]).abs().max().item()
+    results[f"{model} video {n} max-memory {budget}"] = {"peak_rss_mb": rss, "seconds": secs, "max_diff": diff}
+    print(f"{model:8} video  {n:4} frames --max-memory {budget}: {secs:7.1f} s  peak RSS {rss:7.0f} MB  latents vs "
+          f"default max diff {diff:.1e}", flush=True)
+    rss, secs = measured([vae, "decode", str(lat), "-o", str(tmp / f"{model}{n}_{budget}.mp4"), "--weights",
+                          str(weights), "--max-memory", budget, "-q"], tmp / "out.txt")
+    results[f"{model} decode {n} max-memory {budget}"] = {"peak_rss_mb": rss, "seconds": secs}
+    print(f"{model:8} decode {n:4} frames --max-memory {budget}: {secs:7.1f} s  peak RSS {rss:7.0f} MB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="320x192")
     parser.add_argument("--frames", type=int, nargs="+", default=[33, 129])
     parser.add_argument("--models", nargs="+", default=["taew2_1", "wan2.1"])
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--max-memory", nargs="*", default=[],
+                        help="also run each command under these budgets (e.g. 2GB): peak RSS, time, and the max "
+                             "difference of the latents from the default run's")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     vae = str(Path(sys.executable).with_name("vae"))
@@ -119,7 +145,11 @@ def main() -> None:
                     r = results[f"{model} {cmd} {n}"]
                     print(f"{model:8} {cmd:6} {n:4} frames {size[0]}x{size[1]}: {r['seconds']:7.1f} s  peak RSS "
                           f"{r['peak_rss_mb']:7.0f} MB", flush=True)
+                for budget in args.max_memory:
+                    budgeted(results, vae, model, weights[model], clip, lat, n, budget, tmp)
             lo, hi = min(args.frames), max(args.frames)
+            if lo == hi:
+                continue
             for cmd in ("video", "decode"):
                 a, b = results[f"{model} {cmd} {lo}"], results[f"{model} {cmd} {hi}"]
                 growth = b["peak_rss_mb"] / a["peak_rss_mb"] - 1

@@ -297,6 +297,35 @@ def test_wan_streams_a_clip_equal_to_diffusers(vae, tiny_wan, gif, tmp_path):
     assert (decoded - quantize8(frames[..., :25, :14])).abs().max().item() <= 1 / 255
 
 
+def test_wan_past_the_budget_goes_tile_by_tile_with_the_same_numbers(vae, tiny_wan, gif, tmp_path):
+    """--max-memory 1 byte: frames too large for their caches go tile by tile through the clip (whole layers in
+    scratch files in --scratch, gone on exit): `vae video`, `vae decode` and `--roundtrip` give the frame-stream
+    numbers, and --json reports the scratch space."""
+    _, weights = tiny_wan
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    args = ["video", gif, "--frames", 9, "--model", "wan2.1", "--weights", weights, "--json"]
+    plain = vae(*args, "-o", tmp_path / "plain.latent", "--roundtrip")
+    tiled = vae(*args, "-o", tmp_path / "tiled.latent", "--max-memory", "1", "--scratch", scratch, "--roundtrip")
+    assert plain.exit_code == 0 and tiled.exit_code == 0, tiled.stderr
+    assert json.loads(plain.stdout)["scratch_bytes"] == 0
+    report = json.loads(tiled.stdout)
+    assert report["scratch_bytes"] > 0 and report["shape"] == [3, 16, 4, 2] and list(scratch.iterdir()) == []
+    a, b = load_latent(tmp_path / "plain.latent")[0], load_latent(tmp_path / "tiled.latent")[0]
+    assert (a - b).abs().max().item() <= 1e-5
+    outs = {}
+    for name, extra in [("plain", []), ("tiled", ["--max-memory", "1", "--scratch", scratch])]:
+        result = vae("decode", tmp_path / "plain.latent", "-o", tmp_path / name, "--as-frames", "--weights", weights,
+                     "--json", *extra)
+        assert result.exit_code == 0, result.stderr
+        assert (json.loads(result.stdout)["scratch_bytes"] > 0) == (name == "tiled")
+        outs[name] = torch.stack([read_image(p)[0][0] for p in sorted((tmp_path / name / "plain").iterdir())])
+    assert outs["plain"].shape == (9, 3, 25, 14)
+    assert (outs["plain"] - outs["tiled"]).abs().max().item() <= 1 / 255
+    recon = [pixels for _, pixels in video.read_frames(tmp_path / "tiled.recon.mp4")[1]]
+    assert len(recon) == 9 and abs(report["mean_psnr"] - json.loads(plain.stdout)["mean_psnr"]) <= 0.01
+
+
 def test_qwen_image_encodes_a_photo_as_a_one_frame_clip(vae, tiny_wan, small_image, tmp_path):
     from vaecli.media import pad_to_multiple
     from vaecli.registry import REGISTRY

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vaecli import media
+from vaecli import clip_tiles, media, scratch, tiling
 from vaecli.errors import UsageError
 from vaecli.latents import make_metadata
 from vaecli.registry import ModelSpec
@@ -41,7 +41,7 @@ class CausalCodec:
     budget: int = 0
     scratch_dir: str | None = None
     scratch_bytes: int = 0
-    tile: None = None  # frames run whole (spatial tiles of causal 3-D networks are not implemented)
+    tile: None = None  # spatial tiles come from the budget only (`clip_tile`), never from --tile N
     mixes_frames = False  # causal: a frame depends on those before it only, so clips stream
     max_batch_pixels = 0  # one image per pass
     padding: tuple[int, int, int, int] = field(default=(0, 0, 0, 0))
@@ -80,17 +80,72 @@ class CausalCodec:
             raise UsageError(f"{self.spec.name} has no decoder loaded")
         return ClipDecoder(self, meta, n_latents)
 
+    def clip_tile(self, split: clip_tiles.Split | None, height: int, width: int) -> int | None:
+        """The spatial tile side (in `split`'s units) for frames of `height` x `width` units, or None to stream
+        whole frames: tiles when one frame's caches and activations would not fit the budget, then sized to what the
+        whole layers kept between the network's parts leave of it."""
+        if split is None or clip_tiles.tile_for(split, height, width, self._budget()) is None:
+            return None
+        return clip_tiles.tile_for(split, height, width, self._budget() - self._store_budget())
+
+    def streams_frames(self, size: tuple[int, int]) -> bool:
+        """Whether latent frames of clips of `size` (W, H) decode as they come (not when frames that large go tile
+        by tile: every tile needs every latent frame)."""
+        f = self.spec.spatial_factor
+        return self.clip_tile(self._split("decoder"), -(-size[1] // f), -(-size[0] // f)) is None
+
+    def _budget(self) -> int:
+        return self.budget or tiling.default_budget(self.device, cap=None)
+
+    def _store_budget(self) -> int:
+        # A quarter for whole layers in RAM (past it they go to scratch files, read back a frame at a time); the rest
+        # for the tile, since bigger tiles spend less of their time on halos.
+        return self._budget() // 4
+
+    def _split(self, half: str) -> clip_tiles.Split | None:
+        make = getattr(self.family, f"{half}_split", None)  # families without one stream whole frames
+        return make(self.model) if make is not None else None
+
     def decode_stream(self, read, frames: int, meta: dict, chunk: int | None = None) -> Iterator[torch.Tensor]:
         """The `frames` latent frames of one clip, `read(i, j)` giving frames i .. j -> its pixels as (k, 3, H, W)
-        chunks in [0, 1], `chunk` latent frames at a time."""
+        chunks in [0, 1], `chunk` latent frames at a time (or, past the budget, tile by tile: see
+        `vaecli.clip_tiles`)."""
         if chunk is not None and chunk < 1:
             raise UsageError(f"--chunk must be at least 1, got {chunk}")
+        if self.model.decoder is None:
+            raise UsageError(f"{self.spec.name} has no decoder loaded")
+        split = self._split("decoder")
+        h, w = latent_size(meta, self.spec)
+        tile = self.clip_tile(split, h, w)
+        if tile is not None:
+            yield from self._decode_tiled(split, tile, read, frames, meta)
+            return
         dec = self.clip_decoder(meta, frames)
         step = chunk or 1
         for i in range(0, frames, step):
             out = dec.push(read(i, min(frames, i + step)))
             if out.shape[0]:
                 yield out
+
+    def _decode_tiled(self, split, tile: int, read, frames: int, meta: dict) -> Iterator[torch.Tensor]:
+        from vaecli.codec import check_latent_fits
+
+        def latents(i: int, j: int) -> torch.Tensor:
+            z = read(i, j)
+            check_latent_fits(self.spec, z[0], meta)
+            return self.from_space(z.to(self.device, torch.float32), meta)
+
+        size = tuple(meta.get("image_size") or ())
+        padding = tuple(meta.get("padding") or (0, 0, 0, 0))
+        store = scratch.Scratch(self._store_budget(), self.device, self.scratch_dir)
+        try:
+            with torch.inference_mode():
+                for pixels in clip_tiles.decode(split, latents, frames, self.family.frames_out, tile, store):
+                    self.scratch_bytes = max(self.scratch_bytes, store.peak_file_bytes)
+                    pixels = pixels.float().cpu()
+                    yield media.crop(pixels, size or (pixels.shape[-1], pixels.shape[-2]), padding)
+        finally:
+            store.close()
 
     def decode_frames(self, latents: torch.Tensor, meta: dict, chunk: int | None = None) -> torch.Tensor:
         """(T', C, h, w) latent frames of one clip -> all its frames (T, 3, H, W) in [0, 1]."""
@@ -155,12 +210,24 @@ class CausalCodec:
                      for v in (self.spec.latents_mean, self.spec.latents_std))
 
 
+def latent_size(meta: dict, spec: ModelSpec) -> tuple[int, int]:
+    """(h, w) of the latent frames of a clip with `meta` (its padded frame size over the spatial factor)."""
+    w, h = meta.get("image_size") or (0, 0)
+    top, bottom, left, right = meta.get("padding") or (0, 0, 0, 0)
+    f = spec.spatial_factor
+    return (h + top + bottom) // f, (w + left + right) // f
+
+
 class ClipEncoder:
-    """One clip through the encoder: frames padded to the spatial factor, latents converted to the chosen space."""
+    """One clip through the encoder: frames padded to the spatial factor, latents converted to the chosen space.
+    Frames whose caches would not fit the budget go tile by tile (`TiledEncoder`)."""
 
     def __init__(self, codec: CausalCodec, size: tuple[int, int], space: str):
         self.codec, self.size, self.space = codec, size, space
-        self.stream = codec.family.encoder(codec.model)
+        f = codec.spec.spatial_factor
+        split = codec._split("encoder")
+        tile = codec.clip_tile(split, -(-size[1] // f) * f, -(-size[0] // f) * f)
+        self.stream = codec.family.encoder(codec.model) if tile is None else TiledEncoder(codec, split, tile)
         self.meta: dict = {}
 
     def push(self, frames: torch.Tensor) -> torch.Tensor:
@@ -182,6 +249,31 @@ class ClipEncoder:
 
     def _out(self, z: torch.Tensor) -> torch.Tensor:
         return self.codec.to_space(z.float(), self.space).cpu() if z.shape[0] else z.float().cpu()
+
+
+class TiledEncoder:
+    """The encoder tile by tile (`vaecli.clip_tiles.encode`): frames are spooled as they come, latents come at
+    `flush()`, as (T', C, h, w) raw latent frames with the number of trailing frames dropped."""
+
+    def __init__(self, codec: CausalCodec, split: clip_tiles.Split, tile: int):
+        self.codec, self.split, self.tile = codec, split, tile
+        self.store = scratch.Scratch(codec._store_budget(), codec.device, codec.scratch_dir)
+        self.spool = clip_tiles.Spool(self.store)
+
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        self.spool.push(frames)
+        self.codec.scratch_bytes = max(self.codec.scratch_bytes, self.store.peak_file_bytes)
+        return frames.new_zeros(0, self.codec.spec.latent_channels, 0, 0)
+
+    def flush(self) -> tuple[torch.Tensor, int]:
+        try:
+            chunks = self.codec.family.chunks(self.spool.frames)
+            z = clip_tiles.encode(self.split, self.spool, chunks, self.tile, self.store)
+            self.codec.scratch_bytes = max(self.codec.scratch_bytes, self.store.peak_file_bytes)
+            return z, self.spool.frames - chunks[-1][1]
+        finally:
+            self.spool.close()
+            self.store.close()
 
 
 class ClipDecoder:

@@ -29,6 +29,7 @@ class ClipReport:
     psnr: list[float] = field(default_factory=list)
     written_size: tuple[int, int] | None = None
     dropped: int = 0  # frames after the last 1 + f * k that a causal video model did not encode
+    scratch_bytes: int = 0  # the most scratch-file space the clip's encode (and reconstruction) held at once
 
     @property
     def mean_psnr(self) -> float | None:
@@ -65,9 +66,10 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     report = ClipReport(frames=0, shape=[], fps=out_fps, size=info.size)
     writer = latents.LatentVideoWriter(out)
     recon_writer = video.VideoWriter(recon, out_fps, info.size) if recon else None
+    codec.scratch_bytes = 0
     enc = codec.clip_encoder(info.size)
-    whole = recon_writer is not None and codec.mixes_frames
-    kept: list[torch.Tensor] = []  # a temporal decoder's latents, decoded as one clip at the end
+    whole = recon_writer is not None and not codec.streams_frames(info.size)
+    kept: list[torch.Tensor] = []  # latents decoded as one clip at the end (SVD, or tile by tile)
     originals: deque[torch.Tensor] = deque()  # source frames waiting for their reconstruction
     dec = None
     n_latents, shape = 0, []
@@ -122,6 +124,7 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
         if recon_writer is not None:
             recon_writer.close()
             report.written_size = recon_writer.written_size
+        report.scratch_bytes = codec.scratch_bytes
     except BaseException:
         writer.abort()
         if recon_writer is not None:

@@ -104,6 +104,10 @@ class Codec:
         """Whether the decoder mixes the frames of a clip (SVD): a clip is then decoded as a whole, never per frame."""
         return bool(getattr(self.spec.config, "temporal_decoder", False)) and self.model.decoder is not None
 
+    def streams_frames(self, size: tuple[int, int]) -> bool:
+        """Whether latent frames of clips of `size` (W, H) decode as they come (not SVD: its clip decodes whole)."""
+        return not self.mixes_frames
+
     def _temporal_budget(self) -> int:
         # Frame chunks and whole-clip layers share it; what does not fit goes to scratch files, so the default is
         # the tiny family's (1 GiB), not half the RAM: a clip's layers live in the page cache, not the process.
@@ -503,8 +507,8 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
                 sources.append(str(path))
     if causal.family(spec) is not None:
         if isinstance(tile, int):
-            raise UsageError(f"--tile {tile}: {spec.name} runs frames whole (spatial tiles of causal video models are "
-                             "not implemented)")
+            raise UsageError(f"--tile {tile}: causal video models ({spec.name}) take no fixed tile size; the Wan "
+                             "family goes tile by tile by itself when a frame's caches exceed --max-memory")
         return causal.load(spec, sd, sources, roles, dev, DTYPES[dtype], budget, scratch)
     absent = [prefix for half, prefixes in HALVES.items() if half not in roles for prefix in prefixes]
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(absent))}

@@ -52,18 +52,41 @@ class FrameStore:
             done = os.pwrite(self._file.fileno(), view[:_IO_STEP], offset)
             view, offset = view[done:], offset + done
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        """Frames start .. stop as a (stop - start, C, H, W) channels_last tensor on the store's device."""
+    def write_region(self, start: int, x: torch.Tensor, top: int, left: int) -> None:
+        """Store (k, C, h, w) `x` as rows top .. top + h, columns left .. left + w of frames start .. start + k."""
+        k, _, h, w = x.shape
         if self._ram is not None:
-            return self._ram[start:stop]
+            self._ram[start:start + k, :, top:top + h, left:left + w] = x
+            return
+        c, _, width = self.frame_shape
+        data = x.detach().to("cpu", self.dtype).permute(0, 2, 3, 1).contiguous().view(torch.uint8).numpy()
+        item = c * torch.finfo(self.dtype).bits // 8
+        row = w * item  # a row of the region is one contiguous run of the file
+        flat = memoryview(data).cast("B")
+        for f in range(k):
+            for r in range(h):
+                offset = (start + f) * self.frame_bytes + ((top + r) * width + left) * item
+                src = flat[(f * h + r) * row:(f * h + r + 1) * row]
+                while src:
+                    done = os.pwrite(self._file.fileno(), src, offset)
+                    src, offset = src[done:], offset + done
+
+    def read(self, start: int, stop: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Frames start .. stop (only `rows` (first, stop) of each, if given) as a (stop - start, C, H, W)
+        channels_last tensor on the store's device."""
         c, h, w = self.frame_shape
-        data = np.empty((stop - start, h, w, c), dtype=_NUMPY[self.dtype])
-        view, offset = memoryview(data).cast("B"), start * self.frame_bytes
-        while view:
-            got = os.preadv(self._file.fileno(), [view[:_IO_STEP]], offset)
-            if got <= 0:
-                raise OutputError(f"scratch file {self._file.name}: read past its end")
-            view, offset = view[got:], offset + got
+        r0, r1 = rows or (0, h)
+        if self._ram is not None:
+            return self._ram[start:stop, :, r0:r1]
+        data = np.empty((stop - start, r1 - r0, w, c), dtype=_NUMPY[self.dtype])
+        row = w * c * data.itemsize  # rows of a frame are contiguous in the file: one read per frame
+        for f in range(stop - start):
+            view, offset = memoryview(data[f]).cast("B"), (start + f) * self.frame_bytes + r0 * row
+            while view:
+                got = os.preadv(self._file.fileno(), [view[:_IO_STEP]], offset)
+                if got <= 0:
+                    raise OutputError(f"scratch file {self._file.name}: read past its end")
+                view, offset = view[got:], offset + got
         return torch.from_numpy(data).permute(0, 3, 1, 2).to(self.device)
 
     def close(self) -> None:

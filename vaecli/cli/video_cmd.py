@@ -120,7 +120,7 @@ def video_cmd(
             say(f"note: {codec.spec.name} encodes clips of 1 + {f}k frames: the last {report.dropped} of "
                 f"{report.frames + report.dropped} selected frames of {job.src} were not encoded")
         job.extra = {"model": codec.spec.name, "frames": report.frames, "shape": report.shape, "fps": report.fps,
-                     "size": list(report.size), "dropped": report.dropped}
+                     "size": list(report.size), "dropped": report.dropped, "scratch_bytes": report.scratch_bytes}
         if comfy:
             job.extra["format"] = "comfyui"
         line = (f"{job.src} -> {job.dst}  {codec.spec.name} latent {report.shape} @ {report.fps:g} fps"

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaecli.clip_tiles import Split, local_cost
 from vaecli.models.kl import attention
 from vaecli.models.wan22 import avg_down, dup_up, patchify, unpatchify
 from vaecli.registry import WAN21_CONFIG, WAN22_CONFIG, WanConfig
@@ -225,9 +226,17 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         """(B, 3p^2, T, H, W) -> (B, 2z, T', H/8, W/8), continuing the stream's previous chunks."""
+        return self.whole(self.local(x, cache), cache)
+
+    def local(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """The convolutions before the mid block (they tile): (B, 3p^2, T, H, W) -> (B, C, T', H/8, W/8)."""
         x = self.conv_in(x, cache)
         for block in self.down_blocks:
             x = block(x, cache)
+        return x
+
+    def whole(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """The mid block (attention over whole latent frames) and the output head: (B, C, T, h, w) -> (B, 2z, ...)."""
         return self.conv_out(F.silu(self.norm_out(self.mid_block(x, cache))), cache)
 
 
@@ -253,8 +262,17 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
         """(B, z, 1, h, w) -> (B, 3p^2, T, 8h, 8w), continuing the stream's previous frames."""
         first = self.conv_in not in cache
-        x = self.mid_block(self.conv_in(z, cache), cache)
-        for block in self.up_blocks:
+        return self.local(self.whole(z, cache), cache, first)
+
+    def whole(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """The part run on whole frames: input conv, mid block (attention within each latent frame) and the first up
+        block, whose halo would be the widest of any tile's: (B, z, 1, h, w) -> (B, C, 1 or 2, 2h, 2w)."""
+        first = self.conv_in not in cache
+        return self.up_blocks[0](self.mid_block(self.conv_in(z, cache), cache), cache, first)
+
+    def local(self, x: torch.Tensor, cache: Cache, first: bool) -> torch.Tensor:
+        """The rest, convolutions that tile: (B, C, k, 2h, 2w) -> (B, 3p^2, 1 (`first`) or 4, 8h, 8w)."""
+        for block in self.up_blocks[1:]:
             x = block(x, cache, first)
         return self.conv_out(F.silu(self.norm_out(x)), cache)
 
@@ -468,6 +486,47 @@ class Family:
         """A stream: push((k, C, h, w) raw latent frames) -> pixel frames (k', 3, H, W); flush() -> None."""
         stream = model.stream_decoder()
         return _Frames(lambda z: stream.push(z.movedim(0, 1)[None])[0].movedim(1, 0), lambda: stream.flush() and None)
+
+
+    @staticmethod
+    def chunks(frames: int) -> list[tuple[int, int]]:
+        """The encoder's temporal steps over a clip of `frames` frames, each giving one latent frame."""
+        return [(0, 1)] + [(a, a + 4) for a in range(1, frames_used(frames), 4)]
+
+    @staticmethod
+    def frames_out(i: int) -> int:
+        """Frames latent frame i decodes to."""
+        return 1 if i == 0 else 4
+
+    @staticmethod
+    def decoder_split(model: WanVAE) -> Split:
+        """The decoder cut for tiles of the first up block's output cells (2x the latent's): that block and those
+        before it whole, the rest tiled."""
+        dec, p, dtype = model.decoder, model.cfg.patch_size, next(model.decoder.parameters()).dtype
+        halo, unit_bytes = local_cost(nn.Sequential(dec.up_blocks[1:], dec.conv_out), 4, dtype.itemsize)
+
+        def whole(z, cache):
+            return dec.whole(model.post_quant_conv(z.to(dtype)), cache)
+
+        def local(x, cache, first):
+            return (unpatchify(dec.local(x.to(dtype), cache, first), p).clamp(-1.0, 1.0) + 1) / 2
+
+        return Split(whole, local, halo, model.cfg.spatial_factor / 2, 1, unit_bytes)
+
+    @staticmethod
+    def encoder_split(model: WanVAE) -> Split:
+        """The encoder cut for tiles of pixels: the convolutions before the mid block tiled, the rest whole."""
+        enc, p, dtype = model.encoder, model.cfg.patch_size, next(model.encoder.parameters()).dtype
+        f, z = model.cfg.spatial_factor, model.cfg.z_dim
+        halo, unit_bytes = local_cost(nn.Sequential(enc.conv_in, enc.down_blocks), 4, dtype.itemsize, p)
+
+        def local(x, cache, first):
+            return enc.local(patchify(x.to(dtype) * 2 - 1, p), cache)
+
+        def whole(x, cache):
+            return model.quant_conv(enc.whole(x.to(dtype), cache))[:, :z]
+
+        return Split(whole, local, halo, 1 / f, f, unit_bytes)
 
 
 class _Frames:
