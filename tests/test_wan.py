@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from vaecli.models.wan import QWEN_IMAGE, WAN21, WAN22, WanConfig, WanVAE, frames_used, load_state_dict
+from vaecli.models.wan import QWEN_IMAGE, WAN21, WAN22, WanConfig, WanVAE, frames_used
+from vaecli.models.wan_keys import load_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4
