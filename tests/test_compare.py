@@ -199,3 +199,25 @@ def test_sheet_keeps_the_worst_rows():
     cell = max(sheet.MIN_CELL, 48, 2 * 48 * sheet.ZOOM + sheet.GAP)  # a 48x32 window, as the image is smaller
     assert img.size == (sheet.MARGIN + 4 * (cell + sheet.MARGIN),
                         sheet.MARGIN + 2 * (cell_height(32, 32 * sheet.ZOOM) + sheet.MARGIN))
+
+
+def test_kl_model_past_the_budget_compares_with_the_untiled_numbers(vae, kl_files, small_image, tmp_path,
+                                                                     monkeypatch):
+    """A KL model under a 1-byte --max-memory runs layer by layer from scratch files in --scratch (gone after): the
+    sheet's figures are the untiled roundtrip's."""
+    import tempfile
+
+    made, real = [], tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: made.append(kw["dir"]) or real(**kw))
+    weights = kl_files("sd15")["diffusers"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = vae("compare", small_image, "-m", "sd15", "-w", f"sd15={weights}", "-o", tmp_path / "sheet.png",
+                 "--max-memory", "1", "--scratch", scratch, "--json")
+    assert result.exit_code == 0, result.stderr
+    got = json.loads(result.stdout)["models"]["sd15"]
+    rt = vae("roundtrip", small_image, "-m", "sd15", "-w", weights, "--tile", "off", "--json")
+    assert rt.exit_code == 0, rt.stderr
+    expected = json.loads(rt.stdout)
+    assert abs(got["psnr"] - expected["psnr"]) <= 0.05 and list(scratch.iterdir()) == []
+    assert made and {str(d) for d in made} == {str(scratch)}

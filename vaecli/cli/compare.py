@@ -21,6 +21,7 @@ from vaecli.cli.common import (
     NoVerifyOpt,
     QuietOpt,
     RecursiveOpt,
+    ScratchOpt,
     TileOpt,
     app,
     fail,
@@ -85,6 +86,7 @@ def compare(
     recursive: RecursiveOpt = False,
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
+    scratch: ScratchOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     no_verify: NoVerifyOpt = False,
@@ -119,7 +121,7 @@ def compare(
         if any(src.resolve() == output.resolve() for src in srcs):
             raise OutputError(f"{output}: would overwrite an input")
         codecs = [load_codec(name, paths.get(name), ("encoder", "decoder"), device.value, dtype.value,
-                             not no_verify, **tiling_kwargs(tile, max_memory)) for name in names]
+                             not no_verify, **tiling_kwargs(tile, max_memory, scratch)) for name in names]
 
         sheet = ContactSheet(max_rows=rows)
         records = []
