@@ -287,3 +287,20 @@ def test_tiles_equal_whole_frames(request, which, size):
             results[budget, halved] = ((got - z).abs().max().item(), (back - pixels).abs().max().item())
     assert max(results[0, False]) <= STREAM_TOL and max(results[1 << 30, False]) <= STREAM_TOL
     assert min(results[0, True]) > 1e-3
+
+
+def test_tiles_are_decided_on_the_frame_in_pixels():
+    """Wan 2.1 at production widths, 640x368 frames: streamed whole, the decoder's tiled part holds ~5.5 GB (its
+    92 x 160 cells at twice the latent resolution) and the encoder's ~3.5 GB; tiles start past those budgets and
+    then take at least their halo."""
+    from vaecli import clip_tiles
+    from vaecli.models.wan import Family
+
+    with torch.device("meta"):
+        model = WanVAE(WAN21)
+    dec, enc = Family.decoder_split(model), Family.encoder_split(model)
+    assert (dec.unit_px, enc.unit_px, dec.halo, enc.halo) == (4, 1, 11.5, 75)
+    assert 5.4e9 < 92 * 160 * dec.unit_bytes < 5.6e9 and 3.4e9 < 368 * 640 * enc.unit_bytes < 3.5e9
+    assert clip_tiles.tile_for(dec, 368, 640, 6 << 30) is None and clip_tiles.tile_for(enc, 368, 640, 4 << 30) is None
+    assert clip_tiles.tile_for(dec, 368, 640, 2 << 30) == 51  # sqrt(2 GiB / 373 KB) - 2 x 12
+    assert clip_tiles.tile_for(dec, 368, 640, 1) == 12 and clip_tiles.tile_for(enc, 368, 640, 1) == 80

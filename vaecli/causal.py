@@ -81,7 +81,7 @@ class CausalCodec:
         return ClipDecoder(self, meta, n_latents)
 
     def clip_tile(self, split: clip_tiles.Split | None, height: int, width: int) -> int | None:
-        """The spatial tile side (in `split`'s units) for frames of `height` x `width` units, or None to stream
+        """The spatial tile side (in `split`'s units) for frames of `height` x `width` pixels, or None to stream
         whole frames: tiles when one frame's caches and activations would not fit the budget, then sized to what the
         whole layers kept between the network's parts leave of it."""
         if split is None or clip_tiles.tile_for(split, height, width, self._budget()) is None:
@@ -92,7 +92,7 @@ class CausalCodec:
         """Whether latent frames of clips of `size` (W, H) decode as they come (not when frames that large go tile
         by tile: every tile needs every latent frame)."""
         f = self.spec.spatial_factor
-        return self.clip_tile(self._split("decoder"), -(-size[1] // f), -(-size[0] // f)) is None
+        return self.clip_tile(self._split("decoder"), -(-size[1] // f) * f, -(-size[0] // f) * f) is None
 
     def _budget(self) -> int:
         return self.budget or tiling.default_budget(self.device, cap=None)
@@ -116,7 +116,7 @@ class CausalCodec:
             raise UsageError(f"{self.spec.name} has no decoder loaded")
         split = self._split("decoder")
         h, w = latent_size(meta, self.spec)
-        tile = self.clip_tile(split, h, w)
+        tile = self.clip_tile(split, h * self.spec.spatial_factor, w * self.spec.spatial_factor)
         if tile is not None:
             yield from self._decode_tiled(split, tile, read, frames, meta)
             return

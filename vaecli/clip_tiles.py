@@ -29,7 +29,8 @@ class Split:
     """A causal network cut where tiles can start. `local(x, cache, first)` maps (1, C, k, H, W) tiles to
     (1, C', k', H * scale, W * scale); `whole(x, cache)` maps (1, C, k, h, w) whole frames likewise without resizing
     them (each with a dict `cache` of its own per stream). `halo` and `align` are in tile units (the local part's
-    input cells); `unit_bytes` is the local part's memory per tile unit (its caches and one step's activations)."""
+    input cells, `unit_px` pixels of the clip each); `unit_bytes` is the local part's memory per tile unit (its
+    caches and one step's activations)."""
 
     whole: Callable[..., torch.Tensor]
     local: Callable[..., torch.Tensor]
@@ -37,6 +38,7 @@ class Split:
     scale: float
     align: int
     unit_bytes: int
+    unit_px: float
 
 
 def local_cost(modules: nn.Module, frames: int, elem: int, unit: float = 1.0) -> tuple[float, int]:
@@ -60,18 +62,23 @@ def local_cost(modules: nn.Module, frames: int, elem: int, unit: float = 1.0) ->
 
 
 def tile_for(split: Split, height: int, width: int, budget: int) -> int | None:
-    """The tile side (tile units) for frames of `height` x `width` units within `budget`, or None when whole frames
+    """The tile side (tile units) for frames of `height` x `width` pixels within `budget`, or None when whole frames
     fit. Never below the halo (`min_bytes` is then what a tile takes): smaller tiles would spend nearly all their
     time on halos."""
-    if height * width * split.unit_bytes <= budget:
+    units = math.ceil(height / split.unit_px) * math.ceil(width / split.unit_px)
+    if units * split.unit_bytes <= budget:
         return None
-    side = max(int(math.sqrt(budget / split.unit_bytes)) - 2 * math.ceil(split.halo), math.ceil(split.halo))
-    return max(split.align, side // split.align * split.align)
+    side = int(math.sqrt(budget / split.unit_bytes)) - 2 * math.ceil(split.halo)
+    return max(_min_side(split), side // split.align * split.align)
+
+
+def _min_side(split: Split) -> int:
+    return max(split.align, -(-math.ceil(split.halo) // split.align) * split.align)
 
 
 def min_bytes(split: Split) -> int:
     """The memory a tile of the smallest side `tile_for` gives takes, halo included."""
-    side = max(split.align, -(-math.ceil(split.halo) // split.align) * split.align) + 2 * math.ceil(split.halo)
+    side = _min_side(split) + 2 * math.ceil(split.halo)
     return side * side * split.unit_bytes
 
 

@@ -218,6 +218,15 @@ class Codec:
         self.scratch_bytes = max(self.scratch_bytes, stats["scratch_bytes"])
         return out
 
+    def _kl_latent_part(self, part: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """A KL decoder head or encoder tail past the budget: its mid block and output head layer by layer too."""
+        from vaecli import layerwise
+
+        stats: dict = {}
+        out = layerwise.run_latent_part(part, x, self._kl_budget(), self.scratch_dir, stats)
+        self.scratch_bytes = max(self.scratch_bytes, stats["scratch_bytes"])
+        return out
+
     def _banded(self, blocks: list) -> bool:
         """Whether a whole-image KL chain runs band by band (CPU: less memory, cache-sized work, same numbers)."""
         return self.device.type == "cpu" and self.memory_format == torch.channels_last and banded.supports(blocks)
@@ -227,11 +236,11 @@ class Codec:
             gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
             blocks, tail = self.model.encoder_plan()
             if self._kl_streams(blocks, x.shape):
-                h = self._kl_streamed(blocks, x * 2 - 1)
-            elif self._banded(blocks):
-                h = banded.run_chain(blocks, x * 2 - 1)
-            else:
+                moments = self._kl_latent_part(tail, self._kl_streamed(blocks, x * 2 - 1))
+                return self.model.encode(x, generator=gen, sample=sample, moments=self.model.split_moments(moments))
+            if not self._banded(blocks):
                 return self.model.encode(x, generator=gen, sample=sample)
+            h = banded.run_chain(blocks, x * 2 - 1)
             return self.model.encode(x, generator=gen, sample=sample, moments=self.model.split_moments(tail(h)))
         tile = self.tile_size(x.shape[-2] * x.shape[-1], x.shape[0])
         if tile is None:
@@ -248,7 +257,7 @@ class Codec:
                 return self.model.decode(z, num_frames)  # one frame (an image latent): nothing to mix
             head, blocks, _, streams = self._kl_decoder_plan(z.shape[0], z.shape[-2:])
             if streams:
-                h = self._kl_streamed(blocks, head(z), unit=f)
+                h = self._kl_streamed(blocks, self._kl_latent_part(head, z), unit=f)
             elif self._banded(blocks):
                 h = banded.run_chain(blocks, head(z))
             else:

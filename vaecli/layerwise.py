@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaecli import allocator, banded
-from vaecli.models.kl import Downsample, ResnetBlock, Upsample
+from vaecli.models.kl import Downsample, MidBlock, ResnetBlock, Upsample, attention
 from vaecli.scratch import RowStore, Scratch
 from vaecli.tiling import Moments, norm_affine
 
@@ -88,6 +88,70 @@ def run(blocks: list[nn.Module], x: torch.Tensor, budget: int, scratch_dir: str 
     if stats is not None:
         stats.update(path="layerwise", scratch_bytes=store.peak_file_bytes, ram_bytes=store.peak_ram_bytes)
     return out
+
+
+def run_latent_part(part: nn.Sequential, x: torch.Tensor, budget: int, scratch_dir: str | Path | None = None,
+                    stats: dict | None = None) -> torch.Tensor:
+    """A KL decoder head or encoder tail (modules run whole at latent resolution: convs of a few channels, a mid
+    block, a GroupNorm-SiLU-conv output head) over (B, C, h, w) `x` in bounded memory: the mid block by
+    `mid_block`, the output head by `run`, the rest as they are; `stats` as `run` gives them, at their peaks."""
+    modules, i, parts = list(part), 0, [{"scratch_bytes": 0, "ram_bytes": 0}]
+    while i < len(modules):
+        head = nn.Sequential(*modules[i:i + 3])
+        if isinstance(modules[i], MidBlock):
+            parts.append({})
+            x = mid_block(modules[i], x, budget, scratch_dir, parts[-1])
+        elif banded._is_out_head(head):
+            parts.append({})
+            x = run([head], x, budget, scratch_dir, parts[-1])
+            i += 2
+        else:
+            x = modules[i](x)
+        i += 1
+    if stats is not None:
+        stats.update(path="layerwise", **{k: max(p[k] for p in parts) for k in ("scratch_bytes", "ram_bytes")})
+    return x
+
+
+def mid_block(mid: nn.Module, x: torch.Tensor, budget: int, scratch_dir: str | Path | None = None,
+              stats: dict | None = None) -> torch.Tensor:
+    """A KL mid block (resnet, attention, resnet) over (B, C, h, w) `x` in bounded memory: the resnets by `run`,
+    the attention by `attention_block`; `stats` as `run` gives them, at their peaks over the three."""
+    parts: list[dict] = [{}, {}]
+    x = run([mid.block_1], x, budget, scratch_dir, parts[0])
+    x = attention_block(mid.attn_1, x)
+    x = run([mid.block_2], x, budget, scratch_dir, parts[1])
+    if stats is not None:
+        stats.update(path="layerwise", **{k: max(p[k] for p in parts) for k in ("scratch_bytes", "ram_bytes")})
+    return x
+
+
+def attention_block(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A KL `AttnBlock` over (B, C, h, w) `x`, written into `x` itself (returned): its keys and values are made
+    whole a band of rows at a time, then queries, attention and the output projection go a band of rows at a time,
+    so beside `x` only the keys and values are held whole (not the normalised copy, the queries or the output)."""
+    b, c, h, w = x.shape
+    gather = _Gather(attn.norm.num_groups)
+    gather.add(x)
+    scale, shift = _affine(attn.norm, gather.moments(), c)
+    rows = max(1, CHUNK_BYTES // max(1, b * w * c * x.element_size()))
+
+    def normed(r0: int, r1: int) -> torch.Tensor:
+        return torch.addcmul(shift, x[:, :, r0:r1].float(), scale).to(x.dtype)
+
+    def tokens(y: torch.Tensor) -> torch.Tensor:  # (B, C, r, w) -> (B, 1, r * w, C), C innermost for SDPA
+        return y.permute(0, 2, 3, 1).reshape(b, 1, -1, c)
+
+    k, v = x.new_empty(b, 1, h * w, c), x.new_empty(b, 1, h * w, c)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        y = normed(r0, r1)
+        k[:, :, r0 * w:r1 * w], v[:, :, r0 * w:r1 * w] = tokens(attn.k(y)), tokens(attn.v(y))
+    for r0 in range(0, h, rows):  # a band's rows are read before they are overwritten: k and v are already made
+        r1 = min(h, r0 + rows)
+        o = attention(tokens(attn.q(normed(r0, r1))), k, v)
+        x[:, :, r0:r1] += attn.proj_out(o.reshape(b, r1 - r0, w, c).permute(0, 3, 1, 2))
+    return x
 
 
 def _chain(blocks: list[nn.Module], src, final, scratch, chunk: int, band: int) -> None:

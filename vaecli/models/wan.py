@@ -450,7 +450,7 @@ class Family:
         def local(x, cache, first):
             return (unpatchify(dec.local(x.to(dtype), cache, first), p).clamp(-1.0, 1.0) + 1) / 2
 
-        return Split(whole, local, halo, model.cfg.spatial_factor / 2, 1, unit_bytes)
+        return Split(whole, local, halo, model.cfg.spatial_factor / 2, 1, unit_bytes, model.cfg.spatial_factor / 2)
 
     @staticmethod
     def encoder_split(model: WanVAE) -> Split:
@@ -465,7 +465,7 @@ class Family:
         def whole(x, cache):
             return model.quant_conv(enc.whole(x.to(dtype), cache))[:, :z]
 
-        return Split(whole, local, halo, 1 / f, f, unit_bytes)
+        return Split(whole, local, halo, 1 / f, f, unit_bytes, 1)
 
 
 class _Frames:
