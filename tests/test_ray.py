@@ -335,7 +335,8 @@ class _FakeRay:
         self.rows = rows
         self.data = self
 
-    def ActorPoolStrategy(self, size):  # noqa: N802  (Ray's name)
+    def ActorPoolStrategy(self, size, max_tasks_in_flight_per_actor=None):  # noqa: N802  (Ray's name)
+        assert max_tasks_in_flight_per_actor == 1  # a dying actor must take only its own shard down
         return size
 
     def from_items(self, items, override_num_blocks):
