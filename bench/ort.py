@@ -9,9 +9,9 @@ ORT runs vaecli's own fp32 module for that half (`model.encode` on pixels in [0,
 latent, clamped output included), exported to ONNX (TorchScript exporter, opset 17; the dynamo exporter if that
 fails) with static shapes, in an InferenceSession on CPUExecutionProvider with all graph optimizations and
 intra_op_num_threads = torch.get_num_threads(). vaecli's side is `Codec._encode_raw` / `_decode_raw`: the path the
-`vae` command takes for that image (tiles when `--tile auto` would, banded KL chains), without reading, padding,
-latent scaling or writing; its inputs are prepared as `encode_batch` / `decode_stream` prepare them (codec dtype,
-channels_last). ORT gets the same values as NCHW fp32 arrays.
+`vae` command takes for that image (tiles where `--tile auto` does, unless `--tile off`; banded KL chains), without
+reading, padding, latent scaling or writing; its inputs are prepared as `encode_batch` / `decode_stream` prepare
+them (codec dtype, channels_last). ORT gets the same values as NCHW fp32 arrays.
 Per case: vaecli fp32, vaecli bf16 and ORT fp32 interleaved round by round (one warm-up each; 5 rounds up to 512,
 3 above), best and median seconds, the ratios to ORT fp32, and the max abs difference of each output from ORT's.
 ORT's idle workers do not spin (`session.intra_op.allow_spinning` 0, unless `--ort-spin`): spinning, they hold the
@@ -19,8 +19,8 @@ cores torch's threads need next in this one process. Torch's tensors use huge pa
 Loading a bf16 tiny codec raises glibc's mmap threshold for the whole process (vaecli/allocator.py), so later fp32
 runs, vaecli's and ORT's, run under it too; `--no-bf16` measures fp32 without it.
 Needs the `bench` extra (onnxruntime, onnx, onnxscript) and diffusers (the `test` extra) for the sd15 weights.
-Run: `python bench/ort.py [--cases taesd taef2 sd15] [--sizes 512 1024] [--rounds N] [--no-bf16] [--ort-spin]
-[--threads N] [--json out.json]` (`pip install -e .[bench,test]`).
+Run: `python bench/ort.py [--cases taesd taef2 sd15] [--sizes 512 1024] [--rounds N] [--tile off]
+[--no-bf16] [--ort-spin] [--threads N] [--json out.json]` (`pip install -e .[bench,test]`).
 """
 
 from __future__ import annotations
@@ -213,6 +213,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024],
                         help="image sides (sd15 runs only those up to 512)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: 5 up to 512, 3 above)")
+    parser.add_argument("--tile", choices=["auto", "off"], default="auto",
+                        help="vaecli's --tile: 'auto' (the vae command's default) or 'off' (whole, like ORT)")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 only (glibc's defaults for every run)")
     parser.add_argument("--ort-spin", action="store_true", help="let ORT's idle workers spin (its default)")
     parser.add_argument("--threads", type=int, help="torch's threads, and so ORT's (default: torch's default)")
@@ -228,7 +230,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             files = weights(name, Path(tmp))
             roles = ("encoder", "decoder") if "encode" in HALVES[name] else ("decoder",)
-            codecs = {dt: load_codec(name, files, roles=roles, device="cpu", dtype=dt) for dt in dtypes}
+            codecs = {dt: load_codec(name, files, roles=roles, device="cpu", dtype=dt,
+                                         tile=None if args.tile == "off" else "auto") for dt in dtypes}
         for size in [s for s in args.sizes if s <= MAX_SIZE.get(name, s)]:
             for half in HALVES[name]:
                 r = run_case(name, half, size, codecs, args.rounds or (5 if size <= 512 else 3), args.ort_spin)
