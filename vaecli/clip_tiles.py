@@ -120,16 +120,7 @@ def decode(split: Split, read: Callable[[int, int], torch.Tensor], n: int, frame
         starts = [0]
         for i in range(n):
             starts.append(starts[-1] + frames_out(i))
-        h, w = mid.frame_shape[1:]
-        for rows, cols in _tiles(h, w, tile, split.halo, split.align):
-            cache = {}
-            for i in range(n):
-                part = _clip(mid.read(bounds[i], bounds[i + 1], rows[2:])[:, :, :, cols[2]:cols[3]])
-                y, top, left = _centre(split.local(part, cache, i == 0), rows, cols, split.scale)
-                if out is None:
-                    out = store.frames(starts[-1], (y.shape[1], round(h * split.scale), round(w * split.scale)),
-                                       y.dtype)
-                out.write_region(starts[i], _frames(y), top, left)
+        out = _local_pass(split, mid, list(zip(bounds[:-1], bounds[1:], strict=True)), starts, tile, store)
         mid.close()
         for i in range(n):
             yield out.read(starts[i], starts[i + 1])
@@ -137,6 +128,30 @@ def decode(split: Split, read: Callable[[int, int], torch.Tensor], n: int, frame
         mid.close()
         if out is not None:
             store.release(out)
+
+
+def _local_pass(split: Split, src: Spool, steps: list[tuple[int, int]], starts: list[int], tile: int,
+                store: Scratch) -> FrameStore:
+    """The local part tile by tile over every step of a clip: step i reads frames steps[i] of `src` (each tile's
+    rows and columns, halo included) and its output's exact centre is written at frames starts[i] ... of the
+    returned store (starts[-1] frames in all)."""
+    h, w = src.frame_shape[1:]
+    out: FrameStore | None = None
+    try:
+        for rows, cols in _tiles(h, w, tile, split.halo, split.align):
+            cache: dict = {}
+            for i, (a, b) in enumerate(steps):
+                part = _clip(src.read(a, b, rows[2:])[:, :, :, cols[2]:cols[3]])
+                y, top, left = _centre(split.local(part, cache, i == 0), rows, cols, split.scale)
+                if out is None:
+                    out = store.frames(starts[-1], (y.shape[1], round(h * split.scale), round(w * split.scale)),
+                                       y.dtype)
+                out.write_region(starts[i], _frames(y), top, left)
+    except BaseException:
+        if out is not None:
+            store.release(out)
+        raise
+    return out
 
 
 class Spool:
@@ -172,22 +187,11 @@ class Spool:
 def encode(split: Split, spool: Spool, chunks: list[tuple[int, int]], tile: int, store: Scratch) -> torch.Tensor:
     """Spooled pixel frames of one clip, run in temporal `chunks` ((start, stop) frame ranges, each giving one
     latent frame) tile by tile -> the whole part's outputs (len(chunks), C, h, w)."""
-    height, width = spool.frame_shape[1:]
-    low: FrameStore | None = None
+    low = _local_pass(split, spool, chunks, list(range(len(chunks) + 1)), tile, store)
     try:
-        for rows, cols in _tiles(height, width, tile, split.halo, split.align):
-            cache: dict = {}
-            for i, (a, b) in enumerate(chunks):
-                part = _clip(spool.read(a, b, rows[2:])[:, :, :, cols[2]:cols[3]])
-                y, top, left = _centre(split.local(part, cache, i == 0), rows, cols, split.scale)
-                if low is None:
-                    low = store.frames(len(chunks), (y.shape[1], round(height * split.scale),
-                                                     round(width * split.scale)), y.dtype)
-                low.write_region(i, _frames(y), top, left)
         cache, out = {}, []
         for i in range(len(chunks)):
             out.append(_frames(split.whole(_clip(low.read(i, i + 1)), cache)))
         return torch.cat(out)
     finally:
-        if low is not None:
-            store.release(low)
+        store.release(low)

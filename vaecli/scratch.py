@@ -22,6 +22,22 @@ _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: n
 _IO_STEP = 1 << 30  # bytes per read/write call: Linux moves at most ~2 GB per call
 
 
+def _write_at(file, view: memoryview, offset: int) -> None:
+    """Write all of `view` into `file` at `offset` (a call moves at most _IO_STEP bytes)."""
+    while view:
+        done = os.pwrite(file.fileno(), view[:_IO_STEP], offset)
+        view, offset = view[done:], offset + done
+
+
+def _read_at(file, view: memoryview, offset: int) -> None:
+    """Fill all of `view` from `file` at `offset`; an OutputError if the file ends first."""
+    while view:
+        got = os.preadv(file.fileno(), [view[:_IO_STEP]], offset)
+        if got <= 0:
+            raise OutputError(f"scratch file {file.name}: read past its end")
+        view, offset = view[got:], offset + got
+
+
 class FrameStore:
     """A (T, C, H, W) tensor addressed by frame ranges, held in RAM or in a scratch file; reads come back
     channels_last on `device`."""
@@ -47,10 +63,7 @@ class FrameStore:
             return
         # Frame-major, each frame (H, W, C): the channels_last layout the convolutions use, so no reorder.
         data = x.detach().to("cpu", self.dtype).permute(0, 2, 3, 1).contiguous().view(torch.uint8).numpy()
-        view, offset = memoryview(data).cast("B"), start * self.frame_bytes
-        while view:
-            done = os.pwrite(self._file.fileno(), view[:_IO_STEP], offset)
-            view, offset = view[done:], offset + done
+        _write_at(self._file, memoryview(data).cast("B"), start * self.frame_bytes)
 
     def write_region(self, start: int, x: torch.Tensor, top: int, left: int) -> None:
         """Store (k, C, h, w) `x` as rows top .. top + h, columns left .. left + w of frames start .. start + k."""
@@ -65,11 +78,8 @@ class FrameStore:
         flat = memoryview(data).cast("B")
         for f in range(k):
             for r in range(h):
-                offset = (start + f) * self.frame_bytes + ((top + r) * width + left) * item
-                src = flat[(f * h + r) * row:(f * h + r + 1) * row]
-                while src:
-                    done = os.pwrite(self._file.fileno(), src, offset)
-                    src, offset = src[done:], offset + done
+                _write_at(self._file, flat[(f * h + r) * row:(f * h + r + 1) * row],
+                          (start + f) * self.frame_bytes + ((top + r) * width + left) * item)
 
     def read(self, start: int, stop: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Frames start .. stop (only `rows` (first, stop) of each, if given) as a (stop - start, C, H, W)
@@ -81,12 +91,7 @@ class FrameStore:
         data = np.empty((stop - start, r1 - r0, w, c), dtype=_NUMPY[self.dtype])
         row = w * c * data.itemsize  # rows of a frame are contiguous in the file: one read per frame
         for f in range(stop - start):
-            view, offset = memoryview(data[f]).cast("B"), (start + f) * self.frame_bytes + r0 * row
-            while view:
-                got = os.preadv(self._file.fileno(), [view[:_IO_STEP]], offset)
-                if got <= 0:
-                    raise OutputError(f"scratch file {self._file.name}: read past its end")
-                view, offset = view[got:], offset + got
+            _read_at(self._file, memoryview(data[f]).cast("B"), (start + f) * self.frame_bytes + r0 * row)
         return torch.from_numpy(data).permute(0, 3, 1, 2).to(self.device)
 
     def close(self) -> None:
@@ -256,10 +261,7 @@ class RowStore:
         if data.device.type != "cpu":
             data = data.to("cpu")
         data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-        view, offset = memoryview(data).cast("B"), row * self.row_bytes
-        while view:
-            done = os.pwrite(self._file.fileno(), view[:_IO_STEP], offset)
-            view, offset = view[done:], offset + done
+        _write_at(self._file, memoryview(data).cast("B"), row * self.row_bytes)
 
     def read(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start .. stop as a (1, C, stop - start, W) channels_last tensor on the store's device: a view in RAM,
@@ -270,12 +272,7 @@ class RowStore:
         if buffer is None or buffer.numel() < n:
             buffer = torch.empty(n, dtype=torch.uint8)
         buffer = buffer[:n]
-        view, offset = memoryview(buffer.numpy()).cast("B"), start * self.row_bytes
-        while view:
-            got = os.preadv(self._file.fileno(), [view[:_IO_STEP]], offset)
-            if got <= 0:
-                raise OutputError(f"scratch file {self._file.name}: read past its end")
-            view, offset = view[got:], offset + got
+        _read_at(self._file, memoryview(buffer.numpy()).cast("B"), start * self.row_bytes)
         out = buffer.view(self.dtype).view(1, stop - start, self.width, self.channels).permute(0, 3, 1, 2)
         return out if self.device.type == "cpu" else out.to(self.device)
 
