@@ -19,7 +19,7 @@ from torch import nn
 from vaecli import allocator, banded
 from vaecli.models.kl import Downsample, MidBlock, ResnetBlock, Upsample, attention
 from vaecli.scratch import RowStore, Scratch
-from vaecli.tiling import Moments, norm_affine
+from vaecli.tiling import Moments, group_moments, norm_affine
 
 CHUNK_BYTES = 32 << 20  # bytes of a layer read or written per scratch-file call (and held for it); budget/16 at most
 
@@ -219,9 +219,9 @@ MOMENT_BYTES = 2 << 20  # bytes per GroupNorm-statistics call: the kernel writes
 
 
 class _Gather:
-    """Moments of a layer from its bands as they are written: GroupNorm's own kernel per piece of at most
-    MOMENT_BYTES (float32 means and inverse deviations kept), merged once at the end in float64 (the pairwise
-    formula `merge_moments` applies, in one step): every pixel counted once."""
+    """Moments of a layer from its bands as they are written: `tiling.group_moments` per piece of at most
+    MOMENT_BYTES, merged once at the end (the pairwise formula `merge_moments` applies, in one step for all the
+    pieces): every pixel counted once."""
 
     def __init__(self, groups: int):
         self.groups, self.parts = groups, []
@@ -231,19 +231,15 @@ class _Gather:
         b, c, h, w = x.shape
         step = max(1, MOMENT_BYTES // max(1, b * c * w * x.element_size()))
         for r0 in range(0, h, step):
-            part = x[:, :, r0:r0 + step].float()
-            fmt = torch.channels_last if part.stride(1) == 1 and c > 1 else torch.contiguous_format
-            part = part.contiguous(memory_format=fmt)
-            _, mean, rstd = torch.native_group_norm(part, None, None, b, c, part[0, 0].numel(), self.groups, 0.0)
-            self.parts.append((part[0, 0].numel() * (c // self.groups), mean.view(b, -1), rstd.view(b, -1)))
+            self.parts.append(group_moments(x[:, :, r0:r0 + step], self.groups))
 
     def moments(self) -> Moments | None:
         if not self.parts:
             return None
         counts = torch.tensor([p[0] for p in self.parts], dtype=torch.float64, device=self.parts[0][1].device)
         k = counts.view(-1, 1, 1)
-        means = torch.stack([p[1] for p in self.parts]).double()
-        m2s = torch.stack([p[2] for p in self.parts]).double().pow(-2) * k
+        means = torch.stack([p[1] for p in self.parts])
+        m2s = torch.stack([p[2] for p in self.parts])
         n = counts.sum()
         mean = (means * k).sum(0) / n
         return int(n.item()), mean, m2s.sum(0) + ((means - mean) ** 2 * k).sum(0)
