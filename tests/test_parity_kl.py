@@ -69,6 +69,44 @@ def test_svd_chunks_equal_the_whole_clip(svd_clip, frames, chunk, budget):
         assert codec.scratch_bytes > 0
 
 
+def test_svd_frames_past_the_budget_go_band_by_band(svd_clip, monkeypatch):
+    """A frame whose working set alone passes the budget runs one at a time, a band of rows at a time, through
+    the layer-by-layer engine (a frame here takes ~5.2 MB; at 4 MB the clip's small layers stay in RAM and its
+    large ones go to scratch files; the 1-byte budgets above put everything in files): still diffusers' whole-clip
+    decode."""
+    from vaecli import layerwise
+
+    codec, ref, latents, meta = svd_clip
+    codec, frames = replace(codec, budget=4 << 20), 14
+    calls = []
+    run_rows = layerwise.run_rows
+    monkeypatch.setattr(layerwise, "run_rows", lambda *a, **k: calls.append(a[2]) or run_rows(*a, **k))
+    z = latents[:frames]
+    with torch.inference_mode():
+        expected = ((ref.decode(z / 0.18215, num_frames=frames).sample + 1) / 2).clamp(0, 1)
+        ours = codec.decode_frames(z, meta)
+    assert (ours - expected).abs().max().item() <= TOL
+    widths = [codec.spec.config.channels * m for m in codec.spec.config.channel_mult]
+    assert (widths[0], 32, 40) in calls  # the widest layers at full resolution went band by band
+    assert len(calls) % frames == 0 and codec.scratch_bytes > 0
+
+
+def test_svd_bf16_layers_go_to_scratch_files_as_bf16(svd_clip, kl_files):
+    """bf16 layers past the budget are stored and read back as bf16 (they once came back as float32 and the next
+    convolution refused them): the clip decodes as close to fp32 as with every layer in RAM, at half the scratch
+    bytes of fp32."""
+    codec, _, latents, meta = svd_clip
+    bf16 = load_codec("svd", [kl_files("svd")["diffusers"]], device="cpu", dtype="bf16")
+    with torch.inference_mode():
+        in_ram = bf16.decode_frames(latents[:3], meta)
+        files, fp32 = replace(bf16, budget=1), replace(codec, budget=1)
+        in_files = files.decode_frames(latents[:3], meta)
+        exact = fp32.decode_frames(latents[:3], meta)
+    assert (in_files - exact).abs().max().item() <= 1.5 * (in_ram - exact).abs().max().item()
+    assert (in_files - exact).abs().mean().item() <= 1.5 * (in_ram - exact).abs().mean().item()
+    assert files.scratch_bytes * 2 == fp32.scratch_bytes
+
+
 @pytest.mark.parametrize("name", ["sd15", "flux1", "flux2"])
 @pytest.mark.parametrize("layout", ["diffusers", "ldm", "full"])
 def test_checkpoint_layouts_load_to_the_same_model(kl_files, name, layout, pixels):

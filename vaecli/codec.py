@@ -375,13 +375,15 @@ class Codec:
                 z = self.model.post_quant_conv(z)
         pixels = z.shape[-2] * z.shape[-1] * f * f
         chunk = chunk or self.frames_per_pass((z.shape[-1] * f, z.shape[-2] * f))
-        budget = self._temporal_budget()
-        store = scratch.Scratch(max(0, budget - chunk * self._temporal_frame_bytes(pixels)), self.device,
+        budget, per_frame = self._temporal_budget(), self._temporal_frame_bytes(pixels)
+        # A frame that alone passes the budget goes band by band (half the budget for its bands and buffers).
+        frame_budget = budget // 2 if per_frame > budget else None
+        store = scratch.Scratch(budget // 2 if frame_budget else max(0, budget - chunk * per_frame), self.device,
                                 self.scratch_dir)
         store.check_space(self.model.decoder.clip_bytes(frames, pixels, dec_dtype) - store.budget)
         try:
             with torch.inference_mode():
-                stream = self.model.decoder.stream(z, chunk, store)
+                stream = self.model.decoder.stream(z, chunk, store, frame_budget)
             while True:
                 with torch.inference_mode():
                     part = next(stream, None)

@@ -68,9 +68,7 @@ def run(blocks: list[nn.Module], x: torch.Tensor, budget: int, scratch_dir: str 
     of a batch run one after another. `stats`, a dict, receives the scratch bytes and the RAM bytes at their peaks.
     """
     n, size = x.shape[0], x.element_size()
-    c, h, w = x.shape[1:]
-    for block in blocks:
-        c, h, w = _block_shape(block, (c, h, w))
+    c, h, w = chain_shape(blocks, tuple(x.shape[1:]))
     band = _band_bytes(x.device, budget)
     chunk = max(band, min(CHUNK_BYTES, budget // 16))
     ram = max(0, budget - (x.numel() + n * c * h * w) * size - 5 * chunk - 16 * band)
@@ -154,26 +152,61 @@ def attention_block(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _chain(blocks: list[nn.Module], src, final, scratch, chunk: int, band: int) -> None:
+def chain_shape(blocks: list[nn.Module], shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(C, H, W) of what a chain of KL blocks (see `supports`) makes of an input of (C, H, W) `shape`."""
+    for block in blocks:
+        shape = _block_shape(block, shape)
+    return shape
+
+
+def run_rows(blocks: list[nn.Module], read, shape: tuple[int, int, int], dtype: torch.dtype, dst: RowStore,
+             scratch: Scratch, budget: int, out_groups: int | None = None) -> Moments | None:
+    """Run a chain of KL blocks (see `supports`) over one image of (C, H, W) `shape`, given band by band by
+    `read(r0, r1)` -> (1, C, r1 - r0, W), into the caller's RowStore `dst`, layer by layer and exactly as whole,
+    the input and intermediate layers from `scratch` (RAM within its budget, files past it), bands sized from
+    `budget`: so one frame of a clip kept out of core runs in bounded memory. Returns dst's moments for
+    `out_groups` GroupNorm groups (None without)."""
+    c, h, w = shape
+    src = scratch.rows(c, h, w, dtype)
+    norm = _out_norm(blocks[0])
+    gather = _Gather(norm.num_groups) if norm is not None else None
+    band = _band_bytes(scratch.device, budget)
+    chunk = max(band, min(CHUNK_BYTES, budget // 16))
+    try:
+        for r0 in range(0, h, max(1, chunk // src.row_bytes)):
+            x = read(r0, min(h, r0 + max(1, chunk // src.row_bytes)))
+            src.write(r0, x)
+            if gather is not None:
+                gather.add(x)
+            del x
+        return _chain(blocks, src, dst, scratch, chunk, band, gather.moments() if gather else None, out_groups)
+    finally:
+        scratch.release(src)
+
+
+def _chain(blocks: list[nn.Module], src, final, scratch, chunk: int, band: int, moments: Moments | None = None,
+           out_groups: int | None = None) -> Moments | None:
     """Run `blocks` from RowStore `src` (the caller's, left as it is) into RowStore `final`, intermediate layers
     from `scratch`; a dry `scratch` only plans (stores without data, nothing computed)."""
     compute = not scratch.dry
     bufs = {"writer": ThreadPoolExecutor(1, thread_name_prefix="vaecli-scratch")} if compute else {}
     try:
-        _run_chain(blocks, src, final, scratch, chunk, band, compute, bufs)
+        return _run_chain(blocks, src, final, scratch, chunk, band, compute, bufs, moments, out_groups)
     finally:
         if compute:
             bufs["writer"].shutdown(wait=True)
 
 
-def _run_chain(blocks: list[nn.Module], src, final, scratch, chunk: int, band: int, compute: bool, bufs: dict) -> None:
+def _run_chain(blocks: list[nn.Module], src, final, scratch, chunk: int, band: int, compute: bool, bufs: dict,
+               moments: Moments | None, out_groups: int | None) -> Moments | None:
     owned = False
     norm = _out_norm(blocks[0])
-    moments = _moments_of(src, norm.num_groups) if compute and norm is not None else None
+    if compute and norm is not None and moments is None:
+        moments = _moments_of(src, norm.num_groups)
     for i, block in enumerate(blocks):
         last = i + 1 == len(blocks)
         norm = None if last else _out_norm(blocks[i + 1])
-        groups = norm.num_groups if norm is not None else None
+        groups = out_groups if last else norm.num_groups if norm is not None else None
         c, h, w = _block_shape(block, (src.channels, src.height, src.width))
         io = {"chunk": chunk, "band": band, "bufs": bufs}
         if isinstance(block, ResnetBlock):
@@ -207,6 +240,7 @@ def _run_chain(blocks: list[nn.Module], src, final, scratch, chunk: int, band: i
         src, owned = dst, not last
         if compute:
             allocator.release_free_memory()
+    return moments
 
 
 def _affine(gn: nn.GroupNorm, moments: Moments, channels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,6 @@ import torch
 
 from vaecli.errors import OutputError
 
-_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 _IO_STEP = 1 << 30  # bytes per read/write call: Linux moves at most ~2 GB per call
 
 
@@ -50,11 +49,17 @@ class FrameStore:
         self._file = file
         self._ram = None if file is not None else torch.empty(
             frames, c, h, w, dtype=dtype, device=device, memory_format=torch.channels_last)
+        self.capacity = frames * self.frame_bytes  # bytes held: more when it reuses a larger released file
 
     @property
     def nbytes(self) -> int:
-        """Size of the whole layer in bytes."""
-        return self.frames * self.frame_bytes
+        """Bytes this store holds (RAM or file), what `Scratch` accounts."""
+        return self.capacity
+
+    @property
+    def in_file(self) -> bool:
+        """Whether the frames are in a scratch file."""
+        return self._file is not None
 
     def write(self, start: int, x: torch.Tensor) -> None:
         """Store (k, C, H, W) `x` as frames start .. start + k."""
@@ -88,11 +93,19 @@ class FrameStore:
         r0, r1 = rows or (0, h)
         if self._ram is not None:
             return self._ram[start:stop, :, r0:r1]
-        data = np.empty((stop - start, r1 - r0, w, c), dtype=_NUMPY[self.dtype])
-        row = w * c * data.itemsize  # rows of a frame are contiguous in the file: one read per frame
+        row = self.frame_bytes // h  # rows of a frame are contiguous in the file: one read per frame
+        data = np.empty((stop - start, r1 - r0, row), dtype=np.uint8)  # bytes: numpy has no bfloat16
         for f in range(stop - start):
             _read_at(self._file, memoryview(data[f]).cast("B"), (start + f) * self.frame_bytes + r0 * row)
-        return torch.from_numpy(data).permute(0, 3, 1, 2).to(self.device)
+        out = torch.from_numpy(data).view(self.dtype).view(stop - start, r1 - r0, w, c)
+        return out.permute(0, 3, 1, 2).to(self.device)
+
+    def frame_rows(self, frame: int) -> RowStore:
+        """Frame `frame` as a RowStore sharing this store's RAM or file (never close it: the file is this store's)."""
+        if self._ram is not None:
+            return RowStore.wrap(self._ram[frame:frame + 1])
+        return RowStore(*self.frame_shape, self.dtype, self.device, file=self._file,
+                        offset=frame * self.frame_bytes)
 
     def close(self) -> None:
         """Free the layer (RAM) or drop its file."""
@@ -110,9 +123,9 @@ class Scratch:
         self.budget, self.device, self.dry = budget, device, dry
         self.directory = Path(directory or tempfile.gettempdir())
         self.in_ram = self.peak_ram_bytes = 0
-        self.peak_file_bytes = self.file_bytes = 0  # scratch-file bytes held (spare row-store files included)
+        self.peak_file_bytes = self.file_bytes = 0  # scratch-file bytes held (spare files included)
         self._open: list[FrameStore | RowStore] = []
-        self._spare: list[tuple] = []  # (file or None when dry, bytes) of released row stores, for reuse
+        self._spare: list[tuple] = []  # (file or None when dry, bytes) of released stores, for reuse
 
     def frames(self, frames: int, frame_shape: tuple[int, ...], dtype: torch.dtype) -> FrameStore:
         """A new store for `frames` frames of `frame_shape` (C, H, W)."""
@@ -123,11 +136,9 @@ class Scratch:
             self.in_ram += size
             self.peak_ram_bytes = max(self.peak_ram_bytes, self.in_ram)
         else:
-            if dtype not in _NUMPY:  # bf16: numpy has no such type; the bytes are the same in fp32's place
-                dtype = torch.float32
-            store = FrameStore(frames, frame_shape, dtype, self.device, file=self._file(size))
-            self.file_bytes += store.nbytes
-            self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
+            file, held = self._spare_file(size)
+            store = FrameStore(frames, frame_shape, dtype, self.device, file=file)
+            store.capacity = max(size, held)
         self._open.append(store)
         return store
 
@@ -141,22 +152,29 @@ class Scratch:
             self.in_ram += size
             self.peak_ram_bytes = max(self.peak_ram_bytes, self.in_ram)
         else:
-            # A released row store's file is kept and reused: rewriting pages already in the page cache runs at
-            # memory speed, while fresh pages of a new file cost block allocation and writeback (~10x slower here).
-            fits = [s for s in self._spare if s[1] >= size]
-            spare = min(fits, key=lambda s: s[1]) if fits else max(self._spare, key=lambda s: s[1], default=None)
-            if spare is not None:
-                self._spare.remove(spare)
-                file, held = spare
-                self.file_bytes += max(0, size - held)
-            else:
-                file, held = None if self.dry else self._file(size), 0
-                self.file_bytes += size
+            file, held = self._spare_file(size)
             store = RowStore(channels, height, width, dtype, self.device, file=file, capacity=max(size, held))
             store.planned_file = self.dry
-            self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
         self._open.append(store)
         return store
+
+    def _spare_file(self, size: int) -> tuple:
+        """A file for `size` bytes and the bytes it already holds: a released store's when there is one (the
+        smallest that fits, else the largest), else a new one (None when dry).
+
+        Released files are reused: rewriting pages already in the page cache runs at memory speed, while fresh
+        pages of a new file cost block allocation and writeback (~10x slower here)."""
+        fits = [s for s in self._spare if s[1] >= size]
+        spare = min(fits, key=lambda s: s[1]) if fits else max(self._spare, key=lambda s: s[1], default=None)
+        if spare is not None:
+            self._spare.remove(spare)
+            file, held = spare
+            self.file_bytes += max(0, size - held)
+        else:
+            file, held = None if self.dry else self._file(size), 0
+            self.file_bytes += size
+        self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
+        return file, held
 
     def recast(self, store: RowStore, channels: int) -> RowStore:
         """`store.recast(channels)`, keeping the account: the new store holds the old one's bytes."""
@@ -189,11 +207,9 @@ class Scratch:
         """Close `store` and return its bytes to the budget."""
         if store in self._open:
             self._open.remove(store)
-            if isinstance(store, RowStore) and store.in_file:
-                self._spare.append((store._file, store.nbytes))  # kept for the next row store (see `rows`)
+            if store.in_file:
+                self._spare.append((store._file, store.nbytes))  # kept for the next store (see `_spare_file`)
                 store._file = None
-            elif store._file is not None:
-                self.file_bytes -= store.nbytes
             else:
                 self.in_ram -= store.nbytes
         store.close()
@@ -218,8 +234,9 @@ class RowStore:
     """
 
     def __init__(self, channels: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
-                 file=None, ram: torch.Tensor | None = None, capacity: int | None = None):
+                 file=None, ram: torch.Tensor | None = None, capacity: int | None = None, offset: int = 0):
         self.channels, self.height, self.width, self.dtype, self.device = channels, height, width, dtype, device
+        self.offset = offset  # where row 0 starts in the file (a frame of a FrameStore's)
         self.itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8
         self.row_bytes = width * channels * self.itemsize
         self.capacity = capacity if capacity is not None else height * self.row_bytes
@@ -261,7 +278,7 @@ class RowStore:
         if data.device.type != "cpu":
             data = data.to("cpu")
         data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-        _write_at(self._file, memoryview(data).cast("B"), row * self.row_bytes)
+        _write_at(self._file, memoryview(data).cast("B"), self.offset + row * self.row_bytes)
 
     def read(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start .. stop as a (1, C, stop - start, W) channels_last tensor on the store's device: a view in RAM,
@@ -272,7 +289,7 @@ class RowStore:
         if buffer is None or buffer.numel() < n:
             buffer = torch.empty(n, dtype=torch.uint8)
         buffer = buffer[:n]
-        _read_at(self._file, memoryview(buffer.numpy()).cast("B"), start * self.row_bytes)
+        _read_at(self._file, memoryview(buffer.numpy()).cast("B"), self.offset + start * self.row_bytes)
         out = buffer.view(self.dtype).view(1, stop - start, self.width, self.channels).permute(0, 3, 1, 2)
         return out if self.device.type == "cpu" else out.to(self.device)
 
@@ -283,7 +300,7 @@ class RowStore:
         if channels * self.width * self.itemsize * self.height > self.capacity:
             raise ValueError("a recast store must fit the storage it reuses")
         store = RowStore(channels, self.height, self.width, self.dtype, self.device, self._file, self._flat,
-                         self.capacity)
+                         self.capacity, self.offset)
         store.planned_file = self.planned_file
         return store
 

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaecli import banded, layerwise
 from vaecli.models.kl import AttnBlock, ResnetBlock, norm, up_stages
 from vaecli.registry import KLConfig
 from vaecli.tiling import Moments, group_moments, merge_moments, norm_affine
 
-Frames = Callable[[int, int], torch.Tensor]  # frames start .. stop of a layer, (k, C, H, W)
+# frames start .. stop of a layer (rows (r0, r1) of each, or all for None) as (k, C, H, W)
+Frames = Callable[[int, int, "tuple[int, int] | None"], torch.Tensor]
 
 
 class TemporalResBlock(nn.Module):
@@ -100,34 +102,40 @@ class TemporalDecoder(nn.Module):
         h5 = h.reshape(bt // num_frames, num_frames, c, hh, ww).permute(0, 2, 1, 3, 4)
         return self.time_conv_out(h5).permute(0, 2, 1, 3, 4).reshape(bt, c, hh, ww)
 
-    def stream(self, z: torch.Tensor, chunk: int, store) -> Iterator[torch.Tensor]:
+    def stream(self, z: torch.Tensor, chunk: int, store, frame_budget: int | None = None) -> Iterator[torch.Tensor]:
         """Latents (T, C, h, w) of one clip -> its pixels (k, 3, f*h, f*w) in about [-1, 1], `chunk` frames at a
         time, equal to `forward(z, T)`: the temporal GroupNorms take their statistics over the whole clip and the
         temporal convolutions see the neighbouring frames, through layers kept whole in `store` (a
-        `vaecli.scratch.Scratch`), so memory follows `chunk`, not T."""
+        `vaecli.scratch.Scratch`), so memory follows `chunk`, not T. With `frame_budget` (bytes), frames too large
+        to run whole go one at a time a band of rows at a time (`vaecli.layerwise`), so memory follows neither the
+        clip's length nor its frame size."""
         frames = z.shape[0]
-        src: Frames = lambda s, e: z[s:e]  # noqa: E731
+        src: Frames = lambda s, e, rows: z[s:e] if rows is None else z[s:e, :, rows[0]:rows[1]]  # noqa: E731
+        shape = tuple(z.shape[1:])
+        run = lambda src, shape, modules, gn: self._layer(src, shape, modules, frames, chunk, store, gn,  # noqa: E731
+                                                          frame_budget, z.dtype)
         pending: list[nn.Module] = [self.conv_in]
         held: list = []
         for op in self._ops():
             if not isinstance(op, SpatioTemporalBlock):
                 pending.append(op)
                 continue
-            h_store, moments = self._layer(src, pending + [op.spatial_res_block], frames, chunk, store,
-                                           op.temporal_res_block.norm1)
+            tblock = op.temporal_res_block
+            h_store, moments = run(src, shape, pending + [op.spatial_res_block], tblock.norm1)
             for old in held:
                 store.release(old)
-            act1 = _normed(h_store.read, op.temporal_res_block.norm1, moments)
-            a_store, moments = self._layer(lambda s, e, c=op.temporal_res_block.conv1, a=act1: _tconv(c, a, s, e,
-                                           frames), [], frames, chunk, store, op.temporal_res_block.norm2)
-            act2 = _normed(a_store.read, op.temporal_res_block.norm2, moments)
+            act1 = _normed(h_store.read, tblock.norm1, moments)
+            shape = h_store.frame_shape
+            a_store, moments = run(lambda s, e, rows, c=tblock.conv1, a=act1: _tconv(c, a, s, e, frames, rows),
+                                   shape, [], tblock.norm2)
+            act2 = _normed(a_store.read, tblock.norm2, moments)
 
-            def src(s, e, op=op, h=h_store.read, a=act2):
-                spatial = h(s, e)
-                return op.time_mixer(spatial, _tconv(op.temporal_res_block.conv2, a, s, e, frames) + spatial)
+            def src(s, e, rows, op=op, h=h_store.read, a=act2):
+                spatial = h(s, e, rows)
+                return op.time_mixer(spatial, _tconv(op.temporal_res_block.conv2, a, s, e, frames, rows) + spatial)
 
             pending, held = [], [h_store, a_store]
-        out, _ = self._layer(src, pending + [self.norm_out, nn.SiLU(), self.conv_out], frames, chunk, store, None)
+        out, _ = run(src, shape, pending + [nn.Sequential(self.norm_out, nn.SiLU(), self.conv_out)], None)
         for old in held:
             store.release(old)
         try:
@@ -138,9 +146,8 @@ class TemporalDecoder(nn.Module):
 
     def clip_bytes(self, frames: int, pixels: int, dtype: torch.dtype) -> int:
         """Bytes `stream` keeps whole at most for a clip of `frames` frames of `pixels` pixels: three layers of the
-        widest level (two of a block, one of the next)."""
-        elem = 4 if dtype == torch.bfloat16 else torch.finfo(dtype).bits // 8  # scratch files hold bf16 as fp32
-        return 3 * frames * self.conv_out.in_channels * pixels * elem
+        widest level (two of a block, one of the next), and three frames of it for a frame run band by band."""
+        return 3 * (frames + 1) * self.conv_out.in_channels * pixels * (torch.finfo(dtype).bits // 8)
 
     def _ops(self) -> list[nn.Module]:
         """The decoder after conv_in as a flat list: SpatioTemporalBlocks and per-frame modules between them."""
@@ -150,22 +157,53 @@ class TemporalDecoder(nn.Module):
         return ops
 
     @staticmethod
-    def _layer(src: Frames, modules: list[nn.Module], frames: int, chunk: int, store,
-               gn: nn.GroupNorm | None) -> tuple:
-        """Run per-frame `modules` over `src` chunk by chunk into a new store; with `gn`, also the whole clip's
-        statistics of the result for that temporal GroupNorm."""
+    def _layer(src: Frames, shape: tuple[int, int, int], modules: list[nn.Module], frames: int, chunk: int, store,
+               gn: nn.GroupNorm | None, frame_budget: int | None, dtype: torch.dtype) -> tuple:
+        """Run per-frame `modules` over `src` (frames of (C, H, W) `shape`, computed in `dtype`) chunk by chunk
+        into a new store; with `gn`, also the whole clip's statistics of the result for that temporal GroupNorm.
+        With `frame_budget`, chains `vaecli.layerwise` knows (and pointwise steps, no modules) go frame by frame,
+        band by band."""
+        groups = gn.num_groups if gn is not None else None
+        if frame_budget is not None and (not modules or layerwise.supports(modules)):
+            c, h, w = shape
+            layer = store.frames(frames, layerwise.chain_shape(modules, shape), dtype)
+            row_bytes = w * c * torch.finfo(dtype).bits // 8  # a band of a pointwise step reads 3 frames' rows
+            moments, rows = None, max(1, min(layerwise.CHUNK_BYTES, frame_budget // 16) // row_bytes)
+            for f in range(frames):
+                if modules:
+                    part = layerwise.run_rows(modules, lambda r0, r1, f=f: src(f, f + 1, (r0, r1)), shape,
+                                              dtype, layer.frame_rows(f), store, frame_budget, groups)
+                    moments = merge_moments(moments, part) if groups is not None else None
+                    continue
+                for r0 in range(0, h, rows):
+                    x = src(f, f + 1, (r0, min(h, r0 + rows)))
+                    layer.write_region(f, x, r0, 0)
+                    if groups is not None:
+                        moments = merge_moments(moments, _clip_moments(x, groups))
+            return layer, moments
         layer, moments = None, None
         for s in range(0, frames, chunk):
-            x = src(s, min(frames, s + chunk))
-            for module in modules:
-                x = module(x)
+            x = _per_frame(modules, src(s, min(frames, s + chunk), None))
             if layer is None:
                 layer = store.frames(frames, tuple(x.shape[1:]), x.dtype)
             layer.write(s, x)
-            if gn is not None:
-                moments = merge_moments(moments, _clip_moments(x, gn.num_groups))
+            if groups is not None:
+                moments = merge_moments(moments, _clip_moments(x, groups))
             del x
         return layer, moments
+
+
+def _per_frame(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Per-frame `modules` over (k, C, H, W) frames: the chain `vaecli.banded` knows a band of rows at a time on
+    the CPU (the same numbers, each band's work in cache), what it does not know as it is."""
+    rest = list(modules)
+    while rest and not banded.supports(rest):
+        x, rest = rest[0](x), rest[1:]
+    if rest and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+        return banded.run_chain(rest, x)
+    for module in rest:
+        x = module(x)
+    return x
 
 
 def _clip_moments(x: torch.Tensor, groups: int) -> Moments:
@@ -177,16 +215,18 @@ def _clip_moments(x: torch.Tensor, groups: int) -> Moments:
 
 def _normed(read: Frames, gn: nn.GroupNorm, moments: Moments) -> Frames:
     """Frames of a layer through `gn` with the whole clip's `moments`, then SiLU (a temporal block's conv input)."""
-    def frames(s: int, e: int) -> torch.Tensor:
-        x = read(s, e)
+    def frames(s: int, e: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        x = read(s, e, rows)
         scale, shift = norm_affine(gn, moments, x.shape[1])
         return F.silu(torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)), inplace=True)
     return frames
 
 
-def _tconv(conv: nn.Conv3d, read: Frames, s: int, e: int, frames: int) -> torch.Tensor:
-    """A (3, 1, 1) Conv3d over frames s .. e of a T-frame clip, zero-padded at the clip's ends only."""
-    x = read(max(0, s - 1), min(frames, e + 1))
+def _tconv(conv: nn.Conv3d, read: Frames, s: int, e: int, frames: int,
+           rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A (3, 1, 1) Conv3d over frames s .. e (rows r0 .. r1 of each, or all) of a T-frame clip, zero-padded at the
+    clip's ends only."""
+    x = read(max(0, s - 1), min(frames, e + 1), rows)
     pad = [torch.zeros_like(x[:1])]
     x = torch.cat((pad if s == 0 else []) + [x] + (pad if e == frames else []))  # frames s - 1 .. e
     k, weight = e - s, conv.weight.to(x.dtype)
