@@ -49,10 +49,11 @@ def _block_shape(block: nn.Module, shape: tuple[int, int, int]) -> tuple[int, in
     return (block if isinstance(block, nn.Conv2d) else block[-1]).out_channels, h, w
 
 
-def _band_bytes(device: torch.device, budget: int) -> int:
-    """Input bytes per band of rows: cache-sized on the CPU (banded's choice), larger on a GPU (fewer launches)."""
-    base = banded.BAND_BYTES if device.type == "cpu" else 64 << 20
-    return max(1, min(base, budget // 64))
+def io_sizes(device: torch.device, budget: int) -> tuple[int, int]:
+    """(band, chunk) in bytes under `budget`: input bytes per band of rows, cache-sized on the CPU (banded's
+    choice) and larger on a GPU (fewer launches); and bytes of a layer per store read or write (at least a band)."""
+    band = max(1, min(banded.BAND_BYTES if device.type == "cpu" else 64 << 20, budget // 64))
+    return band, max(band, min(CHUNK_BYTES, budget // 16))
 
 
 def run(blocks: list[nn.Module], x: torch.Tensor, budget: int, scratch_dir: str | Path | None = None,
@@ -69,8 +70,7 @@ def run(blocks: list[nn.Module], x: torch.Tensor, budget: int, scratch_dir: str 
     """
     n, size = x.shape[0], x.element_size()
     c, h, w = chain_shape(blocks, tuple(x.shape[1:]))
-    band = _band_bytes(x.device, budget)
-    chunk = max(band, min(CHUNK_BYTES, budget // 16))
+    band, chunk = io_sizes(x.device, budget)
     ram = max(0, budget - (x.numel() + n * c * h * w) * size - 5 * chunk - 16 * band)
     plan = Scratch(ram, x.device, scratch_dir, dry=True)
     _chain(blocks, RowStore(*x.shape[1:], x.dtype, x.device), RowStore(c, h, w, x.dtype, x.device), plan, chunk,
@@ -170,11 +170,11 @@ def run_rows(blocks: list[nn.Module], read, shape: tuple[int, int, int], dtype: 
     src = scratch.rows(c, h, w, dtype)
     norm = _out_norm(blocks[0])
     gather = _Gather(norm.num_groups) if norm is not None else None
-    band = _band_bytes(scratch.device, budget)
-    chunk = max(band, min(CHUNK_BYTES, budget // 16))
+    band, chunk = io_sizes(scratch.device, budget)
+    step = max(1, chunk // src.row_bytes)
     try:
-        for r0 in range(0, h, max(1, chunk // src.row_bytes)):
-            x = read(r0, min(h, r0 + max(1, chunk // src.row_bytes)))
+        for r0 in range(0, h, step):
+            x = read(r0, min(h, r0 + step))
             src.write(r0, x)
             if gather is not None:
                 gather.add(x)

@@ -79,11 +79,13 @@ class FrameStore:
         c, _, width = self.frame_shape
         data = x.detach().to("cpu", self.dtype).permute(0, 2, 3, 1).contiguous().view(torch.uint8).numpy()
         item = c * torch.finfo(self.dtype).bits // 8
-        row = w * item  # a row of the region is one contiguous run of the file
+        # A row of the region is one contiguous run of the file; rows as wide as the frame run on into each other.
+        run = h if w == width else 1
+        size = run * w * item
         flat = memoryview(data).cast("B")
         for f in range(k):
-            for r in range(h):
-                _write_at(self._file, flat[(f * h + r) * row:(f * h + r + 1) * row],
+            for r in range(0, h, run):
+                _write_at(self._file, flat[(f * h + r) * w * item:][:size],
                           (start + f) * self.frame_bytes + ((top + r) * width + left) * item)
 
     def read(self, start: int, stop: int, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -168,7 +168,7 @@ class TemporalDecoder(nn.Module):
             c, h, w = shape
             layer = store.frames(frames, layerwise.chain_shape(modules, shape), dtype)
             row_bytes = w * c * torch.finfo(dtype).bits // 8  # a band of a pointwise step reads 3 frames' rows
-            moments, rows = None, max(1, min(layerwise.CHUNK_BYTES, frame_budget // 16) // row_bytes)
+            moments, rows = None, max(1, layerwise.io_sizes(store.device, frame_budget)[1] // row_bytes)
             for f in range(frames):
                 if modules:
                     part = layerwise.run_rows(modules, lambda r0, r1, f=f: src(f, f + 1, (r0, r1)), shape,
