@@ -257,6 +257,22 @@ def test_svd_verify_compares_every_frame_with_the_whole_clip(vae, svd_latent, tm
     assert "  verify (all 6 frames with the whole clip decoded at once): max diff 0.0" in result.stderr
 
 
+def test_a_video_output_dropped_on_failure_leaves_one_error_line(svd_latent, tmp_path):
+    """A whole process (ffmpeg writes to the inherited stderr, which CliRunner does not see): the mp4 writer opened
+    before the failure is dropped without ffmpeg's or imageio-ffmpeg's complaints about an empty video."""
+    import subprocess
+    import sys
+
+    lat, weights = svd_latent
+    run = subprocess.run([sys.executable, "-m", "vaecli", "decode", str(lat), "-o", str(tmp_path / "o.mp4"),
+                          "--weights", str(weights), "--max-memory", "1", "--scratch", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"Error: {lat}: scratch folder {tmp_path / 'nowhere'}: No such file or directory"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.latent"]
+
+
 def test_svd_scratch_folder_must_exist_and_have_room(vae, svd_latent, tmp_path, monkeypatch):
     lat, weights = svd_latent
     missing = tmp_path / "nowhere"

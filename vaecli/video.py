@@ -152,7 +152,7 @@ class VideoWriter:
             codec = CODECS.get(self.path.suffix.lower(), "libx264")
             self._ffmpeg = imageio_ffmpeg.write_frames(
                 str(self._tmp), self.written_size, fps=fps, codec=codec, pix_fmt_out="yuv420p", quality=None,
-                macro_block_size=1,
+                macro_block_size=1, ffmpeg_log_level="error",
                 output_params=["-crf", "16"] + (["-b:v", "0"] if "vpx" in codec else ["-rc-lookahead", "10"]),
             )
             self._ffmpeg.send(None)
@@ -211,10 +211,18 @@ class VideoWriter:
     def abort(self) -> None:
         """Drop a partly written file."""
         if self._ffmpeg is not None:
+            import logging
+
+            # imageio-ffmpeg warns that a video closed with no frames is invalid: this one is being dropped, and
+            # the user gets the one error line that says why.
+            log = logging.getLogger("imageio_ffmpeg")
+            disabled, log.disabled = log.disabled, True
             try:
                 self._ffmpeg.close()
             except Exception:  # ffmpeg may already be gone; the temp file is removed either way
                 pass
+            finally:
+                log.disabled = disabled
         if self._tmp is not None and self._tmp.is_dir():
             shutil.rmtree(self._tmp, ignore_errors=True)
         elif self._tmp is not None:
