@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from vaecli.models.taehv import (
-    TAEHV,
-    CausalRunner,
-    TAEHVConfig,
-    config_from_state_dict,
-    load_taehv,
-    variant_config,
-)
+from vaecli.models.memblocks import CausalRunner
+from vaecli.models.taehv import TAEHV, TAEHVConfig, load_taehv
+from vaecli.models.taehv_keys import config_from_state_dict, variant_config
 from vaecli.models.taesdv import TAESDV, load_taesdv
 
 # Checkpoint-style names: the reference picks patch size, latent channels, time factors and decoder arch from them.
@@ -252,3 +248,52 @@ def test_taesdv_matches_reference(ref_sdv, tmp_path):
     for model in (ours, loaded):
         assert_same(model.decode(z), raw.clamp(0, 1))
         assert_same(push_all(model.stream_decoder(), z), raw.clamp(0, 1))
+
+
+@pytest.mark.parametrize("name", RUN + ["taesdv"])
+@torch.no_grad()
+def test_tiles_equal_whole_frames(name):
+    """Tile by tile through the clip (`vaecli.clip_tiles`, every layer kept between the parts in scratch files):
+    encode and decode equal the streamed whole frames to 1e-5, frame rule and startup trim included; with a third of
+    the computed halo they do not (the test would see a halo too small)."""
+    from vaecli import clip_tiles
+    from vaecli.models import taehv, taesdv
+    from vaecli.scratch import Scratch
+
+    if name == "taesdv":
+        model, family, t = randomize(TAESDV(width=8), seed=3), taesdv.Family, 1
+    else:  # narrow: the tiles' numbers do not depend on the widths, the test's time does
+        cfg = replace(variant_config(name), encoder_width=8, decoder_widths=(16, 8, 8, 8))
+        model, family, t = randomize(TAEHV(cfg), seed=3), taehv.Family, cfg.t_downscale
+    enc, dec = family.encoder_split(model), family.decoder_split(model, 2)
+    # Tiles just past the halo, four to a side: the middle ones touch neither edge.
+    tile_px, tile_cells = (math.ceil(enc.halo / enc.align) + 1) * enc.align, math.ceil(dec.halo) + 1
+    h = 3 * tile_px + enc.align
+    torch.manual_seed(9)
+    frames = torch.rand(t + 2, 3, h, h + enc.align)  # frames past 1 + t * k: one dropped (taesdv: none)
+    stream = family.encoder(model)
+    first = stream.push(frames)
+    rest, dropped = stream.flush()
+    whole = torch.cat([first, rest])
+    assert family.chunks(model, frames.shape[0])[-1][1] == frames.shape[0] - dropped
+    cells = 3 * tile_cells + 1
+    z = torch.randn(whole.shape[0], whole.shape[1], cells, cells + 2)
+    pixels = family.decoder(model, z.shape[0]).push(z)
+    assert pixels.shape[0] == sum(family.frame_counts(model, z.shape[0]))
+    results = {}
+    for third in (False, True):
+        store = Scratch(0, torch.device("cpu"))
+        spool = clip_tiles.Spool(store)
+        spool.push(frames[:2])
+        spool.push(frames[2:])
+        e = replace(enc, halo=enc.halo / 3) if third else enc
+        d = replace(dec, halo=dec.halo / 3) if third else dec
+        got = clip_tiles.encode(e, spool, family.chunks(model, frames.shape[0]), tile_px, store)
+        back = torch.cat(list(clip_tiles.decode(d, lambda i, j: z[i:j], z.shape[0],
+                                                family.frame_counts(model, z.shape[0]), tile_cells, store)))
+        assert store.peak_file_bytes > 0
+        spool.close()
+        store.close()
+        results[third] = ((got - whole).abs().max().item(), (back - pixels).abs().max().item())
+    assert max(results[False]) <= 1e-5
+    assert min(results[True]) > 1e-3

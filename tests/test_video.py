@@ -316,9 +316,15 @@ def test_wan_past_the_budget_goes_tile_by_tile_with_the_same_numbers(vae, tiny_w
     outs = {}
     for name, extra in [("plain", []), ("tiled", ["--max-memory", "1", "--scratch", scratch])]:
         result = vae("decode", tmp_path / "plain.latent", "-o", tmp_path / name, "--as-frames", "--weights", weights,
-                     "--json", *extra)
+                     "--json", "--verify", *extra)
         assert result.exit_code == 0, result.stderr
-        assert (json.loads(result.stdout)["scratch_bytes"] > 0) == (name == "tiled")
+        decoded = json.loads(result.stdout)
+        assert (decoded["scratch_bytes"] > 0) == (name == "tiled")
+        if name == "tiled":  # every frame against the whole-frame stream
+            assert decoded["verify"]["compared"] == "all 9 frames with the clip streamed in whole frames"
+            assert decoded["verify"]["max_abs_diff"] <= 1e-5
+        else:  # strict JSON: no Infinity
+            assert decoded["verify"] == {"tiled": False, "max_abs_diff": 0.0, "psnr": None, "compared": "frame 0"}
         outs[name] = torch.stack([read_image(p)[0][0] for p in sorted((tmp_path / name / "plain").iterdir())])
     assert outs["plain"].shape == (9, 3, 25, 14)
     assert (outs["plain"] - outs["tiled"]).abs().max().item() <= 1 / 255
@@ -393,3 +399,22 @@ def test_taew2_1_previews_wan_latents_like_the_reference(vae, tiny_wan, gif, sha
         expected = ref.encode_video(_source(gif, 9).movedim(1, 2), parallel=True, show_progress_bar=False)[0]
     assert latent.shape == (3, 16, 4, 2)
     assert (latent - _normalized(expected, REGISTRY["taew2_1"])).abs().max().item() <= 1e-4
+
+    # Past --max-memory the tiny video models go tile by tile through the clip too, with the same numbers.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    budget = ["--max-memory", "1", "--scratch", scratch, "--json"]
+    result = vae("video", gif, "-o", tmp_path / "tt.latent", "--frames", 9, "--model", "taew2_1", "--weights", path,
+                 *budget)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["scratch_bytes"] > 0 and list(scratch.iterdir()) == []
+    assert (load_latent(tmp_path / "tt.latent")[0] - latent).abs().max().item() <= 1e-5
+    result = vae("decode", wan_lat, "-o", tmp_path / "pt", "--as-frames", "--model", "taew2_1", "--weights", path,
+                 "--verify", *budget)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["scratch_bytes"] > 0
+    check = report["verify"]  # every frame against the whole-frame stream
+    assert check["compared"] == "all 5 frames with the clip streamed in whole frames" and check["max_abs_diff"] <= 1e-5
+    tiled = torch.stack([read_image(p)[0][0] for p in sorted((tmp_path / "pt" / "w").iterdir())])
+    assert (tiled - decoded).abs().max().item() <= 1 / 255

@@ -270,7 +270,9 @@ def test_tiles_equal_whole_frames(request, which, size):
         pixels = ours.decode(latents)[0].movedim(1, 0)
         z = latents[0].movedim(1, 0)
         enc, dec = Family.encoder_split(ours), Family.decoder_split(ours)
-        assert Family.chunks(6) == [(0, 1), (1, 5)]
+        assert Family.chunks(ours, 6) == [(0, 1), (1, 5)]
+        counts = Family.frame_counts(ours, z.shape[0])
+        assert counts == [1, 4]
         results = {}
         for budget, halved in [(0, False), (1 << 30, False), (0, True)]:
             store = Scratch(budget, torch.device("cpu"))
@@ -279,8 +281,8 @@ def test_tiles_equal_whole_frames(request, which, size):
             spool.push(frames[2:])
             e = replace(enc, halo=enc.halo / 3) if halved else enc
             d = replace(dec, halo=dec.halo / 3) if halved else dec
-            got = clip_tiles.encode(e, spool, Family.chunks(6), 3 * f, store)
-            back = torch.cat(list(clip_tiles.decode(d, lambda i, j: z[i:j], z.shape[0], Family.frames_out, 3, store)))
+            got = clip_tiles.encode(e, spool, Family.chunks(ours, 6), 3 * f, store)
+            back = torch.cat(list(clip_tiles.decode(d, lambda i, j: z[i:j], z.shape[0], counts, 3, store)))
             assert (store.peak_file_bytes > 0) == (budget == 0)
             spool.close()
             store.close()

@@ -80,11 +80,11 @@ class CausalCodec:
             raise UsageError(f"{self.spec.name} has no decoder loaded")
         return ClipDecoder(self, meta, n_latents)
 
-    def clip_tile(self, split: clip_tiles.Split | None, height: int, width: int) -> int | None:
+    def clip_tile(self, split: clip_tiles.Split, height: int, width: int) -> int | None:
         """The spatial tile side (in `split`'s units) for frames of `height` x `width` pixels, or None to stream
         whole frames: tiles when one frame's caches and activations would not fit the budget, then sized to what the
         whole layers kept between the network's parts leave of it."""
-        if split is None or clip_tiles.tile_for(split, height, width, self._budget()) is None:
+        if clip_tiles.tile_for(split, height, width, self._budget()) is None:
             return None
         return clip_tiles.tile_for(split, height, width, self._budget() - self._store_budget())
 
@@ -102,9 +102,10 @@ class CausalCodec:
         # for the tile, since bigger tiles spend less of their time on halos.
         return self._budget() // 4
 
-    def _split(self, half: str) -> clip_tiles.Split | None:
-        make = getattr(self.family, f"{half}_split", None)  # families without one stream whole frames
-        return make(self.model) if make is not None else None
+    def _split(self, half: str, n_latents: int | None = None) -> clip_tiles.Split:
+        if half == "encoder":
+            return self.family.encoder_split(self.model)
+        return self.family.decoder_split(self.model, n_latents)
 
     def decode_stream(self, read, frames: int, meta: dict, chunk: int | None = None) -> Iterator[torch.Tensor]:
         """The `frames` latent frames of one clip, `read(i, j)` giving frames i .. j -> its pixels as (k, 3, H, W)
@@ -114,7 +115,7 @@ class CausalCodec:
             raise UsageError(f"--chunk must be at least 1, got {chunk}")
         if self.model.decoder is None:
             raise UsageError(f"{self.spec.name} has no decoder loaded")
-        split = self._split("decoder")
+        split = self._split("decoder", frames)
         h, w = latent_size(meta, self.spec)
         tile = self.clip_tile(split, h * self.spec.spatial_factor, w * self.spec.spatial_factor)
         if tile is not None:
@@ -140,7 +141,8 @@ class CausalCodec:
         store = scratch.Scratch(self._store_budget(), self.device, self.scratch_dir)
         try:
             with torch.inference_mode():
-                for pixels in clip_tiles.decode(split, latents, frames, self.family.frames_out, tile, store):
+                for pixels in clip_tiles.decode(split, latents, frames, self.family.frame_counts(self.model, frames),
+                                                 tile, store):
                     self.scratch_bytes = max(self.scratch_bytes, store.peak_file_bytes)
                     pixels = pixels.float().cpu()
                     yield media.crop(pixels, size or (pixels.shape[-1], pixels.shape[-2]), padding)
@@ -177,8 +179,31 @@ class CausalCodec:
         return self.decode_frames(latent[None], meta)[:1]
 
     def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
-        """`--verify`: these models run frames whole, so there is no tiled result to check."""
-        return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+        """`--verify` of an image (a one-frame clip) decoded to (1, 3, H, W) `pixels`: compared with the whole-frame
+        stream when the decode went tile by tile."""
+        from vaecli import metrics
+
+        ref = self.reference_frames(lambda i, j: latent[None][i:j], 1, meta)
+        if ref is None:
+            return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+        expected = next(ref[0])[:1]
+        return {"tiled": True, "window": [0, 0, pixels.shape[-1], pixels.shape[-2]],
+                "max_abs_diff": (pixels - expected).abs().max().item(), "psnr": metrics.psnr(pixels, expected)}
+
+    def reference_frames(self, read, frames: int, meta: dict) -> tuple[Iterator[torch.Tensor], str] | None:
+        """`--verify` of a latent clip decoded tile by tile, `read(i, j)` giving latent frames i .. j: the same clip
+        streamed in whole frames (outside the budget), as (k, 3, H, W) chunks in order; None when the decode itself
+        streams whole frames."""
+        from vaecli.codec import check_room
+
+        split = self._split("decoder", frames)
+        h, w = (n * self.spec.spatial_factor for n in latent_size(meta, self.spec))
+        if self.clip_tile(split, h, w) is None:
+            return None
+        check_room(self.device, h * w * split.unit_bytes // round(split.unit_px) ** 2,
+                   "decoding the clip in whole frames")
+        dec = self.clip_decoder(meta, frames)
+        return (dec.push(read(i, i + 1)) for i in range(frames)), "the clip streamed in whole frames"
 
     # --- latent spaces -------------------------------------------------------------------------------------------
 
@@ -267,7 +292,7 @@ class TiledEncoder:
 
     def flush(self) -> tuple[torch.Tensor, int]:
         try:
-            chunks = self.codec.family.chunks(self.spool.frames)
+            chunks = self.codec.family.chunks(self.codec.model, self.spool.frames)
             z = clip_tiles.encode(self.split, self.spool, chunks, self.tile, self.store)
             self.codec.scratch_bytes = max(self.codec.scratch_bytes, self.store.peak_file_bytes)
             return z, self.spool.frames - chunks[-1][1]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vaecli import tiling
+from vaecli import allocator, tiling
 from vaecli.scratch import FrameStore, Scratch
 
 
@@ -56,8 +56,8 @@ def local_cost(modules: nn.Module, frames: int, elem: int, unit: float = 1.0) ->
             # input, output, and the normalised and time-padded copies a causal block makes on the way
             widest = max(widest, frames * 3 * (layer.in_channels * area + layer.out_channels * out_area))
             area = out_area
-        elif getattr(layer, "scale_factor", None):
-            area *= float(layer.scale_factor) ** 2
+        elif tiling.upscale(layer) != 1:
+            area *= tiling.upscale(layer) ** 2
     return radius, math.ceil(elem * (cache + widest) / (unit * unit))
 
 
@@ -106,10 +106,10 @@ def _clip(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(0, 1)[None]
 
 
-def decode(split: Split, read: Callable[[int, int], torch.Tensor], n: int, frames_out: Callable[[int], int],
-           tile: int, store: Scratch) -> Iterator[torch.Tensor]:
+def decode(split: Split, read: Callable[[int, int], torch.Tensor], n: int, counts: list[int], tile: int,
+           store: Scratch) -> Iterator[torch.Tensor]:
     """Latent frames `read(i, j)` -> (j - i, C, h, w) of one n-frame clip -> its pixel frames (k, C', H, W), tile by
-    tile; `frames_out(i)`: frames latent frame i gives. Yields the clip a latent frame's worth at a time."""
+    tile; `counts[i]`: frames latent frame i gives. Yields the clip a latent frame's worth at a time."""
     mid, cache, bounds = Spool(store), {}, [0]  # bounds: the whole part's frames of each latent frame
     out: FrameStore | None = None
     try:
@@ -118,8 +118,8 @@ def decode(split: Split, read: Callable[[int, int], torch.Tensor], n: int, frame
             bounds.append(mid.frames)
         del cache
         starts = [0]
-        for i in range(n):
-            starts.append(starts[-1] + frames_out(i))
+        for count in counts:
+            starts.append(starts[-1] + count)
         out = _local_pass(split, mid, list(zip(bounds[:-1], bounds[1:], strict=True)), starts, tile, store)
         mid.close()
         for i in range(n):
@@ -147,6 +147,8 @@ def _local_pass(split: Split, src: Spool, steps: list[tuple[int, int]], starts: 
                     out = store.frames(starts[-1], (y.shape[1], round(h * split.scale), round(w * split.scale)),
                                        y.dtype)
                 out.write_region(starts[i], _frames(y), top, left)
+            # The tile's freed activations would stay in the threads' heaps, and the next tile's come on top.
+            allocator.release_free_memory()
     except BaseException:
         if out is not None:
             store.release(out)

@@ -163,30 +163,38 @@ def decode_clip(codec: Codec, src: Path, out: Path, chunk: int | None = None, as
 class ClipCheck:
     """`--verify` for a latent video: the decoded frames against an exact reference computed another way.
 
-    A temporal decoder (SVD): every frame against the plain forward over the whole clip at once. Per-frame models:
-    the first frame against the codec's own image check (a window decoded untiled, or the whole frame for KL).
+    Where the codec has a reference for the clip (`reference_frames`: SVD's whole clip at once, a causal video model's
+    whole-frame stream when the decode went tile by tile), every frame against it; otherwise (per-frame models) the
+    first frame against the codec's own image check (a window decoded untiled, or the whole frame for KL).
     """
 
     def __init__(self, codec: Codec, read, frames: int, meta: dict):
         self.codec, self.read, self.meta = codec, read, meta
-        self.ref = codec.whole_clip(read(0, frames), meta) if codec.mixes_frames else None
-        self.max_diff, self.sq, self.count, self.first = 0.0, 0.0, 0, None
+        ref = codec.reference_frames(read, frames, meta)
+        self.ref, self.what = ref if ref is not None else (None, "")
+        self.pending: list[torch.Tensor] = []  # reference frames not compared yet
+        self.max_diff, self.sq, self.count, self.frames, self.first = 0.0, 0.0, 0, 0, None
 
     def add(self, start: int, frames: torch.Tensor) -> None:
-        """Compare decoded frames start .. start + k, (k, 3, H, W) in [0, 1]."""
+        """Compare decoded frames start .. start + k, (k, 3, H, W) in [0, 1] (given in order)."""
         if self.ref is None:
             if start == 0:
                 self.first = self.codec.verify_tiling(self.read(0, 1)[0], self.meta, frames[:1])
             return
-        diff = frames - self.ref[start:start + frames.shape[0]]
+        k = frames.shape[0]
+        while sum(p.shape[0] for p in self.pending) < k:
+            self.pending.append(next(self.ref))
+        ref = torch.cat(self.pending)
+        self.pending = [ref[k:]]
+        diff = frames - ref[:k]
         self.max_diff = max(self.max_diff, diff.abs().max().item())
         self.sq += diff.double().pow(2).sum().item()
-        self.count += diff.numel()
+        self.count, self.frames = self.count + diff.numel(), self.frames + k
 
     def result(self) -> dict:
         """What was compared, the max abs difference and the PSNR (dB) there."""
         if self.ref is None:
             return {**self.first, "compared": "frame 0"}
         mse = self.sq / max(1, self.count)
-        return {"tiled": True, "compared": f"all {self.ref.shape[0]} frames with the whole clip decoded at once",
+        return {"tiled": True, "compared": f"all {self.frames} frames with {self.what}",
                 "max_abs_diff": self.max_diff, "psnr": float("inf") if mse == 0 else -10 * math.log10(mse)}

@@ -172,10 +172,15 @@ class Codec:
                 "max_abs_diff": (pixels - ref).abs().max().item(), "psnr": metrics.psnr(pixels, ref)}
 
     def _check_room(self, need: int, what: str) -> None:
-        room = tiling.default_budget(self.device, cap=None)
-        if need > room:
-            raise UsageError(f"--verify: {what}, the reference, needs about {need / 2**30:.1f} GB; "
-                             f"{room / 2**30:.1f} GB are free for it")
+        check_room(self.device, need, what)
+
+    def reference_frames(self, read, frames: int, meta: dict) -> tuple[Iterator[torch.Tensor], str] | None:
+        """`--verify` of a latent clip, `read(i, j)` giving latent frames i .. j: the exact reference frames computed
+        another way, as (k, 3, H, W) chunks in order, and what they are; None where the frames are checked one by one
+        (`verify_tiling`). Here: a temporal decoder's (SVD's) plain forward over the whole clip at once."""
+        if not self.mixes_frames:
+            return None
+        return iter([self.whole_clip(read(0, frames), meta)]), "the whole clip decoded at once"
 
     def whole_clip(self, latents: torch.Tensor, meta: dict) -> torch.Tensor:
         """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1] by the temporal decoder's plain forward
@@ -450,6 +455,14 @@ class FrameDecoder:
     def push(self, latents: torch.Tensor) -> torch.Tensor:
         """(k, C, h, w) latents -> (k, 3, H, W) frames in [0, 1]."""
         return self.codec.decode_frames(latents, self.meta, latents.shape[0])
+
+
+def check_room(device: torch.device, need: int, what: str) -> None:
+    """A UsageError when `--verify`'s reference, `what`, needs more than half the memory available (`need` bytes)."""
+    room = tiling.default_budget(device, cap=None)
+    if need > room:
+        raise UsageError(f"--verify: {what}, the reference, needs about {need / 2**30:.1f} GB; "
+                         f"{room / 2**30:.1f} GB are free for it")
 
 
 def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None:

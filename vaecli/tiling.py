@@ -64,9 +64,15 @@ def receptive_radius(layers: nn.Module) -> float:
         if isinstance(layer, (nn.Conv2d, nn.Conv3d)):  # a 3-D conv: its spatial kernel (the last two dims)
             radius += (layer.kernel_size[-1] // 2) * unit + (layer.stride[-1] - 1) * unit
             unit *= layer.stride[-1]
-        elif getattr(layer, "scale_factor", None):  # nn.Upsample, or a block that upsamples before its conv
-            unit /= float(layer.scale_factor)
+        elif upscale(layer) != 1:
+            unit /= upscale(layer)
     return radius
+
+
+def upscale(layer: nn.Module) -> float:
+    """How many output cells per input cell a resampling layer makes along each side (nn.Upsample, a block that
+    upsamples before its conv, nn.PixelShuffle; 1 for anything else)."""
+    return float(getattr(layer, "scale_factor", None) or getattr(layer, "upscale_factor", None) or 1)
 
 
 def _scale_and_width(layers: nn.Module) -> tuple[float, float, int]:
@@ -77,8 +83,8 @@ def _scale_and_width(layers: nn.Module) -> tuple[float, float, int]:
             scale /= layer.stride[0]
             channels = layer.out_channels
             widest = max(widest, layer.in_channels * (scale * layer.stride[0]) ** 2, channels * scale ** 2)
-        elif getattr(layer, "scale_factor", None):
-            scale *= float(layer.scale_factor)
+        elif upscale(layer) != 1:
+            scale *= upscale(layer)
     return scale, widest, channels
 
 

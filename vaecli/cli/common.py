@@ -6,6 +6,7 @@ torch is imported only inside commands that compute, so `vae --help` and `vae mo
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -27,6 +28,21 @@ app = typer.Typer(
 )
 
 ModelName = Enum("ModelName", {name: name for name in REGISTRY}, type=str)
+
+
+def json_line(record: dict) -> str:
+    """One `--json` record as strict JSON: infinite or undefined figures (the PSNR of identical images) are null,
+    not the `Infinity` that jq and other strict parsers refuse."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(record), allow_nan=False)
 
 
 class Device(str, Enum):
@@ -177,7 +193,7 @@ class Reporter:
         if self.as_json:
             record = {"input": str(job.src), "output": str(job.dst) if job.dst and job.status != "error" else None,
                       "status": job.status, "error": job.error, **job.extra}
-            typer.echo(json.dumps(record))
+            typer.echo(json_line(record))
         if self.progress is not None:
             self.progress.advance(self.task)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +24,7 @@ from vaecli.cli.common import (
     TileOpt,
     app,
     fail,
+    json_line,
     say,
     tiling_kwargs,
 )
@@ -153,7 +153,7 @@ def compare(
 
     if as_json:  # only now: every record describes a row of a sheet that exists
         for record in records:
-            typer.echo(json.dumps(record))
+            typer.echo(json_line(record))
     if not quiet:
         shown = len(sheet.rows)
         more = f" ({shown} of {len(srcs)} images: the lowest PSNR)" if shown < len(srcs) else ""

@@ -12,7 +12,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vaecli.models.taehv import Clamp, MemBlock, StreamDecoder, StreamEncoder, conv, read_state_dict, split_time
+from vaecli.clip_tiles import Split
+from vaecli.models.memblocks import (
+    Clamp,
+    FrameRule,
+    MemBlock,
+    StreamDecoder,
+    StreamEncoder,
+    Unbatched,
+    conv,
+    decoder_split,
+    encoder_split,
+    split_time,
+)
+from vaecli.models.taehv_keys import read_state_dict
 
 
 class Block(nn.Module):
@@ -92,7 +105,6 @@ class Family:
     """vaecli's interface to TAESDV (`vaecli.causal`): one latent per frame, in SVD's (SD's) scaled latent space."""
 
     network_space = "scaled"  # like TAESD: the latents the denoiser consumes
-    frame_step = 1
 
     @staticmethod
     def build(spec, encoder: bool = True, decoder: bool = True) -> TAESDV:
@@ -107,13 +119,29 @@ class Family:
     @staticmethod
     def encoder(model: TAESDV):
         """A stream: push((k, 3, H, W) frames) -> latent frames (k', 4, h, w); flush() -> (latents, 0)."""
-        from vaecli.models.taehv import FrameRule
-
         return FrameRule(model.stream_encoder(), 1)
 
     @staticmethod
     def decoder(model: TAESDV, n_latents: int):
         """A stream: push((k, 4, h, w) latent frames) -> pixel frames (k, 3, H, W); flush() -> None."""
-        from vaecli.models.taehv import Family as TAEHVFamily
+        return Unbatched(model.stream_decoder(n_latents))
 
-        return TAEHVFamily.decoder(model, n_latents)
+    @staticmethod
+    def chunks(model: TAESDV, frames: int) -> list[tuple[int, int]]:
+        """The encoder's steps: one frame each."""
+        return [(i, i + 1) for i in range(frames)]
+
+    @staticmethod
+    def frame_counts(model: TAESDV, n_latents: int) -> list[int]:
+        """One frame per latent frame."""
+        return [1] * n_latents
+
+    @staticmethod
+    def encoder_split(model: TAESDV) -> Split:
+        """The per-frame encoder cut for tiles of pixels (see `vaecli.models.taehv.encoder_split`)."""
+        return encoder_split(model.encoder, 1, 1)
+
+    @staticmethod
+    def decoder_split(model: TAESDV, n_latents: int | None = None) -> Split:
+        """The causal decoder cut for tiles of latent cells (see `vaecli.models.taehv.decoder_split`)."""
+        return decoder_split(model.decoder, 1, 1, 0)

@@ -396,7 +396,6 @@ class Family:
     latent frames and (T, 3, H, W) pixel frames in [0, 1], one clip at a time."""
 
     network_space = "raw"  # the encoder gives the posterior itself; the denoiser's space is per-channel normalized
-    frame_step = 4  # a clip of 1 + 4k frames gives 1 + k latent frames
 
     @staticmethod
     def build(spec, encoder: bool = True, decoder: bool = True) -> WanVAE:
@@ -426,19 +425,18 @@ class Family:
         stream = model.stream_decoder()
         return _Frames(lambda z: stream.push(z.movedim(0, 1)[None])[0].movedim(1, 0), lambda: stream.flush() and None)
 
-
     @staticmethod
-    def chunks(frames: int) -> list[tuple[int, int]]:
-        """The encoder's temporal steps over a clip of `frames` frames, each giving one latent frame."""
+    def chunks(model: WanVAE, frames: int) -> list[tuple[int, int]]:
+        """The encoder's temporal steps over a clip of `frames` frames (1 + 4k used), each giving one latent frame."""
         return [(0, 1)] + [(a, a + 4) for a in range(1, frames_used(frames), 4)]
 
     @staticmethod
-    def frames_out(i: int) -> int:
-        """Frames latent frame i decodes to."""
-        return 1 if i == 0 else 4
+    def frame_counts(model: WanVAE, n_latents: int) -> list[int]:
+        """Frames each of a clip's `n_latents` latent frames decodes to: 1, then 4 each."""
+        return [1] + [4] * (n_latents - 1) if n_latents else []
 
     @staticmethod
-    def decoder_split(model: WanVAE) -> Split:
+    def decoder_split(model: WanVAE, n_latents: int | None = None) -> Split:
         """The decoder cut for tiles of the first up block's output cells (2x the latent's): that block and those
         before it whole, the rest tiled."""
         dec, p, dtype = model.decoder, model.cfg.patch_size, next(model.decoder.parameters()).dtype
