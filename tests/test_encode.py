@@ -252,7 +252,7 @@ def test_sample_draws_different_noise_per_input(vae, kl_files, small_image, tmp_
 @pytest.mark.parametrize("args, message", [
     (["--model", "sd15", "--latent-space", "normalized"],
      "Error: sd15 cannot write 'normalized' latents: expected one of scaled, raw"),
-    (["--sample"], "Error: taef2 is deterministic: --sample needs a KL model"),
+    (["--sample"], "Error: taef2 is deterministic: --sample needs a model with a posterior (KL, Wan)"),
     (["--seed", "1"], "Error: --seed only applies with --sample"),
 ])
 def test_encode_option_errors(vae, kl_files, real_weights, small_image, tmp_path, args, message):

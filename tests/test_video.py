@@ -130,6 +130,32 @@ def test_svd_decodes_the_whole_clip_in_any_chunks(vae, kl_files, gif, tmp_path):
         assert (frames - expected).abs().max().item() <= 1 / 255  # 8-bit frames: at most one level from rounding
 
 
+def test_svd_sample_draws_each_frame_from_its_own_seed(vae, kl_files, gif, tmp_path):
+    """`vae video --sample --seed` with a KL encoder: latent frame i is the posterior mean plus its std times noise
+    from `frame_seed(seed, i)`, whatever the chunk; the seed is recorded."""
+    from vaecli.pipeline import frame_seed
+
+    files = kl_files("svd")
+    got = []
+    for chunk in (1, 3):
+        lat = tmp_path / f"s{chunk}.latent"
+        result = vae("video", gif, "-o", lat, "--frames", 4, "--model", "svd", "--weights", files["diffusers"],
+                     "--sample", "--seed", 5, "--chunk", chunk)
+        assert result.exit_code == 0, result.stderr
+        latent, meta = load_latent(lat)
+        assert meta["sample_seed"] == 5
+        got.append(latent)
+    assert (got[0] - got[1]).abs().max().item() == 0.0
+    x = _source(gif, 4)[0].movedim(1, 0)
+    with torch.inference_mode():
+        post = files["reference"].encode(x * 2 - 1).latent_dist
+    noise = torch.stack([torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(frame_seed(5, i)))
+                         for i in range(4)])
+    expected = (post.mean + post.std * noise) * 0.18215
+    assert (got[0] - expected[..., :4, :2]).abs().max().item() <= 1e-4
+    assert (got[0] - post.mean[..., :4, :2] * 0.18215).abs().max().item() > 0.05
+
+
 def test_interrupted_encode_leaves_nothing(real_weights, clip, tmp_path, monkeypatch):
     from vaecli.codec import load_codec
 
@@ -187,6 +213,8 @@ def test_zero_frames_selected(vae, real_weights, clip, tmp_path):
     (["--recon", "r.mp4"], "Error: --recon needs --roundtrip"),
     (["--frames", 0], "Error: --chunk, --stride and --frames must be at least 1, --start at least 0, "
                       "--fps positive"),
+    (["--seed", 3], "Error: --seed only applies with --sample"),
+    (["--sample"], "Error: taef2 is deterministic: --sample needs a model with a posterior (KL, Wan)"),
 ])
 def test_video_usage_errors(vae, real_weights, clip, tmp_path, args, message):
     result = vae("video", clip, "-o", tmp_path / "x.latent", *args)
@@ -330,6 +358,41 @@ def test_wan_past_the_budget_goes_tile_by_tile_with_the_same_numbers(vae, tiny_w
     assert (outs["plain"] - outs["tiled"]).abs().max().item() <= 1 / 255
     recon = [pixels for _, pixels in video.read_frames(tmp_path / "tiled.recon.mp4")[1]]
     assert len(recon) == 9 and abs(report["mean_psnr"] - json.loads(plain.stdout)["mean_psnr"]) <= 0.01
+
+
+def test_wan_sample_draws_each_latent_frame_from_its_own_seed(vae, tiny_wan, gif, tmp_path):
+    """`vae video --model wan2.1 --sample --seed`: latent frame i = diffusers' posterior mean + std x noise from
+    `frame_seed(seed, i)`, normalized; the same streamed in any chunk and tile by tile; TAEHV refuses."""
+    from vaecli.pipeline import frame_seed
+    from vaecli.registry import REGISTRY
+
+    ref, weights = tiny_wan
+    runs = {"plain": ["--chunk", 1], "chunked": ["--chunk", 3], "tiled": ["--max-memory", "1"]}
+    got = {}
+    for name, extra in runs.items():
+        lat = tmp_path / f"{name}.latent"
+        result = vae("video", gif, "-o", lat, "--frames", 9, "--model", "wan2.1", "--weights", weights, "--sample",
+                     "--seed", 7, *extra)
+        assert result.exit_code == 0, result.stderr
+        got[name], meta = load_latent(lat)
+        assert meta["sample_seed"] == 7
+    assert max((got[n] - got["plain"]).abs().max().item() for n in runs) <= 1e-5
+    with torch.inference_mode():
+        post = ref.encode(_source(gif, 9) * 2 - 1).latent_dist
+    mean, std = post.mean[0].movedim(1, 0), post.std[0].movedim(1, 0)
+    noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(frame_seed(7, i)))
+                         for i in range(mean.shape[0])])
+    expected = _normalized(mean + std * noise, REGISTRY["wan2.1"])
+    assert (got["plain"] - expected).abs().max().item() <= 1e-4
+    assert (got["plain"] - _normalized(mean, REGISTRY["wan2.1"])).abs().max().item() > 0.05
+    from vaecli.models.taehv import TAEHV
+
+    torch.save(TAEHV(REGISTRY["taew2_1"].config).state_dict(), tmp_path / "taew2_1.pth")
+    result = vae("video", gif, "-o", tmp_path / "t.latent", "--model", "taew2_1", "--sample", "--weights",
+                 tmp_path / "taew2_1.pth")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == ("Error: taew2_1 is deterministic: --sample needs a model with a "
+                                                      "posterior (KL, Wan)")
 
 
 def test_qwen_image_encodes_a_photo_as_a_one_frame_clip(vae, tiny_wan, small_image, tmp_path):

@@ -57,9 +57,8 @@ class CausalCodec:
         if space not in self.spec.spaces:
             raise UsageError(f"{self.spec.name} cannot write '{space}' latents: expected one of "
                              f"{', '.join(self.spec.spaces)}")
-        if sample:
-            raise UsageError(f"{self.spec.name}: --sample is not supported for video autoencoders (the posterior "
-                             "mean is written)")
+        if sample and not self.family.posterior:
+            raise UsageError(f"{self.spec.name} is deterministic: --sample needs a model with a posterior (KL, Wan)")
         return space
 
     def frames_per_pass(self, size: tuple[int, int]) -> int:
@@ -68,11 +67,13 @@ class CausalCodec:
 
     # --- clips ---------------------------------------------------------------------------------------------------
 
-    def clip_encoder(self, size: tuple[int, int], space: str | None = None) -> ClipEncoder:
-        """A stream for one clip of `size` (W, H): push((k, 3, H, W) in [0, 1]) -> latent frames (k', C, h, w)."""
+    def clip_encoder(self, size: tuple[int, int], space: str | None = None, sample: bool = False,
+                     seed: int | None = None) -> ClipEncoder:
+        """A stream for one clip of `size` (W, H): push((k, 3, H, W) in [0, 1]) -> latent frames (k', C, h, w): the
+        posterior means, or with `sample` draws (latent frame i's noise from `frame_seed(seed, i)`)."""
         if self.model.encoder is None:
             raise UsageError(f"{self.spec.name} has no encoder loaded")
-        return ClipEncoder(self, size, self.check_encode_options(space, False))
+        return ClipEncoder(self, size, self.check_encode_options(space, sample), sample, seed)
 
     def clip_decoder(self, meta: dict, n_latents: int | None = None) -> ClipDecoder:
         """A stream for one latent clip with `meta`: push((k, C, h, w) latent frames) -> frames (k', 3, H, W)."""
@@ -161,7 +162,7 @@ class CausalCodec:
         self.check_encode_options(space, sample)
         out, meta = [], {}
         for image in pixels:
-            enc = self.clip_encoder(size, space)
+            enc = self.clip_encoder(size, space, sample, seed)
             first = enc.push(image[None])
             rest, _ = enc.flush()
             out.append(torch.cat([t for t in (first, rest) if t.shape[0]])[:1])
@@ -247,8 +248,9 @@ class ClipEncoder:
     """One clip through the encoder: frames padded to the spatial factor, latents converted to the chosen space.
     Frames whose caches would not fit the budget go tile by tile (`TiledEncoder`)."""
 
-    def __init__(self, codec: CausalCodec, size: tuple[int, int], space: str):
-        self.codec, self.size, self.space = codec, size, space
+    def __init__(self, codec: CausalCodec, size: tuple[int, int], space: str, sample: bool = False,
+                 seed: int | None = None):
+        self.codec, self.size, self.space, self.sample, self.seed, self.done = codec, size, space, sample, seed, 0
         f = codec.spec.spatial_factor
         split = codec._split("encoder")
         tile = codec.clip_tile(split, -(-size[1] // f) * f, -(-size[0] // f) * f)
@@ -261,6 +263,8 @@ class ClipEncoder:
         if not self.meta:
             c = self.codec
             self.meta = make_metadata(c.spec, self.size, padding, c.dtype_name, self.space)
+            if self.sample:
+                self.meta["sample_seed"] = self.seed
         with torch.inference_mode():
             z = self.stream.push(padded.to(self.codec.device, self.codec.dtype))
             return self._out(z)
@@ -273,7 +277,26 @@ class ClipEncoder:
             return (empty if z is None or not z.shape[0] else self._out(z)), dropped
 
     def _out(self, z: torch.Tensor) -> torch.Tensor:
-        return self.codec.to_space(z.float(), self.space).cpu() if z.shape[0] else z.float().cpu()
+        if not z.shape[0]:
+            return z.float().cpu()
+        z = z.float()
+        if self.codec.family.posterior:
+            mean, logvar = z.chunk(2, 1)
+            z = mean
+            if self.sample:  # as diffusers' DiagonalGaussianDistribution, the noise from each frame's own seed
+                noise = torch.stack([draw(mean.shape[1:], self.seed, self.done + i) for i in range(z.shape[0])])
+                z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device)
+        self.done += z.shape[0]
+        return self.codec.to_space(z, self.space).cpu()
+
+
+def draw(shape: tuple[int, ...], seed: int | None, frame: int) -> torch.Tensor:
+    """Standard normal noise of `shape` (float32, CPU) for latent frame `frame` of a clip sampled with `seed`
+    (None: unseeded); each frame has a seed of its own, so draws do not depend on chunks, tiles or device."""
+    from vaecli.pipeline import frame_seed
+
+    gen = torch.Generator().manual_seed(frame_seed(seed, frame)) if seed is not None else None
+    return torch.randn(shape, generator=gen)
 
 
 class TiledEncoder:

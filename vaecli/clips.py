@@ -53,9 +53,11 @@ def check_selection(start: int, frames: int | None, stride: int, fps: float | No
 
 def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: int | None = None, stride: int = 1,
                 fps: float | None = None, chunk: int | None = None, recon: Path | None = None,
-                on_frames: Callable[[int], None] | None = None) -> ClipReport:
+                on_frames: Callable[[int], None] | None = None, sample: bool = False,
+                seed: int | None = None) -> ClipReport:
     """Encode the selected frames of clip `src` into latent video `out`, `chunk` frames at a time (None: as many
-    as fit the codec's memory budget); with `recon`, also decode and write them.
+    as fit the codec's memory budget); with `recon`, also decode and write them; with `sample`, draws from the
+    posterior (latent frame i's noise from `pipeline.frame_seed(seed, i)`) instead of its mean.
 
     A causal video model (Wan, TAEHV) encodes the first 1 + f * k frames (`report.dropped` says how many follow).
     """
@@ -67,7 +69,7 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     writer = latents.LatentVideoWriter(out)
     recon_writer = video.VideoWriter(recon, out_fps, info.size) if recon else None
     codec.scratch_bytes = 0
-    enc = codec.clip_encoder(info.size)
+    enc = codec.clip_encoder(info.size, sample=sample, seed=seed)
     whole = recon_writer is not None and not codec.streams_frames(info.size)
     kept: list[torch.Tensor] = []  # latents decoded as one clip at the end (SVD, or tile by tile)
     originals: deque[torch.Tensor] = deque()  # source frames waiting for their reconstruction

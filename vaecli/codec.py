@@ -298,7 +298,7 @@ class Codec:
             raise UsageError(f"{self.spec.name} cannot write '{space}' latents: expected one of "
                              f"{', '.join(self.spec.spaces)}")
         if sample and self.spec.family == "tiny":
-            raise UsageError(f"{self.spec.name} is deterministic: --sample needs a KL model")
+            raise UsageError(f"{self.spec.name} is deterministic: --sample needs a model with a posterior (KL, Wan)")
         return space
 
     def encode_image(self, pixels: torch.Tensor, size: tuple[int, int], space: str | None = None,
@@ -328,9 +328,12 @@ class Codec:
         """A (C, h, w) latent with its metadata -> (1, 3, H, W) pixels in [0, 1], cropped to the source size."""
         return self.decode_frames(latent[None], meta)
 
-    def clip_encoder(self, size: tuple[int, int], space: str | None = None) -> FrameEncoder:
-        """A stream for one clip of `size` (W, H): push((k, 3, H, W) in [0, 1]) -> its k latents (k, C, h, w)."""
-        return FrameEncoder(self, size, space)
+    def clip_encoder(self, size: tuple[int, int], space: str | None = None, sample: bool = False,
+                     seed: int | None = None) -> FrameEncoder:
+        """A stream for one clip of `size` (W, H): push((k, 3, H, W) in [0, 1]) -> its k latents (k, C, h, w): the
+        posterior means, or with `sample` draws (frame i's noise from `frame_seed(seed, i)`)."""
+        self.check_encode_options(space, sample)
+        return FrameEncoder(self, size, space, sample, seed)
 
     def clip_decoder(self, meta: dict, n_latents: int | None = None) -> FrameDecoder:
         """A stream for one latent clip: push((k, C, h, w) latents) -> their frames (k, 3, H, W) in [0, 1]."""
@@ -433,13 +436,26 @@ class Codec:
 class FrameEncoder:
     """Frame by frame models' clip stream (`Codec.clip_encoder`): every frame is its own latent."""
 
-    def __init__(self, codec: Codec, size: tuple[int, int], space: str | None):
+    def __init__(self, codec: Codec, size: tuple[int, int], space: str | None, sample: bool = False,
+                 seed: int | None = None):
         self.codec, self.size, self.space, self.meta = codec, size, space, {}
+        self.sample, self.seed, self.done = sample, seed, 0
 
     def push(self, frames: torch.Tensor) -> torch.Tensor:
         """(k, 3, H, W) frames in [0, 1] -> (k, C, h, w) latents."""
-        latents, self.meta = self.codec.encode_batch(frames, self.size, self.space)
-        return latents
+        if not self.sample:
+            latents, self.meta = self.codec.encode_batch(frames, self.size, self.space)
+            return latents
+        from vaecli.pipeline import frame_seed
+
+        out = []
+        for frame in frames:  # one pass per frame: each draws from its own seed
+            seed = frame_seed(self.seed, self.done) if self.seed is not None else None
+            latent, self.meta = self.codec.encode_batch(frame[None], self.size, self.space, True, seed)
+            out.append(latent)
+            self.done += 1
+        self.meta["sample_seed"] = self.seed
+        return torch.cat(out)
 
     def flush(self) -> tuple[torch.Tensor, int]:
         """Nothing is held back: no latents, no frames dropped."""

@@ -21,6 +21,11 @@ def input_seed(seed: int, rel: Path | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def frame_seed(seed: int, frame: int) -> int:
+    """The `--sample` seed of latent frame `frame` of a clip encoded with `seed` (each frame draws its own noise)."""
+    return input_seed(seed, f"frame {frame}")
+
+
 def scratch_fields(nbytes: int) -> dict:
     """The JSON record's `scratch_bytes` (the most scratch-file space one input used), present when it used some."""
     return {"scratch_bytes": nbytes} if nbytes else {}

@@ -112,6 +112,9 @@ SkipOpt = Annotated[Optional[bool], typer.Option(
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or per-file lines; errors only.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Print the traceback of unexpected errors.")]
+SampleOpt = Annotated[bool, typer.Option(
+    "--sample", help="KL and Wan-family models: draw from the posterior instead of taking its mean.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (reproducible draws).")]
 TileOpt = Annotated[str, typer.Option(
     "--tile", help="Tiny models: 'auto' tiles when the image would not fit --max-memory; 'off'; or a tile size in "
     "pixels. Tiles overlap by the receptive field and keep only exact centres: no seams.")]

@@ -29,7 +29,9 @@ from vaecli.cli.common import (
     OutputOpt,
     QuietOpt,
     RecursiveOpt,
+    SampleOpt,
     ScratchOpt,
+    SeedOpt,
     SkipOpt,
     Space,
     SuffixOpt,
@@ -76,9 +78,8 @@ def encode(
     space: Annotated[Optional[Space], typer.Option(
         "--latent-space", help="KL models: 'scaled' = (mean - shift) * scale, what the denoiser consumes (default); "
         "'raw' = the posterior itself; 'normalized' = FLUX.2's 2x2-patchified, batch-normed latents.")] = None,
-    sample: Annotated[bool, typer.Option(
-        "--sample", help="KL models: draw from the posterior instead of taking its mean.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (reproducible draws).")] = None,
+    sample: SampleOpt = False,
+    seed: SeedOpt = None,
     alpha: AlphaOpt = Alpha.white,
     recursive: RecursiveOpt = False,
     batch_size: BatchOpt = 8,

@@ -20,7 +20,9 @@ from vaecli.cli.common import (
     ModelName,
     NoVerifyOpt,
     QuietOpt,
+    SampleOpt,
     ScratchOpt,
+    SeedOpt,
     SkipOpt,
     TileOpt,
     UsageError,
@@ -53,6 +55,8 @@ def video_cmd(
         "--format", help="safetensors: vaecli's (T, C, h, w) latent video (default); comfyui: a .latent file "
         "ComfyUI's LoadLatent reads, raw (1, C, T, h, w) with vaecli's metadata in its header.")] = None,
     chunk: ChunkOpt = "auto",
+    sample: SampleOpt = False,
+    seed: SeedOpt = None,
     roundtrip: Annotated[bool, typer.Option(
         "--roundtrip", help="Also decode the latents, write the reconstructed clip and report PSNR per frame.")]
     = False,
@@ -89,12 +93,15 @@ def video_cmd(
             plan_outputs([source], recon, lambda p: p.name)
         elif recon is not None:
             raise UsageError("--recon needs --roundtrip")
+        if seed is not None and not sample:
+            raise UsageError("--seed only applies with --sample")
         job = Job(source, out)
         skip = bool(skip_existing) and out.exists() and (recon is None or recon.exists())
         if not skip:
             roles = ("encoder", "decoder") if roundtrip else ("encoder",)
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
                                **tiling_kwargs(tile, max_memory, scratch))
+            codec.check_encode_options(None, sample)
             if fmt == LatentFormat.comfyui:
                 codec.check_encode_options("raw", False)  # ComfyUI's files are raw: a model without them is refused
     except Exception as exc:
@@ -106,7 +113,8 @@ def video_cmd(
         dst = job.dst.with_name(f".{job.dst.name}-frames.tmp") if comfy else job.dst  # not a .part: see atomic_write
         try:
             report = clips.encode_clip(codec, job.src, dst, start=start, frames=frames, stride=stride, fps=fps,
-                                       chunk=frames_per_pass, recon=recon if roundtrip else None)
+                                       chunk=frames_per_pass, recon=recon if roundtrip else None, sample=sample,
+                                       seed=seed)
             if comfy:  # ComfyUI's layout, raw (1, C, T, h, w), rewritten a latent plane at a time
                 latents.comfyui_video(dst, job.dst, codec.spec)
         finally:

@@ -112,6 +112,7 @@ class Family:
     latent frames and (T, 3, H, W) pixel frames in [0, 1], one clip at a time, and the cuts for spatial tiles."""
 
     network_space = "raw"  # the latent space of the big autoencoder it stands in for, before the denoiser's scaling
+    posterior = False  # deterministic: the encoder gives the latents themselves
 
     @staticmethod
     def build(spec, encoder: bool = True, decoder: bool = True) -> TAEHV:

@@ -105,6 +105,7 @@ class Family:
     """vaecli's interface to TAESDV (`vaecli.causal`): one latent per frame, in SVD's (SD's) scaled latent space."""
 
     network_space = "scaled"  # like TAESD: the latents the denoiser consumes
+    posterior = False  # deterministic: the encoder gives the latents themselves
 
     @staticmethod
     def build(spec, encoder: bool = True, decoder: bool = True) -> TAESDV:
@@ -138,10 +139,10 @@ class Family:
 
     @staticmethod
     def encoder_split(model: TAESDV) -> Split:
-        """The per-frame encoder cut for tiles of pixels (see `vaecli.models.taehv.encoder_split`)."""
+        """The per-frame encoder cut for tiles of pixels (see `vaecli.models.memblocks.encoder_split`)."""
         return encoder_split(model.encoder, 1, 1)
 
     @staticmethod
     def decoder_split(model: TAESDV, n_latents: int | None = None) -> Split:
-        """The causal decoder cut for tiles of latent cells (see `vaecli.models.taehv.decoder_split`)."""
+        """The causal decoder cut for tiles of latent cells (see `vaecli.models.memblocks.decoder_split`)."""
         return decoder_split(model.decoder, 1, 1, 0)

@@ -396,6 +396,7 @@ class Family:
     latent frames and (T, 3, H, W) pixel frames in [0, 1], one clip at a time."""
 
     network_space = "raw"  # the encoder gives the posterior itself; the denoiser's space is per-channel normalized
+    posterior = True  # the encoder streams give the posterior's moments: mean, then log-variance, on channels
 
     @staticmethod
     def build(spec, encoder: bool = True, decoder: bool = True) -> WanVAE:
@@ -414,9 +415,10 @@ class Family:
 
     @staticmethod
     def encoder(model: WanVAE) -> _Frames:
-        """A stream: push((k, 3, H, W) frames) -> raw latent frames (k', C, h, w); flush() -> (latents, dropped)."""
+        """A stream: push((k, 3, H, W) frames) -> the posterior's moments (k', 2C, h, w) of the raw latent frames;
+        flush() -> (latents, dropped)."""
         stream = model.stream_encoder()
-        return _Frames(lambda x: stream.push(x.movedim(0, 1)[None])[0].movedim(1, 0),
+        return _Frames(lambda x: stream.push_moments(x.movedim(0, 1)[None])[0].movedim(1, 0),
                        lambda: (None, stream.flush()))
 
     @staticmethod
@@ -454,14 +456,14 @@ class Family:
     def encoder_split(model: WanVAE) -> Split:
         """The encoder cut for tiles of pixels: the convolutions before the mid block tiled, the rest whole."""
         enc, p, dtype = model.encoder, model.cfg.patch_size, next(model.encoder.parameters()).dtype
-        f, z = model.cfg.spatial_factor, model.cfg.z_dim
+        f = model.cfg.spatial_factor
         halo, unit_bytes = local_cost(nn.Sequential(enc.conv_in, enc.down_blocks), 4, dtype.itemsize, p)
 
         def local(x, cache, first):
             return enc.local(patchify(x.to(dtype) * 2 - 1, p), cache)
 
         def whole(x, cache):
-            return model.quant_conv(enc.whole(x.to(dtype), cache))[:, :z]
+            return model.quant_conv(enc.whole(x.to(dtype), cache))
 
         return Split(whole, local, halo, 1 / f, f, unit_bytes, 1)
 
