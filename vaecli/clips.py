@@ -198,5 +198,6 @@ class ClipCheck:
         if self.ref is None:
             return {**self.first, "compared": "frame 0"}
         mse = self.sq / max(1, self.count)
-        return {"tiled": True, "compared": f"all {self.frames} frames with {self.what}",
+        frames = "the frame" if self.frames == 1 else f"all {self.frames} frames"
+        return {"tiled": True, "compared": f"{frames} with {self.what}",
                 "max_abs_diff": self.max_diff, "psnr": float("inf") if mse == 0 else -10 * math.log10(mse)}
