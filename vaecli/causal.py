@@ -1,8 +1,10 @@
 """Causal video autoencoders as codecs (Wan, Qwen-Image, TAEHV, TAESDV): clips stream through the networks' caches.
 
-Each family module in `vaecli.models` holds a `Family` (build, checkpoint keys, push/flush streams over frames); this
-codec adds what every family shares: device and dtype, padding to the spatial factor, latent spaces, metadata, and
-the image API (an image is a one-frame clip), so the commands use it as they use `vaecli.codec.Codec`.
+Each family module in `vaecli.models` holds a `Family`: `build`, `state_dict` (checkpoint keys), `encoder` / `decoder`
+(push/flush streams over frames), its frame rule (`chunks`, `frame_counts`), where its networks are cut for spatial
+tiles (`encoder_split`, `decoder_split`), `posterior` and `network_space`. This codec adds what every family
+shares: device and dtype, padding to the spatial factor, latent spaces, metadata, and the image API (an image is a
+one-frame clip), so the commands use it as they use `vaecli.codec.Codec`.
 A latent video is (T', C, h, w) latent frames, written as they come; T = 1 + f * k frames give 1 + k of them.
 """
 
