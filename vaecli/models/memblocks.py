@@ -198,9 +198,12 @@ def stack_cost(layers: nn.Sequential, frames: int, dtype: torch.dtype, unit: int
         if isinstance(layer, (MemBlock, SuperMemBlock)):
             kept += c * area
             held = 4 * size + t * area * sum(m.out_channels for m in layer.conv if isinstance(m, nn.Conv2d))
-        elif isinstance(layer, (TPool, TGrow)):
-            kept += (layer.stride - 1) * c * area if isinstance(layer, TPool) else 0
-            t = t / layer.stride if isinstance(layer, TPool) else t * layer.stride
+        elif isinstance(layer, TPool):
+            kept += (layer.stride - 1) * c * area
+            t /= layer.stride
+            held = size + t * area * c
+        elif isinstance(layer, TGrow):
+            t *= layer.stride
             held = size + t * area * c
         elif isinstance(layer, nn.Conv2d):
             area, c = area / layer.stride[0] ** 2, layer.out_channels
@@ -229,10 +232,11 @@ def encoder_split(layers: nn.Sequential, t_down: int, patch: int) -> Split:
     halo, unit_bytes = tiling.receptive_radius(local_layers) * patch, stack_cost(local_layers, t_down, dtype, patch)
 
     def local(x, cache, first):
-        x = x.to(dtype)
-        if x.shape[2] < t_down:  # the clip's last frame, padded with copies of itself as the stream encoder does
-            x = torch.cat([x, x[:, :, -1:].expand(-1, -1, t_down - x.shape[2], -1, -1)], 2)
-        return _run(local_layers, cache, _unshuffle(x.movedim(1, 2), patch).movedim(1, 2))
+        stream = cache.setdefault("stream", StreamEncoder(local_layers, patch, t_down))
+        y = stream.push(x.to(dtype).movedim(1, 2))
+        if x.shape[2] < t_down:  # the clip's last frame: the stream pads it as it pads a whole clip's end
+            y = torch.cat([y, stream.flush()], 1)
+        return y.movedim(1, 2)
 
     def whole(x, cache):
         return _run(whole_layers, cache, x.to(dtype))
