@@ -70,12 +70,12 @@ def child(args) -> None:
             if args.child == "encode":
                 x = torch.rand(1, 3, args.side, args.side, generator=gen).contiguous(memory_format=torch.channels_last)
                 t = time.perf_counter()
-                out = codec._encode_raw(x, False, None)
+                out = codec.encode_raw(x, False, None)
             else:
                 z = torch.randn(1, 4, args.side // 8, args.side // 8, generator=gen)
                 z = z.contiguous(memory_format=torch.channels_last)
                 t = time.perf_counter()
-                out = codec._decode_raw(z)
+                out = codec.decode_raw(z)
             result["seconds"] = time.perf_counter() - t
         result["stats"] = tiling.last_stats() if budget else {}
     np.save(args.out, out.float().numpy())
@@ -121,8 +121,8 @@ def seams(ref) -> dict:
     torch.manual_seed(0)
     z = torch.randn(1, 4, 64, 64)
     zl = z.contiguous(memory_format=torch.channels_last)
-    whole = Codec(spec, ours, torch.device("cpu"), torch.float32, tile=None)._decode_raw(zl)
-    tiled = Codec(spec, ours, torch.device("cpu"), torch.float32, tile=256)._decode_raw(zl)
+    whole = Codec(spec, ours, torch.device("cpu"), torch.float32, tile=None).decode_raw(zl)
+    tiled = Codec(spec, ours, torch.device("cpu"), torch.float32, tile=256).decode_raw(zl)
     ref_whole = ((ref.decode(z).sample + 1) / 2).clamp(0, 1)
     ref.enable_tiling()
     ref.tile_sample_min_size, ref.tile_latent_min_size = 256, 32

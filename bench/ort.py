@@ -8,7 +8,7 @@ Cases (fp32 and bf16 codecs loaded by `vaecli.codec.load_codec`, as the `vae` co
 ORT runs vaecli's own fp32 module for that half (`model.encode` on pixels in [0, 1], `model.decode` on the raw
 latent, clamped output included), exported to ONNX (TorchScript exporter, opset 17; the dynamo exporter if that
 fails) with static shapes, in an InferenceSession on CPUExecutionProvider with all graph optimizations and
-intra_op_num_threads = torch.get_num_threads(). vaecli's side is `Codec._encode_raw` / `_decode_raw`: the path the
+intra_op_num_threads = torch.get_num_threads(). vaecli's side is `Codec.encode_raw` / `decode_raw`: the path the
 `vae` command takes for that image (tiles where `--tile auto` does, unless `--tile off`; banded KL chains), without
 reading, padding, latent scaling or writing; its inputs are prepared as `encode_batch` / `decode_stream` prepare
 them (codec dtype, channels_last). ORT gets the same values as NCHW fp32 arrays.
@@ -127,16 +127,16 @@ def ort_session(module: torch.nn.Module, example: torch.Tensor, folder: Path, sp
 
 
 def vaecli_path(codec, half: str, x: torch.Tensor) -> str:
-    """How `_encode_raw` / `_decode_raw` run this input: tiled, streamed, banded or whole."""
+    """How `encode_raw` / `decode_raw` run this input: tiled, streamed, banded or whole."""
     pixels = x.shape[-2] * x.shape[-1] * (codec.spec.spatial_factor ** 2 if half == "decode" else 1)
     if codec.spec.family == "tiny":
         tile = codec.tile_size(pixels)
         return f"tiled {tile}" if tile else "whole"
     if half == "encode":
         blocks = codec.model.encoder_plan()[0]
-        streams = codec._kl_streams(blocks, x.shape)
+        streams = codec._streams(blocks, x.shape)
     else:
-        _, blocks, _, streams = codec._kl_decoder_plan(1, x.shape[-2:])
+        _, blocks, _, streams = codec._decoder_plan(1, x.shape[-2:])
     return "streamed" if streams else "banded" if codec._banded(blocks) else "whole"
 
 
@@ -150,7 +150,7 @@ def run_case(name: str, half: str, size: int, codecs: dict, n_rounds: int, spin:
         # A decoder's input is what the encoder makes of an image, not noise: realistic latent statistics.
         img = torch.rand(1, 3, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            z = f32._encode_raw(img, False, None)
+            z = f32.encode_raw(img, False, None)
         x = z.clone(memory_format=torch.contiguous_format)  # outside inference mode: the exporter traces with it
     else:
         x = torch.randn(1, spec.latent_channels, size // spec.spatial_factor, size // spec.spatial_factor,
@@ -162,7 +162,7 @@ def run_case(name: str, half: str, size: int, codecs: dict, n_rounds: int, spin:
 
     def vaecli_fn(dt: str):
         c, inp = codecs[dt], inputs[dt]
-        return (lambda: c._encode_raw(inp, False, None)) if half == "encode" else (lambda: c._decode_raw(inp))
+        return (lambda: c.encode_raw(inp, False, None)) if half == "encode" else (lambda: c.decode_raw(inp))
 
     fns = {f"vaecli_{dt}": (vaecli_fn(dt), 1) for dt in codecs}
     fns["ort_fp32"] = (lambda: session.run(None, feed)[0], 1)

@@ -12,7 +12,7 @@ from vaecli.checkpoints import kl_state_dict
 from vaecli.codec import build_model, load_codec
 from vaecli.registry import REGISTRY
 
-KL_MODELS = [name for name, spec in REGISTRY.items() if spec.family == "kl"]
+KL_MODELS = [name for name, spec in REGISTRY.items() if spec.family in ("kl", "svd")]
 TOL = 1e-4
 
 
@@ -211,7 +211,7 @@ def test_diffusers_fp16_variant_folder(kl_files, tmp_path, pixels):
 def test_banded_codec_path_matches_diffusers(name, band_bytes, monkeypatch):
     """The CPU codec runs KL blocks band by band (one row per band, then a few): still diffusers' numbers."""
     from vaecli import banded
-    from vaecli.codec import Codec
+    from vaecli.families import family
 
     monkeypatch.setattr(banded, "BAND_BYTES", band_bytes)
     calls = []
@@ -221,17 +221,18 @@ def test_banded_codec_path_matches_diffusers(name, band_bytes, monkeypatch):
     ref = diffusers_kl(name)
     model = build_model(spec).eval()
     model.load_state_dict(kl_state_dict(ref.state_dict(), len(spec.config.channel_mult), name), strict=True)
-    codec = Codec(spec, model.to(memory_format=torch.channels_last), torch.device("cpu"), torch.float32, tile=None)
+    model = model.to(memory_format=torch.channels_last)
+    codec = family(spec)(spec, model, torch.device("cpu"), torch.float32, tile=None)
     torch.manual_seed(5)
     pixels = torch.rand(1, 3, 40, 56)
     with torch.inference_mode():
         mean = ref.encode(pixels * 2 - 1).latent_dist.mean
-        assert (codec._encode_raw(pixels.contiguous(memory_format=torch.channels_last), False, None) - mean
+        assert (codec.encode_raw(pixels.contiguous(memory_format=torch.channels_last), False, None) - mean
                 ).abs().max().item() <= TOL
         assert {"Conv2d", "ResnetBlock", "Downsample"} <= set(calls)
         calls.clear()
         ref_pixels = ((ref.decode(mean).sample + 1) / 2).clamp(0, 1)
-        assert (codec._decode_raw(mean.contiguous(memory_format=torch.channels_last)) - ref_pixels
+        assert (codec.decode_raw(mean.contiguous(memory_format=torch.channels_last)) - ref_pixels
                 ).abs().max().item() <= TOL
         assert {"ResnetBlock", "Upsample", "Sequential"} <= set(calls)
 

@@ -1,33 +1,52 @@
 """Causal video autoencoders as codecs (Wan, Qwen-Image, TAEHV, TAESDV): clips stream through the networks' caches.
 
-Each family module in `vaecli.models` holds a `Family`: `build`, `state_dict` (checkpoint keys), `encoder` / `decoder`
-(push/flush streams over frames), its frame rule (`chunks`, `frame_counts`), where its networks are cut for spatial
-tiles (`encoder_split`, `decoder_split`), `posterior` and `network_space`. This codec adds what every family
-shares: device and dtype, padding to the spatial factor, latent spaces, metadata, and the image API (an image is a
-one-frame clip), so the commands use it as they use `vaecli.codec.Codec`.
+Each family module in `vaecli.models` holds a `Family` (a `CausalFamily`, see `vaecli.families`): `build`,
+`state_dict` (checkpoint keys), `encoder` / `decoder` (push/flush streams over frames), its frame rule (`chunks`,
+`frame_counts`), where its networks are cut for spatial tiles (`encoder_split`, `decoder_split`), `posterior` and
+`network_space`. This codec adds what every family shares: device and dtype, padding to the spatial factor, latent
+spaces, metadata, and the image API (an image is a one-frame clip), so the commands use it as they use
+`vaecli.codec.Codec`.
 A latent video is (T', C, h, w) latent frames, written as they come; T = 1 + f * k frames give 1 + k of them.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from vaecli import clip_tiles, media, scratch, tiling
+from vaecli.checkpoints import load_strict
+from vaecli.codec import DTYPES, check_latent_fits, check_room
 from vaecli.errors import UsageError
 from vaecli.latents import make_metadata
 from vaecli.registry import ModelSpec
+from vaecli.spaces import from_network, to_network
 
-FAMILIES = {"wan": "vaecli.models.wan", "taehv": "vaecli.models.taehv", "taesdv": "vaecli.models.taesdv"}
 
+class CausalFamily:
+    """What every causal video family's `Family` shares: it loads as a `CausalCodec`, which runs its streams."""
 
-def family(spec: ModelSpec):
-    """The `Family` of a causal video model's registry entry, or None for the image families."""
-    module = FAMILIES.get(spec.family)
-    return importlib.import_module(module).Family if module else None
+    posterior = False  # whether the encoder streams give the posterior's moments (mean, then log-variance)
+    network_space = "raw"  # the latent space the network produces and consumes
+
+    @classmethod
+    def load(cls, spec: ModelSpec, sd: dict, sources: tuple[str, ...], roles: tuple[str, ...],
+             device: torch.device, dtype: str, tile: int | str | None, budget: int, scratch: str | None) -> CausalCodec:
+        """A CausalCodec for `spec` with state dict `sd` (already in the family's keys) loaded strictly; spatial tiles
+        come from the budget, never from a fixed `tile`."""
+        if isinstance(tile, int):
+            raise UsageError(f"--tile {tile}: causal video models ({spec.name}) take no fixed tile size; they go "
+                             "tile by tile by themselves when a frame's caches exceed --max-memory")
+        model = cls.build(spec, encoder="encoder" in roles, decoder="decoder" in roles)
+        own = set(model.state_dict())
+        halves = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+        load_strict(model, {k: v for k, v in sd.items() if k in own or not k.startswith(halves)},
+                    f"{' + '.join(sources)} as the {spec.name} {' and '.join(roles)}")
+        model = model.to(device, DTYPES[dtype]).eval()
+        return CausalCodec(spec=spec, model=model, device=device, dtype=DTYPES[dtype], family=cls,
+                           sources=tuple(sources), budget=budget, scratch_dir=scratch)
 
 
 @dataclass
@@ -132,8 +151,6 @@ class CausalCodec:
                 yield out
 
     def _decode_tiled(self, split, tile: int, read, frames: int, meta: dict) -> Iterator[torch.Tensor]:
-        from vaecli.codec import check_latent_fits
-
         def latents(i: int, j: int) -> torch.Tensor:
             z = read(i, j)
             check_latent_fits(self.spec, z[0], meta)
@@ -197,8 +214,6 @@ class CausalCodec:
         """`--verify` of a latent clip decoded tile by tile, `read(i, j)` giving latent frames i .. j: the same clip
         streamed in whole frames (outside the budget), as (k, 3, H, W) chunks in order; None when the decode itself
         streams whole frames."""
-        from vaecli.codec import check_room
-
         split = self._split("decoder", frames)
         h, w = (n * self.spec.spatial_factor for n in latent_size(meta, self.spec))
         if self.clip_tile(split, h, w) is None:
@@ -212,30 +227,18 @@ class CausalCodec:
 
     def to_space(self, z: torch.Tensor, space: str) -> torch.Tensor:
         """The network's latent frames (T, C, h, w) -> `space`: raw, scaled, or normalized per channel."""
-        spec = self.spec
-        raw = z / spec.scaling_factor + spec.shift_factor if self.family.network_space == "scaled" else z
-        if space == "scaled":
-            return (raw - spec.shift_factor) * spec.scaling_factor
-        if space == "normalized":
-            mean, std = self._stats(raw)
-            return (raw - mean) / std
-        return raw
+        return from_network(z, self.spec, self.family.network_space, space, lambda raw: (raw - self._mean(raw))
+                            / self._std(raw))
 
     def from_space(self, z: torch.Tensor, meta: dict) -> torch.Tensor:
         """Latent frames in the space `meta` names -> what the network consumes."""
-        spec, space = self.spec, meta.get("space", self.spec.latent_space)
-        if space == "scaled":
-            raw = z / float(meta.get("scaling_factor", spec.scaling_factor)) + float(meta.get("shift_factor", 0.0))
-        elif space == "normalized":
-            mean, std = self._stats(z)
-            raw = z * std + mean
-        else:
-            raw = z
-        return (raw - spec.shift_factor) * spec.scaling_factor if self.family.network_space == "scaled" else raw
+        return to_network(z, self.spec, meta, self.family.network_space, lambda x: x * self._std(x) + self._mean(x))
 
-    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-                     for v in (self.spec.latents_mean, self.spec.latents_std))
+    def _mean(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.spec.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+
+    def _std(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.spec.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
 
 
 def latent_size(meta: dict, spec: ModelSpec) -> tuple[int, int]:
@@ -330,9 +333,7 @@ class ClipDecoder:
     """One latent clip through the decoder: latents converted from their space, frames cropped to the source."""
 
     def __init__(self, codec: CausalCodec, meta: dict, n_latents: int | None):
-        from vaecli.codec import check_latent_fits
-
-        self.codec, self.meta, self.check = codec, meta, check_latent_fits
+        self.codec, self.meta = codec, meta
         self.stream = codec.family.decoder(codec.model, n_latents)
         self.size = tuple(meta.get("image_size") or ())
         self.padding = tuple(meta.get("padding") or (0, 0, 0, 0))
@@ -341,7 +342,7 @@ class ClipDecoder:
         """(k, C, h, w) latent frames -> the frames (k', 3, H, W) in [0, 1] they complete, on the CPU in fp32."""
         if not latents.shape[0]:
             return torch.zeros(0, 3, 0, 0)
-        self.check(self.codec.spec, latents[0], self.meta)
+        check_latent_fits(self.codec.spec, latents[0], self.meta)
         c = self.codec
         with torch.inference_mode():
             z = c.from_space(latents.to(c.device, torch.float32), self.meta).to(c.dtype)
@@ -349,19 +350,3 @@ class ClipDecoder:
         size = self.size or (pixels.shape[-1], pixels.shape[-2])
         return media.crop(pixels, size, self.padding) if pixels.shape[0] else pixels
 
-
-def load(spec: ModelSpec, sd: dict, sources: list[str], roles: tuple[str, ...], device: torch.device,
-         dtype: torch.dtype, budget: int = 0, scratch: str | None = None) -> CausalCodec:
-    """A CausalCodec for `spec` with state dict `sd` (already in the family's keys) loaded strictly."""
-    from vaecli.checkpoints import load_strict
-
-    fam = family(spec)
-    model = fam.build(spec, encoder="encoder" in roles, decoder="decoder" in roles)
-    own = set(model.state_dict())
-    load_strict(model, {k: v for k, v in sd.items() if k in own or not k.startswith(("encoder.", "decoder.",
-                                                                                        "quant_conv.",
-                                                                                        "post_quant_conv."))},
-                f"{' + '.join(sources)} as the {spec.name} {' and '.join(roles)}")
-    model = model.to(device, dtype).eval()
-    return CausalCodec(spec=spec, model=model, device=device, dtype=dtype, family=fam, sources=tuple(sources),
-                       budget=budget, scratch_dir=scratch)

@@ -79,14 +79,9 @@ def _check_diffusers_config(spec: ModelSpec, config: Path) -> None:
 
 def model_state_dict(spec: ModelSpec, sd: dict, source: str) -> dict:
     """A checkpoint's tensors in any layout known for `spec`'s family, renamed to vaecli's module keys."""
-    from vaecli.causal import family
+    from vaecli.families import family
 
-    if spec.family == "tiny":
-        halves = split_tiny_state_dict(sd, source)
-        return {f"{role}.{k}": v for role, part in halves.items() for k, v in part.items()}
-    if (video_family := family(spec)) is not None:
-        return video_family.state_dict(spec, sd, source)
-    return kl_state_dict(sd, len(spec.config.channel_mult), source)
+    return family(spec).state_dict(spec, sd, source)
 
 
 def read_weights(spec: ModelSpec, path: Path) -> dict:

@@ -316,8 +316,8 @@ def _hub_file(name: str, repo: str, path_in_repo: str = "") -> WeightFile:
 
 
 def _kl(name: str, description: str, cfg: KLConfig, file: str, repo: str, path_in_repo: str = "",
-        **conventions) -> ModelSpec:
-    return ModelSpec(name=name, family="kl", description=description, config=cfg,
+        family: str = "kl", **conventions) -> ModelSpec:
+    return ModelSpec(name=name, family=family, description=description, config=cfg,
                      weights=(_hub_file(file, repo, path_in_repo),), pixel_range=(-1.0, 1.0), **conventions)
 
 
@@ -339,7 +339,7 @@ REGISTRY.update({
                  "ae.safetensors", "black-forest-labs/FLUX.1-schnell", **FLUX1_SCALING),
     "svd": _kl("svd", "Stable Video Diffusion VAE (temporal decoder mixes frames)",
                KLConfig(latent_channels=4, post_quant_conv=False, temporal_decoder=True), "svd_vae.safetensors",
-               "stabilityai/stable-video-diffusion-img2vid-xt", DIFFUSERS_VAE, **SD_SCALING),
+               "stabilityai/stable-video-diffusion-img2vid-xt", DIFFUSERS_VAE, family="svd", **SD_SCALING),
     "flux2": _kl("flux2", "FLUX.2 autoencoder (32 ch; --latent-space normalized: 2x2 patches, batch-norm)",
                  KLConfig(latent_channels=32, batch_norm=True, patch_size=2), "flux2_ae.safetensors",
                  "black-forest-labs/FLUX.2-dev", "ae.safetensors", **FLUX2_SCALING),

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vaecli.causal import CausalFamily
 from vaecli.clip_tiles import Split
 from vaecli.models.memblocks import (
     Clamp,
@@ -107,7 +108,7 @@ def load_taehv(path: str | Path, config: TAEHVConfig | None = None) -> TAEHV:
     return model.eval()
 
 
-class Family:
+class Family(CausalFamily):
     """vaecli's interface to this family (`vaecli.causal`): build, checkpoint keys, clip streams on (T, C, h, w)
     latent frames and (T, 3, H, W) pixel frames in [0, 1], one clip at a time, and the cuts for spatial tiles."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vaecli.causal import CausalFamily
 from vaecli.clip_tiles import Split
 from vaecli.models.memblocks import (
     Clamp,
@@ -101,7 +102,7 @@ def load_taesdv(path: str | Path) -> TAESDV:
     return model.eval()
 
 
-class Family:
+class Family(CausalFamily):
     """vaecli's interface to TAESDV (`vaecli.causal`): one latent per frame, in SVD's (SD's) scaled latent space."""
 
     network_space = "scaled"  # like TAESD: the latents the denoiser consumes

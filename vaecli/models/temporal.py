@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaecli import banded, layerwise
-from vaecli.models.kl import AttnBlock, ResnetBlock, norm, up_stages
-from vaecli.registry import KLConfig
+from vaecli import banded, layerwise, metrics, scratch, tiling
+from vaecli.codec import check_room
+from vaecli.errors import UsageError
+from vaecli.models.kl import AttnBlock, KLAutoencoder, ResnetBlock, norm, up_stages
+from vaecli.models.kl_family import Family as KLFamily
+from vaecli.registry import KLConfig, ModelSpec
 from vaecli.tiling import Moments, group_moments, merge_moments, norm_affine
 
 # frames start .. stop of a layer (rows (r0, r1) of each, or all for None) as (k, C, H, W)
@@ -235,3 +238,99 @@ def _tconv(conv: nn.Conv3d, read: Frames, s: int, e: int, frames: int,
     out += F.conv2d(x[:k], weight[:, :, 0])
     out += F.conv2d(x[2:], weight[:, :, 2])
     return out
+
+
+class Family(KLFamily):
+    """SVD as a codec (`vaecli.families`): the KL encoder, frame by frame; the temporal decoder over a whole clip,
+    streamed `--chunk` frames at a time through layers kept whole (in RAM within the budget, in scratch files past
+    it), exactly as if the clip were decoded at once."""
+
+    @staticmethod
+    def build(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> KLAutoencoder:
+        """An uninitialised network for `spec`: a KL encoder and the temporal decoder."""
+        return KLAutoencoder(spec.config, encoder=encoder, decoder=decoder, decoder_cls=TemporalDecoder)
+
+    @classmethod
+    def load(cls, spec, sd, sources, roles, device, dtype, tile, budget, scratch) -> Family:
+        """`Codec.load`; a fixed `--tile` is refused for the decoder, which tiles over frames."""
+        if isinstance(tile, int) and "decoder" in roles:
+            raise UsageError(f"--tile {tile}: {spec.name}'s temporal decoder tiles over frames (--chunk), not space")
+        return super().load(spec, sd, sources, roles, device, dtype, tile, budget, scratch)
+
+    @property
+    def mixes_frames(self) -> bool:
+        """Whether the decoder is loaded: it mixes the frames of a clip, which then decodes as a whole."""
+        return self.model.decoder is not None
+
+    def frame_bytes(self, width: int, height: int) -> tuple[int, int]:
+        """The temporal decoder's working set per frame (its widest layer, ~8 copies) and the budget frame chunks
+        and whole-clip layers share; the encoder's as the KL family's."""
+        if not self.mixes_frames:
+            return super().frame_bytes(width, height)
+        return self._clip_frame_bytes(width * height), self._clip_budget()
+
+    def _clip_budget(self) -> int:
+        # What does not fit goes to scratch files, so the default is the tiny family's (1 GiB), not half the RAM: a
+        # clip's layers live in the page cache, not the process.
+        return self.budget or tiling.default_budget(self.device)
+
+    def _clip_frame_bytes(self, pixels: int) -> int:
+        cfg = self.spec.config
+        return cfg.channels * cfg.channel_mult[0] * pixels * 8 * tiling.DTYPE_BYTES
+
+    def decode_raw(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Raw latents (T, C, h, w) of one clip -> its pixels in [0, 1], by the plain forward over all of it."""
+        return self.model.decode(z, num_frames)
+
+    def decode_stream(self, read, frames: int, meta: dict, chunk: int | None = None) -> Iterator[torch.Tensor]:
+        """The `frames` latents of one clip (`read(i, j)`: frames i .. j) -> its pixels as (k, 3, H, W) chunks in
+        [0, 1], `chunk` frames at a time (None: as many as fit the budget), equal to the whole clip decoded at once:
+        the layers the decoder needs whole are kept in RAM within the budget and in scratch files past it."""
+        self._check_decode(chunk)
+        with torch.inference_mode():
+            z = self._decoder_input(read(0, frames), meta)
+            if self.model.post_quant_conv is not None:
+                z = self.model.post_quant_conv(z)
+        f = self.spec.spatial_factor
+        pixels = z.shape[-2] * z.shape[-1] * f * f
+        chunk = chunk or self.frames_per_pass((z.shape[-1] * f, z.shape[-2] * f))
+        budget, per_frame = self._clip_budget(), self._clip_frame_bytes(pixels)
+        # A frame that alone passes the budget goes band by band (half the budget for its bands and buffers).
+        frame_budget = budget // 2 if per_frame > budget else None
+        store = scratch.Scratch(budget // 2 if frame_budget else max(0, budget - chunk * per_frame), self.device,
+                                self.scratch_dir)
+        store.check_space(self.model.decoder.clip_bytes(frames, pixels, z.dtype) - store.budget)
+        try:
+            with torch.inference_mode():
+                stream = self.model.decoder.stream(z, chunk, store, frame_budget)
+            while True:
+                with torch.inference_mode():
+                    part = next(stream, None)
+                    if part is None:
+                        break
+                    out = self._cropped(((part + 1) / 2).clamp(0, 1), meta)
+                self.scratch_bytes = max(self.scratch_bytes, store.peak_file_bytes)
+                yield out
+        finally:
+            store.close()
+
+    def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
+        """`--verify` of a one-frame clip: compared with the plain forward over it."""
+        ref = self.whole_clip(latent[None], meta)
+        return {"tiled": True, "window": [0, 0, ref.shape[-1], ref.shape[-2]],
+                "max_abs_diff": (pixels - ref).abs().max().item(), "psnr": metrics.psnr(pixels, ref)}
+
+    def reference_frames(self, read, frames: int, meta: dict) -> tuple[Iterator[torch.Tensor], str]:
+        """`--verify` of a latent clip: the temporal decoder's plain forward over the whole clip at once."""
+        return iter([self.whole_clip(read(0, frames), meta)]), "the whole clip decoded at once"
+
+    def whole_clip(self, latents: torch.Tensor, meta: dict) -> torch.Tensor:
+        """(T, C, h, w) latents of one clip -> (T, 3, H, W) pixels in [0, 1] by the temporal decoder's plain forward
+        over the whole clip at once (the reference `--verify` compares the streamed decode with); a UsageError when
+        that would not fit in half the available memory."""
+        h, w = latents.shape[-2:]
+        f = self.spec.spatial_factor
+        check_room(self.device, latents.shape[0] * self._clip_frame_bytes(h * w * f * f), "decoding the clip whole")
+        with torch.inference_mode():
+            pixels = self.model.decode(self._decoder_input(latents, meta), latents.shape[0])
+        return self._cropped(pixels, meta)

@@ -6,10 +6,14 @@ Layer indices follow the original `taesd.py` Sequentials, so the published `*_en
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from vaecli.registry import TinyConfig
+from vaecli import allocator, metrics, tiling
+from vaecli.codec import Codec
+from vaecli.registry import ModelSpec, TinyConfig
 
 
 def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
@@ -154,3 +158,104 @@ class TinyAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) clamped to [0, 1]."""
         return self.decoder(latents).clamp(0, 1)
+
+
+class Family(Codec):
+    """The tiny image family as a codec: the network works in its family's denoiser space, and a large image goes
+    tile by tile with a halo of the network's receptive field (exact: no layer sees past it)."""
+
+    @staticmethod
+    def build(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> TinyAutoencoder:
+        """An uninitialised network for `spec` with the requested halves."""
+        return TinyAutoencoder(spec.config, encoder=encoder, decoder=decoder)
+
+    @staticmethod
+    def state_dict(spec: ModelSpec, sd: dict, source: str) -> dict:
+        """A checkpoint in any tiny-family layout (`vaecli.checkpoints`), in the network's keys."""
+        from vaecli.checkpoints import split_tiny_state_dict
+
+        return {f"{role}.{k}": v for role, part in split_tiny_state_dict(sd, source).items() for k, v in part.items()}
+
+    @classmethod
+    def load(cls, spec, sd, sources, roles, device, dtype, tile, budget, scratch) -> Family:
+        """`Codec.load`, keeping freed memory in the heap for bf16 on the CPU."""
+        if device.type == "cpu" and dtype == "bf16":
+            # bf16 is the speed mode: keeping freed 32-64 MB activations in the heap makes taef2's decoder ~1.6x
+            # faster at 512x512. Not for fp32 or KL, whose larger activations fragment such a heap (taef2 fp32 at
+            # 2048x2048: 1660 MB peak instead of 923).
+            allocator.keep_freed_memory()
+        return super().load(spec, sd, sources, roles, device, dtype, tile, budget, scratch)
+
+    @property
+    def network_space(self) -> str:
+        """A tiny model produces and consumes its family's denoiser space."""
+        return self.spec.latent_space
+
+    def tile_size(self, pixels: int, batch: int = 1) -> int | None:
+        """Tile side in pixels for a pass over `batch` images of `pixels` pixels (a tile spans the whole batch, so its
+        side shrinks as the batch grows), or None to run it whole."""
+        if self.tile is None:
+            return None
+        if self.tile != "auto":
+            return int(self.tile)
+        return tiling.tile_for_budget(pixels, self._bytes_per_pixel() * batch, self._budget(), self._halo_px(),
+                                      self.spec.spatial_factor)
+
+    def frame_bytes(self, width: int, height: int) -> tuple[int, int]:
+        """Bytes a frame's widest layers take, and the budget (capped at 1 GiB by default)."""
+        return self._bytes_per_pixel() * width * height, self._budget()
+
+    def _budget(self) -> int:
+        return self.budget or tiling.default_budget(self.device)
+
+    def _bytes_per_pixel(self) -> int:
+        return self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
+
+    def _halo_px(self) -> int:
+        """Overlap in pixels the tiles of whichever half is loaded need (their receptive field)."""
+        if self.model.encoder is not None:
+            return math.ceil(tiling.receptive_radius(self.model.encoder_segments()[0]))
+        return math.ceil(tiling.receptive_radius(self.model.decoder_segments()[1]) * self.spec.spatial_factor)
+
+    def encode_raw(self, x: torch.Tensor, sample: bool, seed: int | None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> latents, tile by tile past the budget."""
+        tile = self.tile_size(x.shape[-2] * x.shape[-1], x.shape[0])
+        if tile is None:
+            return self.model.encode(x)
+        local, rest = self.model.encoder_segments()
+        f = self.spec.spatial_factor
+        return rest(tiling.tiled(local, x, tile, tiling.receptive_radius(local), 1 / f, align=f))
+
+    def decode_raw(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Latents -> pixels in [0, 1]: the part at latent resolution whole, the rest tile by tile past the budget."""
+        f = self.spec.spatial_factor
+        tile = self.tile_size(z.shape[-2] * z.shape[-1] * f * f, z.shape[0])
+        if tile is None:
+            return self.model.decode(z)
+        head, local = self.model.decoder_segments()
+        h = head(z)
+        return tiling.tiled(local, h, max(1, tile // f), tiling.receptive_radius(local), f).clamp(0, 1)
+
+    def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
+        """Decode a tile-sized window around the first tile seams untiled (with its receptive-field halo: exactly
+        what the whole image gives there) and compare it with `pixels`, the tiled (1, 3, H, W) result."""
+        f = self.spec.spatial_factor
+        tile = self.tile_size(latent.shape[-2] * latent.shape[-1] * f * f)
+        if tile is None:
+            return {"tiled": False, "max_abs_diff": 0.0, "psnr": float("inf")}
+        cells = max(1, tile // f)
+        head, local = self.model.decoder_segments()
+        halo = math.ceil(tiling.receptive_radius(local))
+        h, w = latent.shape[-2:]
+        # A tile-sized window straddling the first seams (tiles start at multiples of `cells`).
+        y0, x0 = min(cells // 2, max(0, h - cells)), min(cells // 2, max(0, w - cells))
+        y1, x1 = min(h, y0 + cells), min(w, x0 + cells)
+        with torch.inference_mode():
+            top = head(self._decoder_input(latent[None], meta))
+            ry0, rx0 = max(0, y0 - halo), max(0, x0 - halo)
+            ref = local(top[:, :, ry0:min(h, y1 + halo), rx0:min(w, x1 + halo)]).clamp(0, 1).float().cpu()
+        ref = ref[:, :, (y0 - ry0) * f:(y1 - ry0) * f, (x0 - rx0) * f:(x1 - rx0) * f]
+        ours = pixels[:, :, y0 * f:y1 * f, x0 * f:x1 * f]
+        ref = ref[:, :, :ours.shape[-2], :ours.shape[-1]]
+        return {"tiled": True, "window": [x0 * f, y0 * f, x1 * f, y1 * f],
+                "max_abs_diff": (ours - ref).abs().max().item(), "psnr": metrics.psnr(ours, ref)}

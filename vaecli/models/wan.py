@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaecli.causal import CausalFamily
 from vaecli.clip_tiles import Split, local_cost
 from vaecli.models.kl import attention
 from vaecli.models.wan22 import avg_down, dup_up, patchify, unpatchify
@@ -391,7 +392,7 @@ class StreamDecoder:
         return 0
 
 
-class Family:
+class Family(CausalFamily):
     """vaecli's interface to this family (`vaecli.causal`): build, checkpoint keys, and clip streams on (T, C, h, w)
     latent frames and (T, 3, H, W) pixel frames in [0, 1], one clip at a time."""
 

@@ -1,0 +1,43 @@
+"""Latent spaces: what a network produces and consumes ("raw" posterior latents, or a tiny model's "scaled" ones)
+converted to and from the space a latent file holds (raw, scaled as the denoiser consumes it, or normalized)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vaecli.registry import ModelSpec
+
+Normalizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def from_network(z: torch.Tensor, spec: ModelSpec, network: str, space: str,
+                 normalize: Normalizer | None = None) -> torch.Tensor:
+    """(B, C, h, w) latents in the network's own space -> `space`; `normalize` maps raw latents to "normalized"."""
+    if space == network:
+        return z  # nothing to convert: the network's numbers, bit for bit
+    raw = z / spec.scaling_factor + spec.shift_factor if network == "scaled" else z
+    if space == "scaled":
+        return (raw - spec.shift_factor) * spec.scaling_factor
+    if space == "normalized":
+        return normalize(raw)
+    return raw
+
+
+def to_network(z: torch.Tensor, spec: ModelSpec, meta: dict, network: str,
+               denormalize: Normalizer | None = None) -> torch.Tensor:
+    """(B, C, h, w) latents in the space `meta` names -> the network's own space; `denormalize` maps "normalized"
+    latents back to raw ones."""
+    space = meta.get("space", spec.latent_space)
+    scale = float(meta.get("scaling_factor", spec.scaling_factor))
+    shift = float(meta.get("shift_factor", 0.0))
+    if space == network and (space != "scaled" or (scale, shift) == (spec.scaling_factor, spec.shift_factor)):
+        return z
+    if space == "scaled":
+        raw = z / scale + shift
+    elif space == "normalized":
+        raw = denormalize(z)
+    else:
+        raw = z
+    return (raw - spec.shift_factor) * spec.scaling_factor if network == "scaled" else raw
