@@ -111,7 +111,8 @@ def diff(a: Path, b: Path) -> tuple[float, float]:
 
 def seams(ref) -> dict:
     from vaecli.checkpoints import kl_state_dict
-    from vaecli.codec import Codec, build_model
+    from vaecli.codec import build_model
+    from vaecli.families import family
     from vaecli.registry import REGISTRY
 
     spec = REGISTRY["sd15"]
@@ -121,8 +122,8 @@ def seams(ref) -> dict:
     torch.manual_seed(0)
     z = torch.randn(1, 4, 64, 64)
     zl = z.contiguous(memory_format=torch.channels_last)
-    whole = Codec(spec, ours, torch.device("cpu"), torch.float32, tile=None).decode_raw(zl)
-    tiled = Codec(spec, ours, torch.device("cpu"), torch.float32, tile=256).decode_raw(zl)
+    whole = family(spec)(spec, ours, torch.device("cpu"), torch.float32, tile=None).decode_raw(zl)
+    tiled = family(spec)(spec, ours, torch.device("cpu"), torch.float32, tile=256).decode_raw(zl)
     ref_whole = ((ref.decode(z).sample + 1) / 2).clamp(0, 1)
     ref.enable_tiling()
     ref.tile_sample_min_size, ref.tile_latent_min_size = 256, 32

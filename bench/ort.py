@@ -9,9 +9,9 @@ ORT runs vaecli's own fp32 module for that half (`model.encode` on pixels in [0,
 latent, clamped output included), exported to ONNX (TorchScript exporter, opset 17; the dynamo exporter if that
 fails) with static shapes, in an InferenceSession on CPUExecutionProvider with all graph optimizations and
 intra_op_num_threads = torch.get_num_threads(). vaecli's side is `Codec.encode_raw` / `decode_raw`: the path the
-`vae` command takes for that image (tiles where `--tile auto` does, unless `--tile off`; banded KL chains), without
-reading, padding, latent scaling or writing; its inputs are prepared as `encode_batch` / `decode_stream` prepare
-them (codec dtype, channels_last). ORT gets the same values as NCHW fp32 arrays.
+`vae` command takes for that image (row streams past the budget as `--tile auto` does, unless `--tile off`; banded
+KL chains), without reading, padding, latent scaling or writing; its inputs are prepared as `encode_batch` /
+`decode_stream` prepare them (codec dtype, channels_last). ORT gets the same values as NCHW fp32 arrays.
 Per case: vaecli fp32, vaecli bf16 and ORT fp32 interleaved round by round (one warm-up each; 5 rounds up to 512,
 3 above), best and median seconds, the ratios to ORT fp32, and the max abs difference of each output from ORT's.
 ORT's idle workers do not spin (`session.intra_op.allow_spinning` 0, unless `--ort-spin`): spinning, they hold the
@@ -131,7 +131,7 @@ def vaecli_path(codec, half: str, x: torch.Tensor) -> str:
     pixels = x.shape[-2] * x.shape[-1] * (codec.spec.spatial_factor ** 2 if half == "decode" else 1)
     if codec.spec.family == "tiny":
         tile = codec.tile_size(pixels)
-        return f"tiled {tile}" if tile else "whole"
+        return "whole" if not tile else "rows" if codec.tile == "auto" else f"tiled {tile}"
     if half == "encode":
         blocks = codec.model.encoder_plan()[0]
         streams = codec._streams(blocks, x.shape)

@@ -181,7 +181,8 @@ def case_kl(name: str, size: int, impl: str) -> dict:
     its process so that its peak RSS is its own; both build the same seeded weights and latent."""
     from tests.conftest import diffusers_kl
     from vaecli.checkpoints import kl_state_dict
-    from vaecli.codec import Codec, build_model
+    from vaecli.codec import build_model
+    from vaecli.families import family
     from vaecli.registry import REGISTRY
 
     spec = REGISTRY[name]
@@ -199,7 +200,7 @@ def case_kl(name: str, size: int, impl: str) -> dict:
 
         gc.collect()
         allocator.release_free_memory()
-        codec = Codec(spec, model.to(memory_format=torch.channels_last), torch.device("cpu"), torch.float32)
+        codec = family(spec)(spec, model.to(memory_format=torch.channels_last), torch.device("cpu"), torch.float32)
         run = lambda z: codec.decode_raw(z.contiguous(memory_format=torch.channels_last))  # noqa: E731
     else:
         run = lambda z: ((ref.decode(z).sample + 1) / 2).clamp(0, 1)  # noqa: E731

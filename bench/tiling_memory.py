@@ -1,7 +1,9 @@
-"""Bench: peak RSS of `vae decode` (default flags, so `--tile auto`) for taef2 latents of growing image size.
+"""Bench: peak RSS and time of `vae decode` for taef2 latents of growing image size, whole processes.
 
-With exact tiling, memory follows the tile, not the image: a 4096x4096 decode should stay under 1.5 GB.
-`--huge` adds the 8192x8192 case (several minutes). Run: `python bench/tiling_memory.py [--huge]`.
+With `--tile auto` (default) a decode past the budget streams row bands: memory follows the image's width, not its
+area, and a 4096x4096 decode should stay under 1.5 GB. `--tiles auto 512 off` also runs each size with forced
+512-pixel tiles and whole (`off`, only up to 2048: whole 4096x4096 activations take ~17 GB), interleaved per size.
+`--huge` adds the 8192x8192 case (several minutes). Run: `python bench/tiling_memory.py [--huge] [--tiles ...]`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def make_latent(path: Path, side: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--huge", action="store_true", help="also decode an 8192x8192 image")
+    parser.add_argument("--tiles", nargs="+", default=["auto"], help="--tile values to run each size with")
     args = parser.parse_args()
     os.environ.setdefault("VAE_WEIGHTS_DIR", str(SHARED / "weights"))
     vae = str(Path(sys.executable).with_name("vae"))
@@ -46,9 +49,14 @@ def main() -> None:
         for side in sides:
             lat = Path(tmp) / f"{side}.latent"
             make_latent(lat, side)
-            rss, secs = peak_rss_mb([vae, "decode", str(lat), "-o", str(Path(tmp) / f"{side}.png")])
-            results[side] = {"peak_rss_mb": round(rss, 1), "seconds": round(secs, 1)}
-            print(f"taef2 decode {side}x{side}: peak RSS {rss:7.1f} MB  {secs:6.1f} s", flush=True)
+            for tile in args.tiles:
+                if tile == "off" and side > 2048:
+                    continue
+                rss, secs = peak_rss_mb([vae, "decode", str(lat), "-o", str(Path(tmp) / f"{side}.png"), "--tile",
+                                         tile])
+                results[f"{side} --tile {tile}"] = {"peak_rss_mb": round(rss, 1), "seconds": round(secs, 1)}
+                print(f"taef2 decode {side}x{side} --tile {tile:4}: peak RSS {rss:7.1f} MB  {secs:6.1f} s",
+                      flush=True)
     print(json.dumps({"bench": "tiling_memory", "results": results}))
 
 

@@ -128,6 +128,20 @@ def test_cuda_tiled_decode_equals_untiled(real_weights, shared_images):
         assert diff <= 1 / 255 + 1e-6, f"tiled {name}: {diff * 255:.2f} levels"
 
 
+def test_cuda_row_bands_past_the_budget_equal_untiled(real_weights, shared_images):
+    x, _ = media.read_image(shared_images / "retina.jpg")
+    size = (x.shape[-1], x.shape[-2])
+    whole = load_codec("taef2", device="cuda", tile=None)
+    banded = load_codec("taef2", device="cuda", budget=48 << 20)
+    assert banded.tile_size(size[0] * size[1]) is not None  # past the budget: row bands
+    z, meta = whole.encode_image(x, size)
+    z_rows, _ = banded.encode_image(x, size)
+    assert (z - z_rows).abs().max().item() <= 0.1, "encode"  # cuDNN's algorithms per shape, as for tiles
+    untiled = media.quantize8(whole.decode_latent(z, meta))
+    diff = (media.quantize8(banded.decode_latent(z, meta)) - untiled).abs().max().item()
+    assert diff <= 1 / 255 + 1e-6, f"row bands: {diff * 255:.2f} levels"
+
+
 def test_cli_roundtrip_on_cuda(vae, real_weights, shared_images, tmp_path):
     out = tmp_path / "recon.png"
     result = vae("roundtrip", shared_images / "astronaut.png", "-o", out, "--device", "cuda", "--dtype", "fp16",

@@ -55,9 +55,9 @@ def decode(
         "--as-frames", help="Latent videos: write a folder of PNG frames (frame_000000.png, ...).")] = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Also decode another, exact way and report the max abs difference and PSNR: tiny models a "
-        "window around a tile seam untiled, KL models the whole image untiled, SVD the whole clip at once, causal "
-        "video models (Wan, TAEHV) that went tile by tile the clip in whole frames; latent videos of per-frame "
-        "models: frame 0.")] = False,
+        "window across tile seams or band edges untiled, KL models the whole image untiled, SVD the whole clip at "
+        "once, causal video models (Wan, TAEHV) that went tile by tile the clip in whole frames; latent videos of "
+        "per-frame models: frame 0.")] = False,
     image_ext: Annotated[str, typer.Option(
         "--ext", help="Image extension for outputs vaecli names (png, jpg, webp, ...).")] = "png",
     recursive: RecursiveOpt = False,

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from vaecli import allocator, metrics, tiling
+from vaecli import allocator, metrics, rows, tiling
 from vaecli.codec import Codec
 from vaecli.registry import ModelSpec, TinyConfig
 
@@ -160,9 +160,35 @@ class TinyAutoencoder(nn.Module):
         return self.decoder(latents).clamp(0, 1)
 
 
+def row_stream(layers: nn.Sequential) -> rows.Chain:
+    """A local part of an encoder or decoder (convolutions, ReLUs, nearest upsamplings, Blocks without GroupNorm)
+    as a `vaecli.rows` stream."""
+    ops, items, i = [], list(layers), 0
+    while i < len(items):
+        layer = items[i]
+        relu = i + 1 < len(items) and isinstance(items[i + 1], nn.ReLU)
+        if isinstance(layer, nn.Conv2d):
+            ops.append(rows.Conv(layer, relu))
+            i += 2 if relu else 1
+            continue
+        if isinstance(layer, Block) and layer.pool is None:
+            c0, _, c1, _, c2 = layer.conv
+            ops.append(rows.Residual(rows.Chain([rows.Conv(c0, True), rows.Conv(c1, True), rows.Conv(c2)]),
+                                     layer.skip))
+        elif isinstance(layer, (nn.Upsample, Clamp)):
+            ops.append(rows.Pointwise(layer))
+        elif isinstance(layer, nn.ReLU):  # not in place: a band may be a view of the caller's input
+            ops.append(rows.Pointwise(torch.relu))
+        else:
+            raise ValueError(f"no row stream for {type(layer).__name__}")
+        i += 1
+    return rows.Chain(ops)
+
+
 class Family(Codec):
-    """The tiny image family as a codec: the network works in its family's denoiser space, and a large image goes
-    tile by tile with a halo of the network's receptive field (exact: no layer sees past it)."""
+    """The tiny image family as a codec: the network works in its family's denoiser space. An image past the budget
+    streams through the local layers band by band of rows (`vaecli.rows`: the whole image's numbers, nothing
+    recomputed); `--tile N` runs tiles of N pixels with a halo of the network's receptive field instead."""
 
     @staticmethod
     def build(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> TinyAutoencoder:
@@ -211,6 +237,10 @@ class Family(Codec):
     def _bytes_per_pixel(self) -> int:
         return self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
 
+    def _row_bytes(self) -> int:
+        """Bytes per pixel of the widest local layer, per image."""
+        return self.spec.config.width * torch.finfo(self.dtype).bits // 8
+
     def _halo_px(self) -> int:
         """Overlap in pixels the tiles of whichever half is loaded need (their receptive field)."""
         if self.model.encoder is not None:
@@ -218,27 +248,35 @@ class Family(Codec):
         return math.ceil(tiling.receptive_radius(self.model.decoder_segments()[1]) * self.spec.spatial_factor)
 
     def encode_raw(self, x: torch.Tensor, sample: bool, seed: int | None) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> latents, tile by tile past the budget."""
+        """(B, 3, H, W) in [0, 1] -> latents; past the budget the local layers in row bands (or `--tile N` tiles)."""
         tile = self.tile_size(x.shape[-2] * x.shape[-1], x.shape[0])
         if tile is None:
             return self.model.encode(x)
         local, rest = self.model.encoder_segments()
+        if self.tile == "auto":
+            band = rows.band_rows(x.shape[-1], self._row_bytes() * x.shape[0])
+            return rest(rows.run(row_stream(local), x, band, 1 / self.spec.spatial_factor))
         f = self.spec.spatial_factor
         return rest(tiling.tiled(local, x, tile, tiling.receptive_radius(local), 1 / f, align=f))
 
     def decode_raw(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        """Latents -> pixels in [0, 1]: the part at latent resolution whole, the rest tile by tile past the budget."""
+        """Latents -> pixels in [0, 1]: the part at latent resolution whole; past the budget the rest in row bands (or
+        `--tile N` tiles)."""
         f = self.spec.spatial_factor
         tile = self.tile_size(z.shape[-2] * z.shape[-1] * f * f, z.shape[0])
         if tile is None:
             return self.model.decode(z)
         head, local = self.model.decoder_segments()
         h = head(z)
+        if self.tile == "auto":
+            band = rows.band_rows(h.shape[-1], self._row_bytes() * h.shape[0], f)
+            return rows.run(row_stream(local), h, band, f).clamp_(0, 1)
         return tiling.tiled(local, h, max(1, tile // f), tiling.receptive_radius(local), f).clamp(0, 1)
 
     def verify_tiling(self, latent: torch.Tensor, meta: dict, pixels: torch.Tensor) -> dict:
-        """Decode a tile-sized window around the first tile seams untiled (with its receptive-field halo: exactly
-        what the whole image gives there) and compare it with `pixels`, the tiled (1, 3, H, W) result."""
+        """Decode a tile-sized window around the first tile seams (band edges, for row streams) untiled, with its
+        receptive-field halo (exactly what the whole image gives there), and compare it with `pixels`, the tiled or
+        row-streamed (1, 3, H, W) result."""
         f = self.spec.spatial_factor
         tile = self.tile_size(latent.shape[-2] * latent.shape[-1] * f * f)
         if tile is None:
