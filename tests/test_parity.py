@@ -69,19 +69,18 @@ def test_fp16_weights_load_into_requested_dtype(real_weights):
 def test_bf16_fused_blocks_match_the_plain_path(real_weights, shared_images, monkeypatch):
     """bf16 on the CPU runs each block as fused oneDNN conv+ReLU / conv+add+ReLU calls: bf16 rounding apart, the
     same image as the module-by-module path."""
-    from vaecli import metrics
-    from vaecli.models import tiny
+    from vaecli import fused, metrics
 
     calls = []
-    fused = tiny._conv_add_relu
-    monkeypatch.setattr(tiny, "_conv_add_relu", lambda *a, **k: calls.append(k["into_other"]) or fused(*a, **k))
+    add_relu = fused.conv_add_relu
+    monkeypatch.setattr(fused, "conv_add_relu", lambda *a, **k: calls.append(k["into_other"]) or add_relu(*a, **k))
     codec = load_codec("taef2", device="cpu", dtype="bf16")
     x, info = media.read_image(shared_images / "astronaut.png")
     with torch.inference_mode():
         latent, meta = codec.encode_image(x, info.size)
         out = codec.decode_latent(latent, meta)
         assert calls == [True] * 20  # every block (10 in each half), each over an input the stack made
-        monkeypatch.setattr(tiny, "_fusable", lambda t: False)
+        monkeypatch.setattr(fused, "fusable", lambda t: False)
         plain_latent, _ = codec.encode_image(x, info.size)
         plain = codec.decode_latent(plain_latent, meta)
     assert (latent - plain_latent).float().abs().mean().item() <= 0.02  # bf16 rounding, spread over 10 blocks

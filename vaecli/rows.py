@@ -16,18 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaecli import allocator
+from vaecli import allocator, fused
 
 BAND_BYTES = 4 << 20  # bytes of the widest layer's band: a couple of L2 caches' worth
 
 Op = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _fusable(x: torch.Tensor) -> bool:
-    # bf16 on the CPU: oneDNN's fused conv+ReLU and conv+add+ReLU save two passes over each band; as the whole-image
-    # bf16 path does (vaecli.models.tiny). Inference only: the fused ops have no autograd.
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and \
-        torch.backends.mkldnn.is_available()
 
 
 class Conv:
@@ -52,7 +45,7 @@ class Conv:
         self.buf = buf[:, :, m * self.s:]
         if m == 0:
             return None
-        return self._run(buf[:, :, :(m - 1) * self.s + self.k], add)
+        return self._run(buf[:, :, :(m - 1) * self.s + self.k], m, add)
 
     def flush(self, add: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor | None:
         """The last output rows, with the image's bottom padding."""
@@ -60,17 +53,16 @@ class Conv:
             return None
         return self.push(_zeros(self.buf, self.p), add) if self.p else None
 
-    def _run(self, rows: torch.Tensor, add: Callable[[int], torch.Tensor] | None) -> torch.Tensor:
+    def _run(self, rows: torch.Tensor, m: int, add: Callable[[int], torch.Tensor] | None) -> torch.Tensor:
+        """The `m` output rows of `rows`, through the fused oneDNN calls where they apply (`vaecli.fused`)."""
         c, pad = self.conv, [0, self.p]
-        if _fusable(rows) and (self.relu or add is not None):
-            args = (c.weight, c.bias, pad, list(c.stride), list(c.dilation), c.groups)
-            if add is None:
-                return torch.ops.mkldnn._convolution_pointwise(rows, *args, "relu", [], "")
-            other = add((rows.shape[2] - self.k) // self.s + 1)
-            return torch.ops.mkldnn._convolution_pointwise.binary(rows, other, *args, "add", 1.0, "relu", [], "")
+        if fused.fusable(rows) and add is not None:
+            return fused.conv_add_relu(c, rows, add(m), padding=pad)
+        if fused.fusable(rows) and self.relu:
+            return fused.conv_relu(c, rows, padding=pad)
         y = F.conv2d(rows, c.weight, c.bias, c.stride, tuple(pad))
         if add is not None:
-            y += add(y.shape[2])
+            y += add(m)
             return y.relu_()
         return y.relu_() if self.relu else y
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from vaecli import allocator, metrics, rows, tiling
+from vaecli import allocator, fused, metrics, rows, tiling
 from vaecli.codec import Codec
 from vaecli.registry import ModelSpec, TinyConfig
 
@@ -19,28 +19,6 @@ from vaecli.registry import ModelSpec, TinyConfig
 def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     """3x3 convolution with 'same' padding."""
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
-
-
-def _fusable(x: torch.Tensor) -> bool:
-    # bf16 on the CPU: oneDNN's fused conv+ReLU and conv+add+ReLU skip two passes over memory per block (the decoder
-    # 1.3x faster). Not fp32: there the gain is ~10% and these ops cache per-shape oneDNN state that raised taef2's
-    # tiled decode peak from 923 to 1199 MB at 2048x2048. No autograd, hence inference only.
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and \
-        torch.backends.mkldnn.is_available()
-
-
-def _conv_relu(c: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(c(x)) in one oneDNN call; (B, C, H, W) any range -> (B, C', H', W') >= 0."""
-    return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
-                                                   list(c.dilation), c.groups, "relu", [], "")
-
-
-def _conv_add_relu(c: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, into_other: bool = False) -> torch.Tensor:
-    """relu(c(x) + other) in one oneDNN call, written over `other` if `into_other`; (B, C, H, W) -> (B, C', H, W)."""
-    op = torch.ops.mkldnn._convolution_pointwise_ if into_other else torch.ops.mkldnn._convolution_pointwise
-    args = (other, x) if into_other else (x, other)
-    return op.binary(*args, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups, "add",
-                     1.0, "relu", [], "")
 
 
 class Clamp(nn.Module):
@@ -74,13 +52,13 @@ class Block(nn.Module):
         """(B, n_in, H, W) -> (B, n_out, H, W); with `reuse_input` the output may be written over `x`."""
         if self.pool is not None:
             x, reuse_input = x + self.pool(x), True
-        if _fusable(x):
+        if fused.fusable(x):
             c0, _, c1, _, c2 = self.conv
-            h = _conv_relu(c1, _conv_relu(c0, x))
+            h = fused.conv_relu(c1, fused.conv_relu(c0, x))
             # Over the input where it is ours to overwrite: one activation-sized allocation fewer per block.
             into = reuse_input and isinstance(self.skip, nn.Identity) and \
                 x.is_contiguous(memory_format=torch.channels_last)
-            return _conv_add_relu(c2, h, self.skip(x), into_other=into)
+            return fused.conv_add_relu(c2, h, self.skip(x), into_other=into)
         h = self.conv(x)
         h += self.skip(x)
         return self.fuse(h)
