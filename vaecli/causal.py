@@ -18,11 +18,11 @@ import torch
 
 from vaecli import clip_tiles, media, scratch, tiling
 from vaecli.checkpoints import load_strict
-from vaecli.codec import DTYPES, check_latent_fits, check_room
+from vaecli.codec import check_latent_fits, check_room
 from vaecli.errors import UsageError
 from vaecli.latents import make_metadata
 from vaecli.registry import ModelSpec
-from vaecli.spaces import from_network, to_network
+from vaecli.spaces import DTYPES, check_encode_space, dtype_name, from_network, to_network
 
 
 class CausalFamily:
@@ -70,17 +70,11 @@ class CausalCodec:
     @property
     def dtype_name(self) -> str:
         """The compute dtype's short name (fp32/fp16/bf16)."""
-        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        return dtype_name(self.dtype)
 
     def check_encode_options(self, space: str | None, sample: bool) -> str:
         """The latent space to write (default: the model's own); a UsageError if this model can't do it."""
-        space = space or self.spec.latent_space
-        if space not in self.spec.spaces:
-            raise UsageError(f"{self.spec.name} cannot write '{space}' latents: expected one of "
-                             f"{', '.join(self.spec.spaces)}")
-        if sample and not self.family.posterior:
-            raise UsageError(f"{self.spec.name} is deterministic: --sample needs a model with a posterior (KL, Wan)")
-        return space
+        return check_encode_space(self.spec, space, sample, self.family.posterior)
 
     def frames_per_pass(self, size: tuple[int, int]) -> int:
         """Frames pushed at a time: the network's own step (it runs 1 + f * k frames in groups of f anyway)."""

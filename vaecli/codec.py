@@ -20,10 +20,9 @@ from vaecli.errors import LatentFormatError, UsageError
 from vaecli.families import family
 from vaecli.latents import make_metadata
 from vaecli.registry import REGISTRY, ModelSpec
-from vaecli.spaces import from_network, to_network
+from vaecli.spaces import DTYPES, check_encode_space, dtype_name, from_network, to_network
 from vaecli.weights import find_on_search_path, load_state_dict
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_CLIP_CHUNK = 64  # frames per pass when they are small: more only holds more frames, it is not faster
 
 
@@ -155,17 +154,11 @@ class Codec:
     @property
     def dtype_name(self) -> str:
         """The compute dtype's short name (fp32/fp16/bf16)."""
-        return next(k for k, v in DTYPES.items() if v == self.dtype)
+        return dtype_name(self.dtype)
 
     def check_encode_options(self, space: str | None, sample: bool) -> str:
         """The latent space to write (default: the model's own); a UsageError if this model can't do it."""
-        space = space or self.spec.latent_space
-        if space not in self.spec.spaces:
-            raise UsageError(f"{self.spec.name} cannot write '{space}' latents: expected one of "
-                             f"{', '.join(self.spec.spaces)}")
-        if sample and not self.posterior:
-            raise UsageError(f"{self.spec.name} is deterministic: --sample needs a model with a posterior (KL, Wan)")
-        return space
+        return check_encode_space(self.spec, space, sample, self.posterior)
 
     def encode_image(self, pixels: torch.Tensor, size: tuple[int, int], space: str | None = None,
                      sample: bool = False, seed: int | None = None) -> tuple[torch.Tensor, dict]:

@@ -7,9 +7,27 @@ from collections.abc import Callable
 
 import torch
 
+from vaecli.errors import UsageError
 from vaecli.registry import ModelSpec
 
 Normalizer = Callable[[torch.Tensor], torch.Tensor]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A compute dtype's short name as latent metadata records it (fp32/fp16/bf16)."""
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def check_encode_space(spec: ModelSpec, space: str | None, sample: bool, posterior: bool) -> str:
+    """The latent space to write (default: the model's own); a UsageError if the model can't write it, or can't
+    sample (`posterior` False)."""
+    space = space or spec.latent_space
+    if space not in spec.spaces:
+        raise UsageError(f"{spec.name} cannot write '{space}' latents: expected one of {', '.join(spec.spaces)}")
+    if sample and not posterior:
+        raise UsageError(f"{spec.name} is deterministic: --sample needs a model with a posterior (KL, Wan)")
+    return space
 
 
 def from_network(z: torch.Tensor, spec: ModelSpec, network: str, space: str,
