@@ -12,7 +12,7 @@ With `--max-memory 2GB ...` each command runs again under those budgets (Wan fra
 peak RSS, time, and the latents' max difference from the default run's.
 
 Run: `python bench/video_families.py [--size 320x192] [--frames 33 129] [--models wan2.1 taew2_1] [--no-diffusers]
-[--max-memory 2GB]`
+[--rounds 3] [--max-memory 2GB]`
 (needs ../shared; the wan2.1 runs take minutes each on 2 cores; diffusers tiles only past 256 px, so its
 blending shows at sizes above that).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[33, 129])
     parser.add_argument("--models", nargs="+", default=["taew2_1", "wan2.1"])
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds of every length; medians and bests are reported (peak RSS varies "
+                             "by a few percent from run to run with the threads' timing)")
     parser.add_argument("--max-memory", nargs="*", default=[],
                         help="also run each command under these budgets (e.g. 2GB): peak RSS, time, and the max "
                              "difference of the latents from the default run's")
@@ -133,20 +137,31 @@ def main() -> None:
         weights = make_weights(tmp)
         clips = {n: make_clip(tmp, size, n) for n in args.frames}
         for model in args.models:
-            for n, clip in clips.items():
-                lat = tmp / f"{model}{n}.latent"
-                rss, secs = measured([vae, "video", str(clip), "-o", str(lat), "--model", model, "--weights",
-                                      str(weights[model]), "-q"], tmp / "out.txt")
-                results[f"{model} video {n}"] = {"peak_rss_mb": rss, "seconds": secs}
-                rss, secs = measured([vae, "decode", str(lat), "-o", str(tmp / f"{model}{n}.mp4"), "--weights",
-                                      str(weights[model]), "-q"], tmp / "out.txt")
-                results[f"{model} decode {n}"] = {"peak_rss_mb": rss, "seconds": secs}
-                for cmd in ("video", "decode"):
-                    r = results[f"{model} {cmd} {n}"]
-                    print(f"{model:8} {cmd:6} {n:4} frames {size[0]}x{size[1]}: {r['seconds']:7.1f} s  peak RSS "
-                          f"{r['peak_rss_mb']:7.0f} MB", flush=True)
-                for budget in args.max_memory:
-                    budgeted(results, vae, model, weights[model], clip, lat, n, budget, tmp)
+            runs: dict[str, list[tuple[float, float]]] = {}
+            for rnd in range(args.rounds):  # interleaved: every length once per round, so drift hits all alike
+                for n, clip in clips.items():
+                    lat = tmp / f"{model}{n}.latent"
+                    lat.unlink(missing_ok=True)
+                    runs.setdefault(f"{model} video {n}", []).append(measured(
+                        [vae, "video", str(clip), "-o", str(lat), "--model", model, "--weights", str(weights[model]),
+                         "-q"], tmp / "out.txt"))
+                    mp4 = tmp / f"{model}{n}.mp4"
+                    mp4.unlink(missing_ok=True)
+                    runs.setdefault(f"{model} decode {n}", []).append(measured(
+                        [vae, "decode", str(lat), "-o", str(mp4), "--weights", str(weights[model]), "-q"],
+                        tmp / "out.txt"))
+                    for cmd in ("video", "decode"):
+                        rss, secs = runs[f"{model} {cmd} {n}"][-1]
+                        print(f"{model:8} {cmd:6} {n:4} frames {size[0]}x{size[1]} round {rnd + 1}: {secs:7.1f} s  "
+                              f"peak RSS {rss:7.0f} MB", flush=True)
+                    if rnd == 0:
+                        for budget in args.max_memory:
+                            budgeted(results, vae, model, weights[model], clip, lat, n, budget, tmp)
+            for key, rs in runs.items():
+                rss = sorted(r for r, _ in rs)
+                secs = sorted(t for _, t in rs)
+                results[key] = {"peak_rss_mb": statistics.median(rss), "best_peak_rss_mb": rss[0],
+                                "seconds": statistics.median(secs), "best_seconds": secs[0], "rounds": rs}
             lo, hi = min(args.frames), max(args.frames)
             if lo == hi:
                 continue
@@ -154,8 +169,10 @@ def main() -> None:
                 a, b = results[f"{model} {cmd} {lo}"], results[f"{model} {cmd} {hi}"]
                 growth = b["peak_rss_mb"] / a["peak_rss_mb"] - 1
                 results[f"{model} {cmd} growth"] = growth
-                print(f"{model:8} {cmd:6} peak RSS {lo} -> {hi} frames: {growth:+.1%} "
-                      f"({'flat' if growth <= FLAT else 'NOT flat'} within {FLAT:.0%})", flush=True)
+                print(f"{model:8} {cmd:6} median peak RSS {lo} -> {hi} frames: {a['peak_rss_mb']:.0f} -> "
+                      f"{b['peak_rss_mb']:.0f} MB, {growth:+.1%} ({'flat' if growth <= FLAT else 'NOT flat'} within "
+                      f"{FLAT:.0%}); best {a['best_peak_rss_mb']:.0f} -> {b['best_peak_rss_mb']:.0f} MB; median time "
+                      f"{a['seconds']:.1f} -> {b['seconds']:.1f} s", flush=True)
         if not args.no_diffusers and "wan2.1" in args.models:
             for n, clip in clips.items():
                 script = tmp / "diffusers_wan.py"

@@ -52,9 +52,12 @@ def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def group_affine(x: torch.Tensor, gn: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm `gn` of (B, C, H, W) `x` as a per-channel scale and shift, each (B, C, 1, 1) float32."""
-    moments = None
-    for r0, r1 in _bands(x, x.shape[-2]):
-        moments = tiling.merge_moments(moments, tiling.group_moments(x[:, :, r0:r1], gn.num_groups))
+    parts: dict[tuple[int, int], tiling.Moments] = {}  # per run of samples, merged over its row bands
+    for b0, b1, r0, r1 in _windows(x, x.shape[-2]):
+        parts[b0, b1] = tiling.merge_moments(parts.get((b0, b1)),
+                                             tiling.group_moments(x[b0:b1, :, r0:r1], gn.num_groups))
+    n = next(iter(parts.values()))[0]
+    moments = (n, torch.cat([m[1] for m in parts.values()]), torch.cat([m[2] for m in parts.values()]))
     scale, shift = tiling.norm_affine(gn, moments, x.shape[1])
     return scale.float(), shift.float()
 
@@ -74,11 +77,17 @@ def _empty(x: torch.Tensor, channels: int, scale: int = 1) -> torch.Tensor:
                        memory_format=torch.channels_last)
 
 
-def _bands(x: torch.Tensor, rows: int) -> list[tuple[int, int]]:
-    """Row ranges covering `rows`, each reading about BAND_BYTES of `x` (at least one row)."""
-    per_row = max(1, x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size())
+def _windows(x: torch.Tensor, rows: int) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, r0, r1) windows of samples and rows covering `rows` rows of every sample of `x`, each reading about
+    BAND_BYTES (at least one row of one sample): row bands of one sample at a time while a sample is larger than
+    that (a clip's frames, each band as thick as in an image of that width), else runs of whole samples."""
+    b = x.shape[0]
+    per_row = max(1, x.shape[1] * x.shape[-1] * x.element_size())
     step = max(1, BAND_BYTES // per_row)
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    if step < rows:
+        return [(i, i + 1, r0, min(rows, r0 + step)) for i in range(b) for r0 in range(0, rows, step)]
+    run = max(1, BAND_BYTES // (per_row * rows))
+    return [(b0, min(b, b0 + run), 0, rows) for b0 in range(0, b, run)]
 
 
 def _resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +95,11 @@ def _resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     c_in, c_out = x.shape[1], h.shape[1]
     if block.nin_shortcut is None:
         out = x  # each band's residual rows are read just before its output overwrites them
-    elif c_out <= c_in and x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] == 1:
-        # The output's rows r0..r1 fill the bytes of input rows < r1, all consumed by then (the shortcut is 1x1).
-        out = x.permute(0, 2, 3, 1).reshape(-1)[:h.numel()].view(1, *h.shape[2:], c_out).permute(0, 3, 1, 2)
+    elif c_out <= c_in and x.is_contiguous(memory_format=torch.channels_last):
+        # Windows go sample by sample, row band by row band: the output's window fills bytes of input samples and
+        # rows before the window's end, all consumed by then (the shortcut is 1x1).
+        out = x.permute(0, 2, 3, 1).reshape(-1)[:h.numel()].view(x.shape[0], *h.shape[2:], c_out) \
+            .permute(0, 3, 1, 2)
     else:
         out = _empty(h, c_out)
     return _conv(block.conv2, h, out, affine=group_affine(h, block.norm2), residual=x,
@@ -99,18 +110,18 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, affine=None, resi
           shortcut: nn.Conv2d | None = None) -> torch.Tensor:
     """out[rows] = conv(silu(x * scale + shift) or x)[rows] (+ residual, through `shortcut`), band by band."""
     pad, height = conv.padding[0], x.shape[-2]
-    for r0, r1 in _bands(x, out.shape[-2]):
+    for b0, b1, r0, r1 in _windows(x, out.shape[-2]):
         c0, c1 = max(0, r0 - pad), min(height, r1 + pad)  # input rows read; zero rows pad the image edges
-        t = x[:, :, c0:c1]
+        t = x[b0:b1, :, c0:c1]
         if affine is not None:
-            t = F.silu(torch.addcmul(affine[1], t.float(), affine[0]), inplace=True).to(x.dtype)
+            t = F.silu(torch.addcmul(affine[1][b0:b1], t.float(), affine[0][b0:b1]), inplace=True).to(x.dtype)
         if c0 > r0 - pad or r1 + pad > c1:
             t = F.pad(t, (0, 0, c0 - (r0 - pad), r1 + pad - c1))
         y = F.conv2d(t, conv.weight, conv.bias, 1, (0, conv.padding[1]))
         if residual is not None:
-            res = residual[:, :, r0:r1]
+            res = residual[b0:b1, :, r0:r1]
             y += res if shortcut is None else shortcut(res)
-        out[:, :, r0:r1] = y
+        out[b0:b1, :, r0:r1] = y
     return out
 
 
@@ -129,10 +140,10 @@ def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-2]
     out = _empty(x, conv.out_channels, 2)
     phases = out.view(*out.shape[:2], h, 2, out.shape[-1] // 2, 2)  # (B, C', H, a, W, b)
-    for l0, l1 in _bands(x, h):
-        t = F.pad(x[:, :, max(0, l0 - 1):min(h, l1 + 1)], (1, 1, int(l0 == 0), int(l1 == h)))
+    for b0, b1, l0, l1 in _windows(x, h):
+        t = F.pad(x[b0:b1, :, max(0, l0 - 1):min(h, l1 + 1)], (1, 1, int(l0 == 0), int(l1 == h)))
         for a in range(2):
             for b in range(2):
                 window = t[:, :, a:a + l1 - l0 + 1, b:b + x.shape[-1] + 1]
-                phases[:, :, l0:l1, a, :, b] = F.conv2d(window, kernels[a][b], conv.bias)
+                phases[b0:b1, :, l0:l1, a, :, b] = F.conv2d(window, kernels[a][b], conv.bias)
     return out
