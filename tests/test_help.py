@@ -1,5 +1,6 @@
 """Every command has help text, and the CLI starts without importing torch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,48 @@ def test_cli_backs_large_tensors_with_huge_pages():
 
 def test_huge_pages_setting_is_the_users_to_override():
     assert _huge_pages_after_cli("0") == ("0", 0)
+
+
+def _entry(*args: str) -> subprocess.CompletedProcess:
+    """The console script's entry point (`vaecli.cli.run`), as `vae ARGS...` runs it."""
+    code = "import sys\nfrom vaecli.cli import run\nsys.argv = ['vae', *sys.argv[1:]]\nrun()\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["encode"], "Error: Missing argument 'inputs'. (see 'vae encode --help')"),
+    (["encode", "x.png", "--bogus"], "Error: No such option: --bogus (see 'vae encode --help')"),
+    (["nosuchcmd"], "Error: No such command 'nosuchcmd'. (see 'vae --help')"),
+    (["decode", "x.latent", "--dtype", "fp64"],
+     "Error: Invalid value for '--dtype': 'fp64' is not one of 'fp32', 'fp16', 'bf16'. (see 'vae decode --help')"),
+])
+def test_usage_errors_are_one_error_line_and_exit_2(args, message):
+    proc = _entry(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [message]
+    assert proc.stdout == ""
+
+
+def test_usage_error_under_json_is_also_a_record():
+    proc = _entry("encode", "x.png", "-m", "nosuch", "--json")
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("Error: Invalid value for '-m' / '--model': 'nosuch' is not one of 'taesd', ")
+    assert json.loads(proc.stdout) == {"input": None, "output": None, "status": "error", "error": line[7:]}
+
+
+def test_failure_before_the_batch_under_json_is_a_record(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    proc = _entry("encode", str(image), "-o", str(image), "--json")
+    assert proc.returncode == 1
+    [line] = proc.stderr.splitlines()
+    assert line == f"Error: refusing to overwrite input {image} (choose another -o)"
+    assert json.loads(proc.stdout) == {"input": None, "output": None, "status": "error", "error": line[7:]}
+
+
+def test_no_arguments_prints_the_help_and_exits_2():
+    proc = _entry()
+    assert proc.returncode == 2
+    assert "Usage: vae" in proc.stdout + proc.stderr
+    assert "Error" not in proc.stderr

@@ -2,6 +2,8 @@
 
 import sys
 
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
 from vaecli import allocator
 from vaecli.cli import (  # noqa: F401  (registers the commands)
     compare,
@@ -13,18 +15,37 @@ from vaecli.cli import (  # noqa: F401  (registers the commands)
     video_cmd,
     weights_cmd,
 )
-from vaecli.cli.common import app, fail, say
+from vaecli.cli.common import app, fail, failure_record, say
 
 __all__ = ["app", "run"]
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: exit 0 on success, 1 when an input or the run failed, 2 for a usage error, 130
+    when interrupted; every failure one `Error:` line (and a JSON record under --json)."""
     allocator.huge_pages()  # before torch's first allocation, which the commands make
     try:
-        app()
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # `vae`, `vae weights`: the help, as Typer prints it
+        exc.show()
+        code = exc.exit_code
+    except ClickException as exc:  # a usage error found while parsing: one line, not Typer's framed box
+        code = usage_error(exc)
     except KeyboardInterrupt:
         say("Interrupted")
-        sys.exit(130)
+        code = 130
     except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback only with --debug
-        sys.exit(fail(exc, "--debug" in sys.argv).exit_code)
+        code = fail(exc, "--debug" in sys.argv, "--json" in sys.argv).exit_code
+    sys.exit(code or 0)
+
+
+def usage_error(exc: ClickException) -> int:
+    """Print a parse-time usage error as one `Error:` line naming the command's help; its exit code."""
+    message = " ".join(exc.format_message().replace("Value error, ", "").split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    say(f"Error: {message}")
+    if "--json" in sys.argv:
+        failure_record(message)
+    return exc.exit_code

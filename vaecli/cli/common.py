@@ -138,14 +138,22 @@ def say(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def fail(exc: BaseException, debug: bool = False) -> typer.Exit:
-    """Print `exc` as one `Error:` line (and, for unexpected errors with `debug`, its traceback); the exit."""
+def fail(exc: BaseException, debug: bool = False, as_json: bool = False) -> typer.Exit:
+    """Print `exc` as one `Error:` line (and, for unexpected errors with `debug`, its traceback; with `as_json`, a
+    JSON error record on stdout); the exit."""
     if debug and not isinstance(exc, VaeError):
         import traceback
 
         say("".join(traceback.format_exception(exc)).rstrip())
     say(f"Error: {describe(exc)}")
+    if as_json:
+        failure_record(describe(exc))
     return typer.Exit(exc.exit_code if isinstance(exc, VaeError) else 1)
+
+
+def failure_record(message: str) -> None:
+    """The `--json` record of a failure of the whole command (before or beside any input's own record)."""
+    typer.echo(json_line({"input": None, "output": None, "status": "error", "error": message}))
 
 
 class Reporter:
@@ -246,7 +254,7 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
         raise typer.Exit(130) from None
     except Exception as exc:  # a failure of the run itself, not of one input: reported, never a traceback
         reporter.finish()
-        raise fail(exc, debug) from None
+        raise fail(exc, debug, as_json) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     code = reporter.finish()

@@ -149,7 +149,7 @@ def compare(
         options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
         atomic_write(output, lambda tmp: image.save(tmp, format=fmt, **options))
     except Exception as exc:
-        raise fail(exc, debug) from None
+        raise fail(exc, debug, as_json) from None
 
     if as_json:  # only now: every record describes a row of a sheet that exists
         for record in records:

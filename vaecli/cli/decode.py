@@ -106,7 +106,7 @@ def decode(
                                  f"({', '.join(media.OUTPUT_FORMATS)}) or a video extension "
                                  f"({', '.join(sorted(video.VIDEO_EXTS))})")
     except Exception as exc:
-        raise fail(exc, debug) from None
+        raise fail(exc, debug, as_json) from None
     codecs: dict[str, Codec] = {}
 
     def codec_for(name: str) -> Codec:

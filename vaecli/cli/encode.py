@@ -152,7 +152,7 @@ def encode(
                                  space.value if space else None, sample, seed, alpha.value, batch_size, fail_fast,
                                  quiet or as_json, tiling_kwargs(tile, max_memory))
     except Exception as exc:
-        raise fail(exc, debug) from None
+        raise fail(exc, debug, as_json) from None
     if runner is not None:
         run_batch(jobs, as_json, quiet, runner=runner, debug=debug)
     run_batch(jobs, as_json, quiet, fail_fast=fail_fast, debug=debug,

@@ -96,7 +96,7 @@ def roundtrip(
         codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify,
                            **tiling_kwargs(tile, max_memory, scratch))
     except Exception as exc:
-        raise fail(exc, debug) from None
+        raise fail(exc, debug, as_json) from None
 
     def compute(group) -> None:
         for job, latent, meta in encode_group(group, codec):

@@ -105,7 +105,7 @@ def video_cmd(
             if fmt == LatentFormat.comfyui:
                 codec.check_encode_options("raw", False)  # ComfyUI's files are raw: a model without them is refused
     except Exception as exc:
-        raise fail(exc, debug) from None
+        raise fail(exc, debug, as_json) from None
 
     def compute(group) -> None:
         job = group[0]
