@@ -324,3 +324,87 @@ def test_kl_decode_past_the_budget_spills_layers_to_scratch_exactly(vae, kl_file
     line = vae("decode", lat, "-o", tmp_path / "again.png", "--weights", weights, "--max-memory", "1")
     assert line.stderr.strip() == (f"{lat} -> {tmp_path / 'again.png'}  sd15 61x45  "
                                    f"scratch {record['scratch_bytes'] / 1e9:.2f} GB")
+
+
+# --- --as-frames never deletes what vaecli did not write; -o - ---------------------------------------------
+
+@pytest.fixture
+def clip_latent(vae, real_weights, gif, tmp_path):
+    """A 2-frame taef2 latent video of the test GIF, `tmp_path/work/clip.latent`."""
+    lat = tmp_path / "work" / "clip.latent"
+    result = vae("video", gif, "-o", lat, "--frames", 2)
+    assert result.exit_code == 0, result.stderr
+    return lat
+
+
+def _tree(folder) -> dict:
+    """Every file under `folder` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+FRAMES = ["frame_000000.png", "frame_000001.png"]
+
+
+def test_as_frames_replaces_only_a_folder_of_frames(vae, clip_latent):
+    """Beside the latent (one input: overwrite): an earlier frames folder is replaced, leaving nothing hidden."""
+    work, frames = clip_latent.parent, clip_latent.parent / "clip"
+    frames.mkdir()
+    (frames / "frame_000007.png").write_bytes(b"stale frame")
+    result = vae("decode", clip_latent, "--as-frames", "-q")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert sorted(p.name for p in work.iterdir()) == ["clip", "clip.latent"]
+    assert sorted(p.name for p in frames.iterdir()) == FRAMES
+
+
+@pytest.mark.parametrize("others", [["notes.txt"], ["notes.txt", "source_frame.png", "sub/", "z.png", "zz.png"]])
+def test_as_frames_refuses_a_folder_holding_other_files(vae, clip_latent, others):
+    work, frames = clip_latent.parent, clip_latent.parent / "clip"
+    frames.mkdir()
+    (frames / "frame_000000.png").write_bytes(b"an old frame")
+    for name in others:
+        (frames / name).mkdir() if name.endswith("/") else (frames / name).write_bytes(b"precious")
+    before = _tree(work)
+    result = vae("decode", clip_latent, "--as-frames", "--json")
+    assert result.exit_code == 1
+    names = sorted(n.rstrip("/") for n in others)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    message = (f"{frames}: refusing to replace this folder: expected only frame_NNNNNN.png files (an earlier "
+               f"--as-frames output), found {shown} (move them or choose another -o)")
+    assert _only_error_line(result) == f"Error: {clip_latent}: {message}"
+    assert json.loads(result.stdout)["error"] == message
+    assert _tree(work) == before and sorted(p.name for p in work.iterdir()) == ["clip", "clip.latent"]
+
+
+def test_as_frames_refuses_a_file_in_the_way(vae, clip_latent):
+    (clip_latent.parent / "clip").write_bytes(b"precious")
+    result = vae("decode", clip_latent, "--as-frames")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {clip_latent}: {clip_latent.parent / 'clip'}: is a file, expected "
+                                        f"a folder of frames or a new name")
+    assert (clip_latent.parent / "clip").read_bytes() == b"precious"
+    assert sorted(p.name for p in clip_latent.parent.iterdir()) == ["clip", "clip.latent"]
+
+
+def test_as_frames_refuses_a_folder_holding_an_input(vae, clip_latent):
+    """clip/x.latent and clip.latent in one run: clip.latent's frames folder would replace the other input."""
+    work = clip_latent.parent
+    inner = work / "clip" / "x.latent"
+    inner.parent.mkdir()
+    inner.write_bytes(clip_latent.read_bytes())
+    (work / "clip" / "notes.txt").write_text("precious\n")
+    before = _tree(work)
+    result = vae("decode", inner, clip_latent, "--as-frames", "--json")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: refusing to replace {work / 'clip'}: it is a folder holding input "
+                                        f"{inner} (choose another -o)")
+    assert _tree(work) == before
+
+
+@pytest.mark.parametrize("cmd", ["encode", "decode", "roundtrip"])
+def test_output_dash_is_refused(vae, real_weights, small_image, latent_file, tmp_path, monkeypatch, cmd):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = vae(cmd, latent_file if cmd == "decode" else small_image, "-o", "-")
+    assert result.exit_code == 2
+    assert _only_error_line(result) == "Error: -o -: writing to stdout is not supported; give a file or folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -30,3 +30,29 @@ def test_info_json_and_errors(vae, real_weights, small_image, tmp_path):
     assert bad == {"input": str(tmp_path / "missing.latent"), "status": "error",
                    "error": f"{tmp_path / 'missing.latent'}: no such file"}
     assert result.stderr.strip() == f"Error: {tmp_path / 'missing.latent'}: no such file"
+
+
+def test_info_goes_on_past_any_failure_and_writes_strict_json(vae, real_weights, small_image, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "a.latent"
+    assert vae("encode", small_image, "-o", good).exit_code == 0
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    odd = tmp_path / "odd.latent"
+    save_file(load_file(good), odd, metadata={**meta, "note": "Infinity", "source_fps": "NaN"})
+    result = vae("info", odd, "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)  # strict: json.loads accepts NaN, so check the text too
+    assert "NaN" not in result.stdout and "Infinity" not in result.stdout.replace('"Infinity"', "")
+    assert record["status"] == "ok"
+
+    video_without_fps = tmp_path / "v.latent"
+    tensors = load_file(good)
+    save_file({"latent": tensors["latent"][None]}, video_without_fps,
+              metadata={**meta, "kind": "video", "shape": "[1, 32, 6, 8]"})
+    result = vae("info", video_without_fps, good)
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith(f"{good}: taef2 latent [32, 6, 8] fp32, image")
+    assert len(lines) + len(result.stderr.splitlines()) == 2

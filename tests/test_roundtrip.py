@@ -94,3 +94,23 @@ def test_kl_roundtrip_past_the_budget_reports_scratch(vae, kl_files, small_image
     a, b = json.loads(whole.stdout), json.loads(spilled.stdout)
     assert b["scratch_bytes"] > 0 and "scratch_bytes" not in a
     assert abs(a["psnr"] - b["psnr"]) <= 0.05 and abs(a["ssim"] - b["ssim"]) <= 1e-3
+
+
+def test_diff_and_output_must_differ_and_fail_together(vae, real_weights, small_image, tmp_path, monkeypatch):
+    recon = tmp_path / "r.png"
+    result = vae("roundtrip", small_image, "-o", recon, "--diff", recon)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"Error: --diff {recon}: is also the reconstruction's -o; give them different paths"
+    assert not recon.exists()
+
+    from vaecli import media
+
+    def broken(path, pixels):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(media, "write_image", broken)
+    heat = tmp_path / "d.png"
+    result = vae("roundtrip", small_image, "-o", recon, "--diff", heat)
+    assert result.exit_code == 1
+    assert not heat.exists() and not recon.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [small_image.name]

@@ -211,8 +211,11 @@ def test_zero_frames_selected(vae, real_weights, clip, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--stride", 2, "--fps", 5], "Error: use --stride or --fps, not both"),
     (["--recon", "r.mp4"], "Error: --recon needs --roundtrip"),
-    (["--frames", 0], "Error: --chunk, --stride and --frames must be at least 1, --start at least 0, "
-                      "--fps positive"),
+    (["--frames", 0], "Error: --chunk, --stride and --frames must be at least 1, --start at least 0"),
+    (["--fps", 0], "Error: --fps 0: expected fps between 0.001 and 1000"),
+    (["--fps", "1e-300"], "Error: --fps 1e-300: expected fps between 0.001 and 1000"),
+    (["--fps", "1e308"], "Error: --fps 1e+308: expected fps between 0.001 and 1000"),
+    (["--fps", "nan"], "Error: --fps nan: expected fps between 0.001 and 1000"),
     (["--seed", 3], "Error: --seed only applies with --sample"),
     (["--sample"], "Error: taef2 is deterministic: --sample needs a model with a posterior (KL, Wan)"),
 ])
@@ -220,6 +223,14 @@ def test_video_usage_errors(vae, real_weights, clip, tmp_path, args, message):
     result = vae("video", clip, "-o", tmp_path / "x.latent", *args)
     assert result.exit_code == 2
     assert _error_line(result) == message
+
+
+def test_a_stride_below_the_lowest_fps_is_refused(vae, real_weights, clip, tmp_path):
+    result = vae("video", clip, "--stride", 100000, "-o", tmp_path / "x.latent", "--roundtrip")
+    assert result.exit_code == 1
+    assert _error_line(result) == (f"Error: {clip}: 24 fps / --stride 100000 is 0.00024 fps: expected fps between "
+                                   f"0.001 and 1000 (use --fps)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_video_latent_to_image_extension(vae, real_weights, gif, tmp_path):
@@ -481,3 +492,148 @@ def test_taew2_1_previews_wan_latents_like_the_reference(vae, tiny_wan, gif, sha
     assert check["compared"] == "all 5 frames with the clip streamed in whole frames" and check["max_abs_diff"] <= 1e-5
     tiled = torch.stack([read_image(p)[0][0] for p in sorted((tmp_path / "pt" / "w").iterdir())])
     assert (tiled - decoded).abs().max().item() <= 1 / 255
+
+
+# --- writing clips: ffmpeg's failures, its log, temp files --------------------------------------------------
+
+@pytest.fixture
+def two_frames(vae, real_weights, gif, tmp_path):
+    """A 2-frame taef2 latent video of the test GIF (14x25) in its own folder."""
+    lat = tmp_path / "in" / "g.latent"
+    result = vae("video", gif, "-o", lat, "--frames", 2)
+    assert result.exit_code == 0, result.stderr
+    return lat
+
+
+def _fake_ffmpeg(tmp_path, body: str):
+    """An executable standing in for ffmpeg (IMAGEIO_FFMPEG_EXE) that runs `body` in sh."""
+    fake = tmp_path / "fake-ffmpeg"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def _vae_process(*args, env=None):
+    """`vae` as its own process: ffmpeg inherits the process's stderr, which CliRunner would not see."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "vaecli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+ENOSPC_LOG = ("cat >/dev/null\n"
+              "echo '[out#0/mp4 @ 0x55d0] Error writing trailer: No space left on device' >&2\n"
+              "echo 'Error closing file: No space left on device' >&2\n"
+              "exit 228")
+ENCODER_LOG = ("cat >/dev/null\n"
+               "echo '[libx264 @ 0x55d0] width not divisible by 2 (15x16)' >&2\n"
+               "echo '[vost#0:0/libx264 @ 0x55d1] Error while opening encoder - maybe incorrect parameters' >&2\n"
+               "echo 'Conversion failed!' >&2\n"
+               "exit 1")
+
+
+@pytest.mark.parametrize("log, why", [
+    (ENOSPC_LOG, "no space left on the device"),  # as any other write on a full disk says it
+    (ENCODER_LOG, "ffmpeg failed: width not divisible by 2 (15x16)"),  # the first line: the cause
+])
+def test_a_failed_ffmpeg_is_one_error_and_leaves_nothing(two_frames, tmp_path, log, why):
+    """ffmpeg exiting non-zero (a full disk, an encoder error) fails the input with one line and a JSON record,
+    nothing of ffmpeg's own log on the terminal, and neither the output nor its temp file left."""
+    out = tmp_path / "out" / "x.mp4"
+    run = _vae_process("decode", two_frames, "-o", out, "--json",
+                       env={"IMAGEIO_FFMPEG_EXE": str(_fake_ffmpeg(tmp_path, log))})
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [f"Error: {two_frames}: {out}: cannot write: {why}"]
+    assert json.loads(run.stdout)["error"] == f"{out}: cannot write: {why}"
+    assert list(out.parent.iterdir()) == []
+
+
+def test_ffmpeg_log_stays_off_the_terminal_under_quiet(two_frames, tmp_path):
+    chatty = _fake_ffmpeg(tmp_path, f"echo 'ffmpeg: a warning nobody asked for' >&2\n"
+                                    f"exec '{imageio_ffmpeg.get_ffmpeg_exe()}' \"$@\"")
+    out = tmp_path / "x.mp4"
+    run = _vae_process("decode", two_frames, "-o", out, "-q", env={"IMAGEIO_FFMPEG_EXE": str(chatty)})
+    assert (run.returncode, run.stderr, run.stdout) == (0, "", "")
+    assert _frames(out)[1].shape == (2, 26, 14, 3)
+
+
+def test_ffmpeg_dying_mid_clip_is_an_output_error(tmp_path, monkeypatch):
+    """ffmpeg gone before the frames are all sent (a broken pipe): its log's cause, and no temp file."""
+    from vaecli.errors import OutputError
+
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(_fake_ffmpeg(
+        tmp_path, "echo '[in#0 @ 0x1] Error opening input: Invalid argument' >&2\nexit 234")))
+    out = tmp_path / "o" / "x.mp4"
+    with pytest.raises(OutputError) as err, video.VideoWriter(out, 24.0, (128, 128)) as writer:
+        for _ in range(10):  # more than a pipe holds: a write finds ffmpeg gone
+            writer.write(torch.rand(3, 128, 128))
+    assert str(err.value) == f"{out}: cannot write: ffmpeg failed: Error opening input: Invalid argument"
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_gif_that_cannot_be_written_leaves_no_temp_file(vae, two_frames, tmp_path, monkeypatch):
+    """A full disk while the GIF is saved (in close()): one error line, and the temp file is removed."""
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"GIF89a")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "out" / "x.gif"
+    result = vae("decode", two_frames, "-o", out)
+    assert result.exit_code == 1
+    assert _error_line(result) == f"Error: {two_frames}: {out}: cannot write: no space left on the device"
+    assert list(out.parent.iterdir()) == []
+
+
+def _with_fps(lat, fps):
+    """A copy of latent video `lat` whose metadata says `fps`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(lat), framework="pt") as f:
+        meta, latent = f.metadata(), f.get_tensor("latent")
+    path = lat.with_name(f"fps{fps:g}.latent")
+    save_file({"latent": latent}, str(path), {**meta, "fps": json.dumps(fps)})
+    return path
+
+
+@pytest.mark.parametrize("fps", [1e308, 1e-300, 0.0])
+def test_a_latent_fps_out_of_range_is_refused(vae, two_frames, tmp_path, fps):
+    lat = _with_fps(two_frames, fps)
+    out = tmp_path / "out" / "x.mp4"
+    result = vae("decode", lat, "-o", out, "--json")
+    assert result.exit_code == 1
+    message = f"{lat}: metadata 'fps' must be a number between 0.001 and 1000, got {str(fps)!r}"
+    assert _error_line(result) == f"Error: {message}"
+    assert json.loads(result.stdout)["error"] == message
+    assert not out.parent.exists()
+
+
+def test_a_gif_too_slow_to_hold_is_refused(vae, two_frames, tmp_path):
+    """0.001 fps is a valid latent's rate, but a GIF frame lasts at most 655.35 s."""
+    lat = _with_fps(two_frames, 0.001)
+    out = tmp_path / "out" / "x.gif"
+    result = vae("decode", lat, "-o", out)
+    assert result.exit_code == 1
+    assert _error_line(result) == (f"Error: {lat}: {out}: a GIF frame lasts at most 655.35 s, got 0.001 fps "
+                                   f"(expected at least 0.00153 fps; write .mp4 instead)")
+    assert not out.parent.exists()  # refused before anything was made
+    result = vae("decode", lat, "-o", tmp_path / "out" / "x.mp4", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert _frames(tmp_path / "out" / "x.mp4")[1].shape[0] == 2
+
+
+def test_video_writer_refuses_an_absurd_fps(tmp_path):
+    from vaecli.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        video.VideoWriter(tmp_path / "x.gif", 1e-300, (4, 4))
+    assert str(err.value) == f"{tmp_path / 'x.gif'}: expected fps between 0.001 and 1000, got 1e-300"
+    assert list(tmp_path.iterdir()) == []

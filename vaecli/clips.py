@@ -44,9 +44,10 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
 
 def check_selection(start: int, frames: int | None, stride: int, fps: float | None, chunk: int | None) -> None:
     """Raise a UsageError for a frame selection or chunk size that cannot mean anything."""
-    if (chunk is not None and chunk < 1) or stride < 1 or (frames is not None and frames < 1) or start < 0 or (
-            fps is not None and fps <= 0):
-        raise UsageError("--chunk, --stride and --frames must be at least 1, --start at least 0, --fps positive")
+    if (chunk is not None and chunk < 1) or stride < 1 or (frames is not None and frames < 1) or start < 0:
+        raise UsageError("--chunk, --stride and --frames must be at least 1, --start at least 0")
+    if fps is not None and not video.fps_ok(fps):
+        raise UsageError(f"--fps {fps:g}: {video.FPS_RANGE}")
     if stride != 1 and fps is not None:
         raise UsageError("use --stride or --fps, not both")
 
@@ -65,6 +66,9 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     info, stream = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
     chunk = chunk or codec.frames_per_pass(info.size)
     out_fps = fps or info.fps / stride
+    if not video.fps_ok(out_fps):  # recorded in the latent: refused now rather than when it is decoded
+        raise InputError(f"{src}: {info.fps:g} fps / --stride {stride} is {out_fps:g} fps: {video.FPS_RANGE} "
+                         f"(use --fps)")
     report = ClipReport(frames=0, shape=[], fps=out_fps, size=info.size)
     writer = latents.LatentVideoWriter(out)
     recon_writer = video.VideoWriter(recon, out_fps, info.size) if recon else None

@@ -37,8 +37,9 @@ def output_error(dest: Path, exc: OSError) -> OutputError:
         why = "permission denied" if exc.errno != errno.EROFS else "read-only file system"
     elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
-    else:
-        why = exc.strerror or str(exc)
+    else:  # the first line only: some libraries append command lines and logs to the message
+        lines = [line for line in (exc.strerror or str(exc)).splitlines() if line.strip()]
+        why = " ".join(lines[0].split()) if lines else f"error {exc.errno}"
     return OutputError(f"{dest}: cannot write: {why}")
 
 
@@ -84,7 +85,10 @@ def is_folder_target(output: Path, n_inputs: int) -> bool:
 def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path], str],
                  rels: list[Path] | None = None) -> list[Path]:
     """One output path per input: beside it, at `output` (a file), or inside `output` (a folder), where
-    each input's relative path in `rels` (from a walked folder) is mirrored."""
+    each input's relative path in `rels` (from a walked folder) is mirrored; none may be an input or a folder
+    holding one."""
+    if output is not None and str(output) == "-":
+        raise UsageError("-o -: writing to stdout is not supported; give a file or folder")
     if output is None:
         outs = [p.parent / name(p) for p in inputs]
     elif is_folder_target(output, len(inputs)):
@@ -96,10 +100,14 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
         outs = [output]
     seen: dict[Path, Path] = {}
     resolved_inputs = {p.resolve() for p in inputs}
+    holders = {folder: p for p in reversed(inputs) for folder in p.resolve().parents}  # folder -> an input in it
     for src, out in zip(inputs, outs, strict=True):
         r = out.resolve()
         if r in resolved_inputs:
             raise OutputError(f"refusing to overwrite input {src} (choose another -o)")
+        if r in holders:  # a folder output (--as-frames) replaces the folder, and the input with it
+            raise OutputError(f"refusing to replace {out}: it is a folder holding input {holders[r]} "
+                              f"(choose another -o)")
         if r in seen:
             raise UsageError(f"inputs {seen[r]} and {src} would both write {out}")
         seen[r] = src

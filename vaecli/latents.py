@@ -151,7 +151,7 @@ _FIELDS = {
     "channels": ("a positive integer", lambda v: _ints([v], 1) and v > 0),
     "scaling_factor": ("a non-zero number", lambda v: _number(v) and v != 0),
     "shift_factor": ("a number", lambda v: _number(v)),
-    "fps": ("a positive number", lambda v: _number(v) and v > 0),
+    "fps": ("a number between 0.001 and 1000", lambda v: _number(v) and 0.001 <= v <= 1000),  # video.FPS_MIN..MAX
     "model": ("a model name", lambda v: isinstance(v, str)),
     "space": ("a latent space name", lambda v: isinstance(v, str)),
     "temporal_factor": ("a positive integer", lambda v: _ints([v], 1) and v > 0),

@@ -5,23 +5,39 @@ Frames inside the library are (3, H, W) float32 tensors in [0, 1]; nothing here 
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaecli.errors import InputError, UsageError
-from vaecli.files import output_file_mode, writing
+from vaecli.errors import InputError, OutputError, UsageError
+from vaecli.files import output_error, output_file_mode, writing
 
 FFMPEG_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 VIDEO_EXTS = FFMPEG_EXTS | {".gif"}
 STILL_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 CODECS = {".webm": "libvpx-vp9"}  # everything else: H.264
+# Frame rates every writer here stores (latents.py's metadata check uses the same bounds): beyond them ffmpeg
+# refuses the rate or a GIF's frame delay overflows.
+FPS_MIN, FPS_MAX = 0.001, 1000.0
+FPS_RANGE = f"expected fps between {FPS_MIN:g} and {FPS_MAX:g}"
+GIF_MAX_DELAY_MS = 655350  # a GIF frame delay is a 16-bit count of centiseconds
+FRAME_NAME = re.compile(r"frame_\d{6,}\.png")  # what --as-frames writes
+
+
+def fps_ok(fps: float) -> bool:
+    """Whether `fps` is a frame rate within FPS_MIN .. FPS_MAX."""
+    return math.isfinite(fps) and FPS_MIN <= fps <= FPS_MAX
 
 
 @dataclass(frozen=True)
@@ -112,16 +128,130 @@ def check_video_output(path: Path, as_frames: bool = False) -> str:
                      f"(or --as-frames for a folder of PNG frames)")
 
 
+def check_frames_folder(path: Path) -> None:
+    """Refuse to replace `path` unless it is a folder holding nothing but frame_NNNNNN.png files (a previous
+    --as-frames output), so that no file vaecli did not write is ever deleted."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        kind = "a symbolic link" if path.is_symlink() else "a file"
+        raise OutputError(f"{path}: is {kind}, expected a folder of frames or a new name")
+    others = sorted(p.name for p in path.iterdir() if not _is_frame(p))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise OutputError(f"{path}: refusing to replace this folder: expected only frame_NNNNNN.png files (an "
+                          f"earlier --as-frames output), found {shown} (move them or choose another -o)")
+
+
+def _is_frame(path: Path) -> bool:
+    return FRAME_NAME.fullmatch(path.name) is not None and path.is_file() and not path.is_symlink()
+
+
+def _remove_frames(folder: Path) -> None:
+    """Delete a replaced frames folder file by file: only frames go, never anything that appeared meanwhile."""
+    for p in folder.iterdir():
+        if _is_frame(p):
+            p.unlink()
+    try:
+        folder.rmdir()
+    except OSError:  # something other than frames appeared since the check: keep it rather than delete it
+        pass
+
+
+def _gif_delay(path: Path, fps: float) -> int:
+    """A GIF frame's delay in ms at `fps`, or an OutputError where a GIF cannot hold it."""
+    delay = round(1000 / fps)
+    if delay > GIF_MAX_DELAY_MS:
+        raise OutputError(f"{path}: a GIF frame lasts at most {GIF_MAX_DELAY_MS / 1000:g} s, got {fps:g} fps "
+                          f"(expected at least {1000 / GIF_MAX_DELAY_MS:.5f} fps; write .mp4 instead)")
+    return delay
+
+
+_OS_ERRORS = {os.strerror(e): e for e in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EFBIG)}
+
+
+def ffmpeg_error(dest: Path, log: str, code: int) -> OutputError:
+    """A one-line OutputError from ffmpeg's log: the OS error it names (as for any other write), else its first
+    line, the cause (later lines are what failed in turn), without its [component @ address] prefix."""
+    lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", line).strip() for line in log.splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        for text, number in _OS_ERRORS.items():
+            if text in line:
+                return output_error(dest, OSError(number, text))
+    why = " ".join(lines[0].split())[:200] if lines else f"exit status {code}"
+    return OutputError(f"{dest}: cannot write: ffmpeg failed: {why}")
+
+
+class _Ffmpeg:
+    """An ffmpeg process encoding raw RGB frames from its stdin into `path`, its log kept in a temp file (not the
+    terminal) so that a failure becomes one OutputError about `dest`."""
+
+    def __init__(self, path: Path, dest: Path, size: tuple[int, int], fps: float, codec: str):
+        import imageio_ffmpeg
+
+        self.dest = dest
+        # x264 holds its look-ahead frames (40 by default): at 1080p that is hundreds of MB in the encoder
+        # process, and a short clip never fills it; 10 frames keep long clips' memory near short ones'.
+        tuning = ["-b:v", "0"] if "vpx" in codec else ["-rc-lookahead", "10"]
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+               "-s", f"{size[0]}x{size[1]}", "-pix_fmt", "rgb24", "-r", str(Fraction(fps).limit_denominator()),
+               "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", "yuv420p", "-v", "error", "-crf", "16", *tuning,
+               str(path)]
+        self._log = tempfile.TemporaryFile()
+        try:  # its own session: Ctrl-C reaches vaecli, which stops ffmpeg and drops the file
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log,
+                                          start_new_session=True)
+        except BaseException:
+            self._log.close()
+            raise
+
+    def send(self, frame: np.ndarray) -> None:
+        """Pass one (H, W, 3) uint8 frame to ffmpeg."""
+        try:
+            self._proc.stdin.write(frame)
+        except BrokenPipeError:  # ffmpeg has exited: its status and log say why
+            self.close()
+            raise OutputError(f"{self.dest}: cannot write: ffmpeg stopped reading frames") from None
+
+    def close(self) -> None:
+        """Let ffmpeg finish the file; an OutputError if it failed."""
+        try:
+            self._proc.stdin.close()
+        except BrokenPipeError:  # ffmpeg exited early: its status says whether that was a failure
+            pass
+        code = self._proc.wait()
+        self._log.seek(0)
+        log = self._log.read().decode(errors="replace")
+        self._log.close()
+        if code != 0:
+            raise ffmpeg_error(self.dest, log, code)
+
+    def kill(self) -> None:
+        """Stop ffmpeg at once (the file it was writing is dropped)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        try:
+            self._proc.stdin.close()
+        except OSError:  # unflushed frames to a process that is gone
+            pass
+        self._proc.wait()
+        self._log.close()
+
+
 class VideoWriter:
     """Writes frames to a video file (or PNG folder) as they come; the file appears only on `close()`.
 
     H.264/VP9 need even dimensions: odd sizes are padded by one replicated row/column (`written_size`).
+    An existing PNG folder is replaced only when it holds nothing but frames (`check_frames_folder`).
     """
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int], as_frames: bool = False):
         self.path, self.fps, self.size = Path(path), fps, size
         self._tmp: Path | None = None
-        self._ffmpeg = None
+        self._ffmpeg: _Ffmpeg | None = None
+        if not fps_ok(fps):
+            raise InputError(f"{self.path}: {FPS_RANGE}, got {float(fps):g}")
         try:
             with writing(self.path):
                 self._open(as_frames)
@@ -130,12 +260,15 @@ class VideoWriter:
             raise
 
     def _open(self, as_frames: bool) -> None:
-        fps, size = self.fps, self.size
         self.kind = check_video_output(self.path, as_frames)
         self.count = 0
-        w, h = size
-        self.written_size = (w + w % 2, h + h % 2) if self.kind == "ffmpeg" else size
+        w, h = self.size
+        self.written_size = (w + w % 2, h + h % 2) if self.kind == "ffmpeg" else self.size
         self._gif_frames: list = []
+        if self.kind == "gif":
+            self._gif_delay = _gif_delay(self.path, self.fps)
+        if self.kind == "frames":
+            check_frames_folder(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.kind == "frames":  # a hidden folder beside it, renamed into place when complete
             self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent))
@@ -145,17 +278,8 @@ class VideoWriter:
         os.close(fd)
         self._tmp = Path(tmp)
         if self.kind == "ffmpeg":
-            import imageio_ffmpeg
-
-            # x264 holds its look-ahead frames (40 by default): at 1080p that is hundreds of MB in the encoder
-            # process, and a short clip never fills it; 10 frames keep long clips' memory near short ones'.
             codec = CODECS.get(self.path.suffix.lower(), "libx264")
-            self._ffmpeg = imageio_ffmpeg.write_frames(
-                str(self._tmp), self.written_size, fps=fps, codec=codec, pix_fmt_out="yuv420p", quality=None,
-                macro_block_size=1, ffmpeg_log_level="error",
-                output_params=["-crf", "16"] + (["-b:v", "0"] if "vpx" in codec else ["-rc-lookahead", "10"]),
-            )
-            self._ffmpeg.send(None)
+            self._ffmpeg = _Ffmpeg(self._tmp, self.path, self.written_size, self.fps, codec)
 
     def write(self, frame: torch.Tensor) -> None:
         """Append one (3, H, W) frame in [0, 1]."""
@@ -182,51 +306,59 @@ class VideoWriter:
         self.count += 1
 
     def close(self) -> None:
-        """Finish the file and move it into place."""
-        with writing(self.path):
-            self._close()
+        """Finish the file and move it into place; on any failure nothing of it remains."""
+        try:
+            with writing(self.path):
+                self._close()
+        except BaseException:
+            self.abort()
+            raise
 
     def _close(self) -> None:
         if self.kind == "frames":
             self._tmp.chmod(output_file_mode(folder=True))
-            if self.path.is_dir():  # --overwrite: the old folder goes only once the new one is complete
-                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
-                os.replace(self.path, old / "x")
-                os.replace(self._tmp, self.path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self._tmp, self.path)
+            self._replace_folder()
             self._tmp = None
             return
         if self.kind == "gif":
             if not self._gif_frames:
                 raise UsageError("no frames to write")
             self._gif_frames[0].save(self._tmp, format="GIF", save_all=True, append_images=self._gif_frames[1:],
-                                     duration=round(1000 / self.fps), loop=0)
+                                     duration=self._gif_delay, loop=0)
         else:
             self._ffmpeg.close()
+            self._ffmpeg = None  # finished: kept until then so that abort() can stop it (Ctrl-C while it ends)
         os.chmod(self._tmp, output_file_mode())
         os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def _replace_folder(self) -> None:
+        """Move the finished frames folder into place; an old one goes only once the new one is there."""
+        check_frames_folder(self.path)  # again: it may have changed while the frames were decoded
+        if not self.path.is_dir():
+            os.replace(self._tmp, self.path)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
+        os.replace(self.path, old / "x")
+        try:
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            os.replace(old / "x", self.path)  # the old frames back where they were
+            old.rmdir()
+            raise
+        _remove_frames(old / "x")
+        _remove_frames(old)  # the holder, empty unless something other than frames was kept
 
     def abort(self) -> None:
         """Drop a partly written file."""
         if self._ffmpeg is not None:
-            import logging
-
-            # imageio-ffmpeg warns that a video closed with no frames is invalid: this one is being dropped, and
-            # the user gets the one error line that says why.
-            log = logging.getLogger("imageio_ffmpeg")
-            disabled, log.disabled = log.disabled, True
-            try:
-                self._ffmpeg.close()
-            except Exception:  # ffmpeg may already be gone; the temp file is removed either way
-                pass
-            finally:
-                log.disabled = disabled
+            ffmpeg, self._ffmpeg = self._ffmpeg, None
+            ffmpeg.kill()
         if self._tmp is not None and self._tmp.is_dir():
             shutil.rmtree(self._tmp, ignore_errors=True)
         elif self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
+        self._tmp = None
 
     def __enter__(self) -> VideoWriter:
         return self

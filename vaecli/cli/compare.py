@@ -158,5 +158,5 @@ def compare(
         shown = len(sheet.rows)
         more = f" ({shown} of {len(srcs)} images: the lowest PSNR)" if shown < len(srcs) else ""
         say(f"wrote {output}: {image.width}x{image.height}, {shown} rows x {len(names)} models{more}")
-        if not as_json:
-            typer.echo(summary_table(names, records))
+    if not as_json:  # the table is the command's data, on stdout: -q silences stderr only
+        typer.echo(summary_table(names, records))

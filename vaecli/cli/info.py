@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vaecli.cli.common import app, say
-from vaecli.errors import VaeError
+from vaecli.cli.common import QuietOpt, app, json_line, say
+from vaecli.errors import describe
 
 
 @app.command()
 def info(
     inputs: Annotated[list[Path], typer.Argument(help="Latent files (.latent, .safetensors, .latent.png).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout.")] = False,
+    quiet: QuietOpt = False,  # noqa: ARG001  (info prints data on stdout only; accepted as every command does)
 ) -> None:
     """Show a latent file's metadata: model, shape, latent space, source size, format version."""
     from vaecli.latents import read_metadata
@@ -24,22 +24,33 @@ def info(
     for path in inputs:
         try:
             meta = read_metadata(path)
-        except VaeError as exc:
+            line = None if as_json else describe_latent(path, meta)
+        except Exception as exc:  # a hostile file may fail anywhere: one line and a record, then the next file
             failed += 1
-            say(f"Error: {exc}")
+            message = describe(exc)
+            message = message if message.startswith(str(path)) else f"{path}: {message}"
+            say(f"Error: {message}")
             if as_json:
-                typer.echo(json.dumps({"input": str(path), "status": "error", "error": str(exc)}))
+                typer.echo(json_line({"input": str(path), "status": "error", "error": message}))
             continue
-        shape = meta.get("shape") or meta.get("latent_shape")
         if as_json:
-            typer.echo(json.dumps({"input": str(path), "status": "ok", **meta, "shape": shape}))
-            continue
-        w, h = meta.get("image_size", ["?", "?"])
-        what = (f"video, {shape[0]} frames @ {meta.get('fps'):g} fps" if meta.get("kind") == "video" else "image")
-        scale = (f" (scale {meta.get('scaling_factor')}, shift {meta.get('shift_factor')})"
-                 if meta.get("space") == "scaled" else "")
-        typer.echo(f"{path}: {meta.get('model')} latent {shape} {meta.get('dtype')}, {what}, from {w}x{h} "
-                   f"(padding {meta.get('padding')}), space {meta.get('space')}{scale}, "
-                   f"format {meta.get('format')} v{meta.get('version')}")
+            typer.echo(json_line({"input": str(path), "status": "ok", **meta,
+                                  "shape": meta.get("shape") or meta.get("latent_shape")}))
+        else:
+            typer.echo(line)
     if failed:
         raise typer.Exit(1)
+
+
+def describe_latent(path: Path, meta: dict) -> str:
+    """One line for a latent file's metadata."""
+    shape = meta.get("shape") or meta.get("latent_shape")
+    w, h = meta.get("image_size", ["?", "?"])
+    fps = meta.get("fps")
+    what = (f"video, {shape[0]} frames @ {fps:g} fps" if isinstance(fps, (int, float)) else
+            f"video, {shape[0]} frames") if meta.get("kind") == "video" else "image"
+    scale = (f" (scale {meta.get('scaling_factor')}, shift {meta.get('shift_factor')})"
+             if meta.get("space") == "scaled" else "")
+    return (f"{path}: {meta.get('model')} latent {shape} {meta.get('dtype')}, {what}, from {w}x{h} "
+            f"(padding {meta.get('padding')}), space {meta.get('space')}{scale}, "
+            f"format {meta.get('format')} v{meta.get('version')}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vaecli.cli.common import app
+from vaecli.cli.common import QuietOpt, app
 from vaecli.errors import VaeError
 from vaecli.registry import DEFAULT_MODEL, REGISTRY
 
@@ -17,6 +17,7 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model on stdout.")] = False,
     manifest: Annotated[bool, typer.Option(
         "--manifest", help="Print the manifest of known weights files (weights/manifest.tsv).")] = False,
+    quiet: QuietOpt = False,  # noqa: ARG001  (models prints data on stdout only; accepted as every command does)
 ) -> None:
     """List the models vaecli knows, their latent shape rule, and whether their weights are found."""
     from vaecli.registry import manifest_lines

@@ -93,6 +93,8 @@ def roundtrip(
                 raise UsageError(f"--diff {diff}: expected a .png file")
             if diff.resolve() == jobs[0].src.resolve():
                 raise UsageError(f"--diff {diff}: would overwrite the input")
+            if jobs[0].dst is not None and diff.resolve() == jobs[0].dst.resolve():
+                raise UsageError(f"--diff {diff}: is also the reconstruction's -o; give them different paths")
         codec = load_codec(model.value, weights, ("encoder", "decoder"), device.value, dtype.value, not no_verify,
                            **tiling_kwargs(tile, max_memory, scratch))
     except Exception as exc:
@@ -113,12 +115,17 @@ def roundtrip(
 
     def write(job) -> None:
         recon, p, s, heat, scratch_used = job.payload
-        if job.dst is not None:
-            media.write_image(job.dst, recon)
         if heat is not None:
             from vaecli.files import atomic_write
 
             atomic_write(diff, lambda tmp: heat.save(tmp, format="PNG"))
+        if job.dst is not None:
+            try:
+                media.write_image(job.dst, recon)
+            except BaseException:  # no output of a failed input stays: the heat map goes with the reconstruction
+                if heat is not None:
+                    diff.unlink(missing_ok=True)
+                raise
         where = f" -> {job.dst}" if job.dst else ""
         job.extra = {"model": codec.spec.name, "psnr": round(p, 4), "ssim": round(s, 5),
                      **scratch_fields(scratch_used),

@@ -32,6 +32,7 @@ def list_weights(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per weights file on stdout.")] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Do not hash the files found (large files take a while): their state is 'found'.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """List each model's weights files, where they are found, and whether their checksums verify.
 
@@ -41,7 +42,7 @@ def list_weights(
     from vaecli import hub
     from vaecli.weights import check_file, expected_sha256, locate, search_path
 
-    if not as_json:
+    if not as_json and not quiet:
         say("search path: " + ", ".join(str(d) for d in search_path()))
     rows = []
     for name in _names(models):
