@@ -637,3 +637,22 @@ def test_video_writer_refuses_an_absurd_fps(tmp_path):
         video.VideoWriter(tmp_path / "x.gif", 1e-300, (4, 4))
     assert str(err.value) == f"{tmp_path / 'x.gif'}: expected fps between 0.001 and 1000, got 1e-300"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", ["recon", "latent"])
+def test_roundtrip_leaves_both_outputs_or_neither(vae, real_weights, clip, tmp_path, monkeypatch, failing):
+    from vaecli import latents
+    from vaecli.errors import OutputError
+
+    target = (video.VideoWriter, "close") if failing == "recon" else (latents.LatentVideoWriter, "close")
+
+    def close(self, *args):  # as a full disk at the end of a write does: the writer drops its temp file
+        self.abort()
+        raise OutputError(f"{failing}: cannot write: no space left on the device")
+
+    monkeypatch.setattr(*target, close)
+    result = vae("video", clip, "--frames", 2, "-o", tmp_path / "r.latent", "--roundtrip", "--json")
+    assert result.exit_code == 1
+    assert _error_line(result) == f"Error: {clip}: {failing}: cannot write: no space left on the device"
+    assert json.loads(result.stdout)["status"] == "error"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -120,7 +120,6 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
                     source_size=list(info.size), source=Path(src).name)
         if codec.spec.temporal_factor > 1:
             meta["temporal_factor"] = codec.spec.temporal_factor
-        writer.close(meta)
         report.shape = [n_latents, *shape]
         if whole:  # the source frames again, for the PSNRs, rather than all of them held
             _, again = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
@@ -130,6 +129,12 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
         if recon_writer is not None:
             recon_writer.close()
             report.written_size = recon_writer.written_size
+        try:  # the latent last: both outputs exist, or neither
+            writer.close(meta)
+        except BaseException:
+            if recon is not None:
+                Path(recon).unlink(missing_ok=True)
+            raise
         report.scratch_bytes = codec.scratch_bytes
     except BaseException:
         writer.abort()
