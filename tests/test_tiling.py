@@ -69,9 +69,17 @@ def test_verify_line_and_max_memory_option(vae, real_weights, small_image, tmp_p
 
 
 def test_tile_option_errors(vae, kl_files, small_image, tmp_path):
-    result = vae("encode", small_image, "--tile", "big")
+    for value in ("big", "\u00b2"):  # '²' passes str.isdigit() but is no number
+        result = vae("encode", small_image, "--tile", value)
+        assert result.exit_code == 2
+        assert result.stderr.strip() == f"Error: --tile {value}: expected auto, off or a tile size in pixels"
+    result = vae("encode", small_image, "--max-memory", "0")
     assert result.exit_code == 2
-    assert result.stderr.strip() == "Error: --tile big: expected auto, off or a tile size in pixels"
+    assert result.stderr.strip() == ("Error: --max-memory 0: expected a size of at least 1 byte, like 2GB, 512MB "
+                                     "or 1.5GiB")
+    result = vae("video", small_image, "--chunk", "\u00b2")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "Error: --chunk \u00b2: expected auto or a number of frames (at least 1)"
     svd = kl_files("svd")["diffusers"]
     assert vae("encode", small_image, "-o", tmp_path / "x.latent", "--model", "svd", "--weights", svd,
                "--tile", "32").exit_code == 0  # its encoder is a 2-D one: tiled like the others

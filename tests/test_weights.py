@@ -84,7 +84,9 @@ def test_pickled_code_is_never_executed(vae, small_image, tmp_path, monkeypatch)
         pickle.dump({"0.weight": Exploit()}, f, protocol=2)
     result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", evil)
     assert result.exit_code == 1
-    assert _error_line(result).startswith(f"Error: cannot load weights from {evil}: ")
+    assert _error_line(result) == (f"Error: cannot load weights from {evil}: expected a .pth or .safetensors state "
+                                   f"dict of tensors; it holds objects other than tensors, or is not a PyTorch file "
+                                   f"(loaded with weights_only=True)")
     assert not (tmp_path / "pwned").exists()
 
 

@@ -35,7 +35,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
         raise UsageError(f"--max-memory {text}: expected a size like 2GB, 512MB or 1.5GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 1:  # 0 would read as "no budget given", the default
+        raise UsageError(f"--max-memory {text}: expected a size of at least 1 byte, like 2GB, 512MB or 1.5GiB")
+    return size
 
 
 DEFAULT_BUDGET = 1 << 30  # activations; with torch itself and the output image, a run stays near 1.5 GB
@@ -315,6 +318,6 @@ def resolve_tile(option: str) -> int | None | str:
         return "auto"
     if option == "off":
         return None
-    if not option.isdigit() or int(option) < 1:
+    if not (option.isascii() and option.isdigit()) or int(option) < 1:  # not '²', which isdigit() accepts
         raise UsageError(f"--tile {option}: expected auto, off or a tile size in pixels")
     return int(option)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 from vaecli.errors import WeightsError
@@ -124,8 +125,12 @@ def load_state_dict(path: Path) -> dict:
         else:  # PyTorch zip or legacy pickle: only tensors and plain containers are unpickled
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for foreign/corrupt files
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot load weights from {path}: {msg[:200]}") from None
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            msg = "it holds objects other than tensors, or is not a PyTorch file (loaded with weights_only=True)"
+        else:
+            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot load weights from {path}: expected a .pth or .safetensors state dict of "
+                           f"tensors; {msg}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -291,7 +291,7 @@ def parse_chunk(option: str) -> int | None:
     """`--chunk` as given: None for "auto", else a positive frame count."""
     if option == "auto":
         return None
-    if not option.isdigit() or int(option) < 1:
+    if not (option.isascii() and option.isdigit()) or int(option) < 1:  # not '²', which isdigit() accepts
         raise UsageError(f"--chunk {option}: expected auto or a number of frames (at least 1)")
     return int(option)
 
