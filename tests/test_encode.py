@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from tests.conftest import make_image
@@ -139,6 +142,41 @@ def test_truncated_image(vae, real_weights, shared_images, tmp_path, name):
     assert _only_error_line(result).startswith(f"Error: {bad}: truncated or corrupt image (")
     assert not out.exists()
     assert list(tmp_path.glob(".*part")) == []
+
+
+def _float_tiff(path, bad=()):
+    """A 20x12 32-bit float grayscale TIFF (Pillow mode F) in [0, 1], holding the values `bad` in its first pixels."""
+    arr = np.linspace(0, 1, 240, dtype=np.float32).reshape(12, 20)
+    arr.flat[:len(bad)] = bad
+    Image.fromarray(arr, "F").save(path)
+    return path
+
+
+def test_float_image_with_non_finite_pixels_is_refused(vae, real_weights, tmp_path):
+    good, bad = _float_tiff(tmp_path / "good.tif"), _float_tiff(tmp_path / "bad.tif", (np.nan, np.inf, -np.inf))
+    result = vae("encode", good, bad, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    records = {r["input"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert records[str(good)]["status"] == "ok"
+    assert records[str(bad)]["error"] == f"{bad}: expected finite pixel values, found 3 NaN/Inf"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.latent"]
+    assert torch.isfinite(load_latent(tmp_path / "out" / "good.latent")[0]).all()
+    result = vae("encode", bad, "-o", tmp_path / "bad.latent")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == f"Error: {bad}: expected finite pixel values, found 3 NaN/Inf"
+    assert not (tmp_path / "bad.latent").exists()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "png"])
+def test_latents_of_tiny_and_odd_sized_images_decode(vae, real_weights, tmp_path, fmt):
+    """Images smaller than the spatial factor are padded by more than their size; their metadata still checks."""
+    sizes = [(1, 1), (3, 2), (9, 17), (16, 8)]
+    inputs = [make_image(tmp_path / f"{w}x{h}.png", (w, h)) for w, h in sizes]
+    assert vae("encode", *inputs, "-o", tmp_path / "lat", "--format", fmt, "-q").exit_code == 0
+    result = vae("decode", tmp_path / "lat", "-o", tmp_path / "dec", "--json")
+    assert result.exit_code == 0, result.stderr
+    records = {Path(r["input"]).name.split(".")[0]: r["size"] for r in map(json.loads, result.stdout.splitlines())}
+    assert records == {f"{w}x{h}": [w, h] for w, h in sizes}
 
 
 def test_some_inputs_fail_others_are_written(vae, real_weights, tmp_path):

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import errno
+import json
+import struct
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
 
-from vaecli import latents
-from vaecli.errors import OutputError
+from vaecli import latents, media
+from vaecli.codec import check_latent_fits
+from vaecli.errors import LatentFormatError, OutputError
 from vaecli.files import atomic_write
 from vaecli.registry import REGISTRY
 
 
-def _meta(name="taef2"):
-    return latents.make_metadata(REGISTRY[name], (61, 45), (0, 0, 3, 3), "fp32")
+def _meta(name="taef2", size=(61, 45), padding=(0, 0, 3, 3)):
+    return latents.make_metadata(REGISTRY[name], size, padding, "fp32")
 
 
 def test_safetensors_roundtrip_exact(tmp_path):
@@ -29,7 +36,7 @@ def test_safetensors_roundtrip_exact(tmp_path):
 @pytest.mark.parametrize("channels, grid", [(4, (1, 1)), (16, (2, 2)), (32, (2, 4)), (6, (1, 2))])
 def test_png_mosaic_layout_and_quantization(tmp_path, channels, grid):
     x = torch.randn(channels, 5, 7) * 2
-    meta = {**_meta(), "channels": channels}
+    meta = {**_meta(size=(53, 37)), "channels": channels}
     latents.save_png(tmp_path / "a.png", x, meta)
     with Image.open(tmp_path / "a.png") as img:
         assert img.mode == "RGBA"
@@ -118,3 +125,277 @@ def test_latent_video_frames_are_read_in_flat_memory(tmp_path):
     grown_mb, total = out.stdout.split()
     assert float(total) == 32 * 16 * 256 * 256
     assert int(grown_mb) < 32  # two frames are 8 MB; read through the memory map it grew by 55 MB here
+
+
+# --- hostile latents: refused with one line naming what was expected and what was found ----------------------
+
+def _write_st(path, tensor, meta, key="latent"):
+    """A `.safetensors` latent as any writer could make it (vaecli's own writer refuses some of these tensors)."""
+    save_file({key: tensor}, str(path), {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.int32, "I32"), (torch.uint8, "U8"), (torch.bool, "BOOL"),
+                                         (torch.float64, "F64")])
+def test_image_latent_of_another_dtype_is_refused(tmp_path, dtype, name):
+    path = _write_st(tmp_path / "a.latent", torch.zeros(32, 6, 8).to(dtype), _meta())
+    for read in (latents.load_latent, latents.read_metadata):
+        with pytest.raises(LatentFormatError) as err:
+            read(path)
+        assert str(err.value) == f"{path}: expected a float32/float16/bfloat16 latent, got {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_image_latent_is_refused(tmp_path, dtype):
+    x = torch.zeros(32, 6, 8)
+    x[0, 0, 0], x[5, 2, 3] = float("nan"), float("-inf")
+    path = _write_st(tmp_path / "a.latent", x.to(dtype), _meta())
+    with pytest.raises(LatentFormatError) as err:
+        latents.load_latent(path)
+    assert str(err.value) == f"{path}: expected finite latent values, found 2 NaN/Inf"
+
+
+def test_non_finite_latent_video_is_refused_chunk_by_chunk(tmp_path):
+    """Frames are checked as they are read: frames 0-1 read fine, the NaN in frame 2 stops the read that holds it."""
+    path = tmp_path / "v.latent"
+    writer = latents.LatentVideoWriter(path)
+    frames = torch.zeros(3, 32, 6, 8)
+    frames[2, 1] = float("nan")
+    writer.write(frames)
+    writer.close({**_meta(), "kind": "video", "fps": 24.0})
+    meta, shape, read = latents.open_latent_video(path)
+    assert shape == [3, 32, 6, 8] and torch.equal(read(0, 2), frames[:2])
+    with pytest.raises(LatentFormatError) as err:
+        read(1, 3)
+    assert str(err.value) == f"{path}: expected finite latent values, found 48 NaN/Inf in latent frames 1-2"
+    with pytest.raises(LatentFormatError) as err:
+        read(2, 3)
+    assert str(err.value) == f"{path}: expected finite latent values, found 48 NaN/Inf in latent frame 2"
+
+
+def test_non_finite_comfyui_latent_is_refused(tmp_path):
+    x = torch.zeros(1, 32, 6, 8)
+    x[0, 3, 1, 1] = float("inf")
+    path = tmp_path / "c.latent"
+    save_file({latents.COMFYUI_KEY: x, latents.COMFYUI_MARKER: torch.zeros(0)}, str(path))
+    with pytest.raises(LatentFormatError) as err:
+        latents.load_latent(latents.latent_item(path, "taef2"))
+    assert str(err.value) == f"{path}: expected finite latent values, found 1 NaN/Inf"
+
+
+_BAD_METADATA = [
+    ({"image_size": [5000, 5000]}, "metadata 'image_size' must be [W, H] with W in 57..64 and H in 41..48 for a 6x8 "
+                                   "(h x w) latent at spatial factor 8, got [5000, 5000]"),
+    ({"image_size": [1, 1]}, "metadata 'image_size' must be [W, H] with W in 57..64 and H in 41..48 for a 6x8 (h x w) "
+                             "latent at spatial factor 8, got [1, 1]"),
+    ({"padding": [999, 999, 0, 0]}, "metadata 'padding' must add 3 columns and 3 rows (left + right, top + bottom) "
+                                    "to the 61x45 image of a 6x8 latent at spatial factor 8, got [999, 999, 0, 0]"),
+    ({"padding": [0, 0, 3, 11]}, "metadata 'padding' must add 3 columns and 3 rows (left + right, top + bottom) to "
+                                 "the 61x45 image of a 6x8 latent at spatial factor 8, got [0, 0, 3, 11]"),
+    ({"image_size": None, "padding": [0, 0, 8, 0]},
+     "metadata 'padding' must add under 8 columns and under 8 rows (left + right, top + bottom) at spatial factor 8, "
+     "got [0, 0, 8, 0]"),
+    ({"spatial_factor": 32}, "metadata 'spatial_factor' must be 8 for taef2 'raw' latents, got 32"),
+    ({"spatial_factor": 0}, "metadata 'spatial_factor' must be a positive integer, got '0'"),
+    ({"space": "bogus"}, "metadata 'space' must be one of raw, scaled, normalized, native, got 'bogus'"),
+    ({"kind": "audio"}, "metadata 'kind' must be one of image, video, got 'audio'"),
+    ({"model": "taesana", "space": "native"}, "metadata 'spatial_factor' must be 32 for taesana 'native' latents, "
+                                              "got 8"),
+    ({"model": "someone-elses-vae", "spatial_factor": 16},
+     "metadata 'image_size' must be [W, H] with W in 113..128 and H in 81..96 for a 6x8 (h x w) latent at spatial "
+     "factor 16, got [61, 45]"),
+]
+
+
+@pytest.mark.parametrize("change, message", _BAD_METADATA)
+def test_metadata_contradicting_the_latent_is_refused(tmp_path, change, message):
+    meta = {k: v for k, v in {**_meta(), **change}.items() if v is not None}
+    path = _write_st(tmp_path / "a.latent", torch.zeros(32, 6, 8), meta)
+    for read in (latents.load_latent, latents.read_metadata):
+        with pytest.raises(LatentFormatError) as err:
+            read(path)
+        assert str(err.value) == f"{path}: {message}"
+
+
+def test_comfyui_latent_with_contradicting_vaecli_metadata_is_refused(tmp_path):
+    path = tmp_path / "c.latent"
+    latents.save_comfyui(path, torch.zeros(32, 6, 8), {**_meta(), "space": "raw", "image_size": [5000, 5000]})
+    with pytest.raises(LatentFormatError) as err:
+        latents.read_metadata(latents.latent_item(path))
+    assert str(err.value) == (f"{path}: metadata 'image_size' must be [W, H] with W in 57..64 and H in 41..48 for a "
+                              f"6x8 (h x w) latent at spatial factor 8, got [5000, 5000]")
+
+
+def test_empty_latent_dimension_is_refused(tmp_path):
+    path = _write_st(tmp_path / "a.latent", torch.zeros(32, 0, 8), _meta())
+    with pytest.raises(LatentFormatError) as err:
+        latents.load_latent(path)
+    assert str(err.value) == f"{path}: expected every latent dimension to be at least 1, got shape [32, 0, 8]"
+
+
+def test_optional_metadata_may_be_missing(tmp_path):
+    """Files without version, image_size, padding or spatial_factor still read (and decode uncropped)."""
+    meta = {k: v for k, v in _meta().items() if k not in ("version", "image_size", "padding", "spatial_factor")}
+    x = torch.randn(32, 6, 8)
+    y, back = latents.load_latent(_write_st(tmp_path / "a.latent", x, meta))
+    assert torch.equal(x, y) and back == meta
+    check_latent_fits(REGISTRY["taef2"], y, back)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_what_encode_records_fits_every_model_space_and_size(name):
+    """The padding encode records (pad_to_multiple) and make_metadata's factor pass the checks, 1x1 images too."""
+    spec = REGISTRY[name]
+    for space in spec.spaces:
+        f = latents.latent_factor(spec, space)
+        channels = spec.latent_channels * (spec.normalized_patch ** 2 if space == "normalized" else 1)
+        for w, h in [(1, 1), (3, 2), (61, 45), (f, f), (f + 1, 2 * f - 1)]:
+            _, padding = media.pad_to_multiple(torch.zeros(1, 3, h, w), f)
+            meta = latents.make_metadata(spec, (w, h), padding, "fp32", space, channels)
+            latents._check_layout([channels, -(-h // f), -(-w // f)], meta, "x")
+            check_latent_fits(spec, torch.zeros(channels, -(-h // f), -(-w // f)), meta)
+
+
+def test_decoding_past_the_pixel_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    """A 6x8 taef2 latent decodes to 64x48 = 3072 pixels: refused under a lower VAE_MAX_PIXELS, by the file reader
+    (before the tensor is read) and by the codec's check (for latents made in memory)."""
+    x = torch.randn(32, 6, 8)
+    latents.save_safetensors(tmp_path / "a.latent", x, _meta())
+    monkeypatch.setenv("VAE_MAX_PIXELS", "3071")
+    message = ("it decodes to 64x48 pixels, over the limit of 3071 pixels (set VAE_MAX_PIXELS to allow larger "
+               "images)")
+    with pytest.raises(LatentFormatError) as err:
+        latents.load_latent(tmp_path / "a.latent")
+    assert str(err.value) == f"{tmp_path / 'a.latent'}: {message}"
+    with pytest.raises(LatentFormatError) as err:
+        check_latent_fits(REGISTRY["taef2"], x, _meta())
+    assert str(err.value) == message
+    monkeypatch.setenv("VAE_MAX_PIXELS", "3072")
+    assert torch.equal(latents.load_latent(tmp_path / "a.latent")[0], x)
+
+
+# --- latent PNGs: pixel limit, complete pixel data ---------------------------------------------------------
+
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _hand_png(path, src, rows=None, interlace=False, text_last=False):
+    """Latent PNG `src` rebuilt by hand: its IDAT holding only `rows` rows, Adam7-interlaced, or its text after it."""
+    with Image.open(src) as img:
+        arr, text = np.asarray(img), img.info["vaecli"]
+    h, w = arr.shape[:2]
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    raw = b"".join(b"\0" + row.tobytes() for x0, y0, dx, dy in passes for row in arr[y0::dy, x0::dx] if row.size)
+    raw = raw if rows is None else raw[:rows * (1 + 4 * w)]
+    text_chunk = _png_chunk(b"tEXt", b"vaecli\0" + text.encode("latin-1"))
+    body = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, int(interlace))), text_chunk,
+            _png_chunk(b"IDAT", zlib.compress(raw)), _png_chunk(b"IEND", b"")]
+    if text_last:
+        body[1:3] = body[2:0:-1]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(body))
+    return path
+
+
+def _small_png_latent(tmp_path):
+    """A (4, 2, 3) latent PNG: a 3x2 mosaic (26 bytes of pixel data), from a 24x16 image."""
+    x = torch.randn(4, 2, 3)
+    meta = latents.make_metadata(REGISTRY["taef2"], (24, 16), (0, 0, 0, 0), "fp32", channels=4)
+    latents.save_png(tmp_path / "a.latent.png", x, meta)
+    return tmp_path / "a.latent.png", latents.quantize_png(x)
+
+
+def test_truncated_png_pixel_data_is_refused(tmp_path):
+    """Pillow zero-fills a well-formed but short IDAT stream; the mosaic must hold all its rows."""
+    src, _ = _small_png_latent(tmp_path)
+    bad = _hand_png(tmp_path / "t.latent.png", src, rows=1)
+    with pytest.raises(LatentFormatError) as err:
+        latents.load_latent(bad)
+    assert str(err.value) == f"{bad}: truncated latent PNG: its pixel data holds 13 bytes, its size needs 26"
+
+
+@pytest.mark.parametrize("how", [{"interlace": True}, {"text_last": True}])
+def test_png_latents_other_tools_may_write_still_read(tmp_path, how):
+    src, expected = _small_png_latent(tmp_path)
+    y, meta = latents.load_latent(_hand_png(tmp_path / "b.latent.png", src, **how))
+    assert torch.equal(y, expected) and meta["image_size"] == [24, 16]
+
+
+def test_png_mosaic_over_the_pixel_limit_is_refused_without_warnings(tmp_path, monkeypatch):
+    """A 3x2 mosaic is 6 pixels: over a limit of 5 Pillow would only warn, over 2 it raises; one error either way."""
+    src, _ = _small_png_latent(tmp_path)
+    for limit in ("5", "2"):
+        monkeypatch.setenv("VAE_MAX_PIXELS", limit)
+        for read in (latents.load_latent, latents.read_metadata):
+            with pytest.raises(LatentFormatError) as err:
+                read(src)
+            assert str(err.value) == (f"{src}: latent PNG mosaic is over the limit of {limit} pixels (set "
+                                      f"VAE_MAX_PIXELS to allow larger latent PNG mosaics)")
+
+
+def test_png_decode_size_is_checked_before_its_pixels_are_read(tmp_path, monkeypatch):
+    src, _ = _small_png_latent(tmp_path)
+    monkeypatch.setenv("VAE_MAX_PIXELS", "383")  # the mosaic (6 pixels) fits; its decode (24x16 = 384) does not
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("pixels read"))
+    with pytest.raises(LatentFormatError) as err:
+        latents.load_latent(src)
+    assert str(err.value) == (f"{src}: it decodes to 24x16 pixels, over the limit of 383 pixels (set VAE_MAX_PIXELS "
+                              f"to allow larger images)")
+
+
+def test_png_latent_cannot_be_a_video(tmp_path):
+    meta = {**latents.make_metadata(REGISTRY["taef2"], (24, 16), (0, 0, 0, 0), "fp32", channels=4), "kind": "video"}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("vaecli", json.dumps({**meta, "grid": [1, 1], "latent_shape": [4, 2, 3]}))
+    Image.new("RGBA", (3, 2)).save(tmp_path / "v.latent.png", pnginfo=info)
+    with pytest.raises(LatentFormatError) as err:
+        latents.read_metadata(tmp_path / "v.latent.png")
+    assert str(err.value) == (f"{tmp_path / 'v.latent.png'}: metadata 'kind' must be image in a latent PNG (it holds "
+                              f"one latent), got 'video'")
+
+
+# --- through the CLI: one Error line each, a JSON record each, exit 1, nothing written ------------------------
+
+def test_decode_of_hostile_latents(vae, real_weights, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = torch.randn(32, 6, 8)
+    latents.save_safetensors(folder / "good.latent", good, _meta())
+    nan = good.clone()
+    nan[0, 0, 0] = float("nan")
+    _write_st(folder / "nan.latent", nan, _meta())
+    _write_st(folder / "i32.latent", good.to(torch.int32), _meta())
+    _write_st(folder / "size.latent", good, {**_meta(), "image_size": [5000, 5000]})
+    _write_st(folder / "big.latent", torch.randn(32, 7, 8), _meta(size=(64, 56), padding=(0, 0, 0, 0)))
+    latents.save_png(folder / "png.latent.png", good, _meta())
+    _hand_png(folder / "trunc.latent.png", folder / "png.latent.png", rows=3)
+    monkeypatch.setenv("VAE_MAX_PIXELS", "3072")  # good (64x48) decodes, big (64x56) does not
+    result = vae("decode", folder, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    records = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert records.pop("good.latent")["status"] == "ok" and records.pop("png.latent.png")["status"] == "ok"
+    assert {n: r["error"] for n, r in records.items()} == {n: f"{folder / n}: {m}" for n, m in {
+        "nan.latent": "expected finite latent values, found 1 NaN/Inf",
+        "i32.latent": "expected a float32/float16/bfloat16 latent, got I32",
+        "size.latent": "metadata 'image_size' must be [W, H] with W in 57..64 and H in 41..48 for a 6x8 (h x w) "
+                       "latent at spatial factor 8, got [5000, 5000]",
+        "big.latent": "it decodes to 64x56 pixels, over the limit of 3072 pixels (set VAE_MAX_PIXELS to allow larger "
+                      "images)",
+        "trunc.latent.png": "truncated latent PNG: its pixel data holds 387 bytes, its size needs 1548",
+    }.items()}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "png.png"]
+    assert "Warning" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_decode_of_a_png_mosaic_past_the_limit_is_one_line(vae, real_weights, tmp_path, monkeypatch):
+    """Between the limit and twice it Pillow only warns: no warning text reaches stderr, just the Error line."""
+    latents.save_png(tmp_path / "a.latent.png", torch.randn(32, 6, 8), _meta())  # a 32x12 mosaic: 384 pixels
+    monkeypatch.setenv("VAE_MAX_PIXELS", "200")
+    result = vae("decode", tmp_path / "a.latent.png", "-o", tmp_path / "a.png")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"Error: {tmp_path / 'a.latent.png'}: latent PNG mosaic is over the limit "
+                                          f"of 200 pixels (set VAE_MAX_PIXELS to allow larger latent PNG mosaics)"]
+    assert not (tmp_path / "a.png").exists()

@@ -238,7 +238,7 @@ class CausalCodec:
 def latent_size(meta: dict, spec: ModelSpec) -> tuple[int, int]:
     """(h, w) of the latent frames of a clip with `meta` (its padded frame size over the spatial factor)."""
     w, h = meta.get("image_size") or (0, 0)
-    top, bottom, left, right = meta.get("padding") or (0, 0, 0, 0)
+    left, top, right, bottom = meta.get("padding") or (0, 0, 0, 0)  # as make_metadata records it
     f = spec.spatial_factor
     return (h + top + bottom) // f, (w + left + right) // f
 

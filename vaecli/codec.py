@@ -18,7 +18,7 @@ from vaecli import media, tiling
 from vaecli.checkpoints import load_strict, model_state_dict, read_weights
 from vaecli.errors import LatentFormatError, UsageError
 from vaecli.families import family
-from vaecli.latents import make_metadata
+from vaecli.latents import latent_factor, layout_problem, make_metadata
 from vaecli.registry import REGISTRY, ModelSpec
 from vaecli.spaces import DTYPES, check_encode_space, dtype_name, from_network, to_network
 from vaecli.weights import find_on_search_path, load_state_dict
@@ -327,6 +327,10 @@ def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None
     if latent.shape[0] != expected:
         raise LatentFormatError(f"expected {expected} latent channels for {spec.name}, "
                                 f"got {latent.shape[0]}{made_by}")
+    # Checked again with the decoding model: the file's own check had only its metadata's model to go by.
+    problem = layout_problem(latent.shape[-2:], meta, latent_factor(spec, space), f"{spec.name} '{space}' latents")
+    if problem:
+        raise LatentFormatError(problem)
 
 
 HALVES = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}

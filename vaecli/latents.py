@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from vaecli import media
 from vaecli.errors import LatentFormatError
 from vaecli.files import atomic_write, writing
+from vaecli.registry import REGISTRY
 
 FORMAT = "vaecli-latent"
 VERSION = 1
@@ -23,6 +29,9 @@ LATENT_SHIFT = 0.5
 PNG_KEY = "vaecli"
 STRING_KEYS = frozenset({"format", "model", "space", "dtype"})  # stored as plain strings, not JSON
 SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
+SPACES = ("raw", "scaled", "normalized", "native")  # every ModelSpec.spaces entry
+KINDS = ("image", "video")  # "kind" absent: an image
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, int, int], dtype: str,
@@ -30,25 +39,112 @@ def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, in
     """Metadata for a latent made by `spec` from an image of `image_size` (W, H) padded by `padding`."""
     space = space or spec.latent_space
     scaled = space == "scaled"
-    patch = spec.normalized_patch if space == "normalized" else 1
     return {
         "format": FORMAT, "version": VERSION, "model": spec.name, "channels": channels or spec.latent_channels,
-        "spatial_factor": spec.spatial_factor * patch, "space": space,
+        "spatial_factor": latent_factor(spec, space), "space": space,
         "scaling_factor": spec.scaling_factor if scaled else 1.0,
         "shift_factor": spec.shift_factor if scaled else 0.0,
         "image_size": list(image_size), "padding": list(padding), "dtype": dtype,
     }
 
 
+def latent_factor(spec, space: str | None = None) -> int:
+    """Pixels per latent cell along each side of `spec`'s latents in `space` (FLUX.2's normalized: 2x2 patches)."""
+    space = space or spec.latent_space
+    return spec.spatial_factor * (spec.normalized_patch if space == "normalized" else 1)
+
+
 def _check_latent(latent: torch.Tensor, meta: dict, source: str) -> None:
+    _check_shape(list(latent.shape), meta, source)
+
+
+def _check_shape(shape: list[int], meta: dict, source: str) -> None:
+    """Refuse a latent shape that is not what the metadata's kind and channels say, or that has an empty axis."""
     if meta.get("kind") == "video":
-        if latent.dim() != 4:
-            raise LatentFormatError(f"{source}: expected a (T, C, h, w) latent video, got shape {list(latent.shape)}")
-        latent = latent[0]
-    if latent.dim() != 3:
-        raise LatentFormatError(f"{source}: expected a (C, h, w) latent, got shape {list(latent.shape)}")
-    if "channels" in meta and latent.shape[0] != int(meta["channels"]):
-        raise LatentFormatError(f"{source}: metadata says {meta['channels']} channels, tensor has {latent.shape[0]}")
+        if len(shape) != 4:
+            raise LatentFormatError(f"{source}: expected a (T, C, h, w) latent video, got shape {shape}")
+    elif len(shape) != 3:
+        raise LatentFormatError(f"{source}: expected a (C, h, w) latent, got shape {shape}")
+    if min(shape) < 1:
+        raise LatentFormatError(f"{source}: expected every latent dimension to be at least 1, got shape {shape}")
+    if "channels" in meta and shape[-3] != int(meta["channels"]):
+        raise LatentFormatError(f"{source}: metadata says {meta['channels']} channels, tensor has {shape[-3]}")
+
+
+def _check_layout(shape: list[int], meta: dict, source: str) -> None:
+    """Refuse a stored latent of `shape` that contradicts its metadata or would decode past the pixel limit, before
+    its values are read."""
+    _check_shape(shape, meta, source)
+    maker = REGISTRY.get(str(meta.get("model")))
+    if maker is not None:
+        space = meta.get("space", maker.latent_space)
+        factor, owner = latent_factor(maker, space), f"{maker.name} '{space}' latents"
+    else:  # a model this vaecli does not know: its own word, if any (decoding then needs --model, checked again)
+        factor, owner = meta.get("spatial_factor"), ""
+    problem = layout_problem(shape[-2:], meta, factor, owner) if factor else None
+    if problem:
+        raise LatentFormatError(f"{source}: {problem}")
+
+
+def layout_problem(hw, meta: dict, factor: int, owner: str) -> str | None:
+    """What contradicts an (h, w) latent of spatial factor `factor` (that of `owner`) in its metadata, or what makes
+    it decode past `media.max_pixels()`; None when nothing does."""
+    recorded = meta.get("spatial_factor", factor)
+    if recorded != factor:
+        return f"metadata 'spatial_factor' must be {factor} for {owner}, got {recorded}"
+    return _size_problem(hw, meta, factor) or _decode_size_problem(hw, factor)
+
+
+def _size_problem(hw, meta: dict, f: int) -> str | None:
+    # The encoder pads the image on the right and bottom to the next multiple of f (pad_to_multiple), so a latent
+    # of h x w cells holds an image of W in (w f - f, w f] columns padded by exactly w f - W (likewise rows).
+    h, w = hw
+    left, top, right, bottom = meta.get("padding") or (0, 0, 0, 0)
+    if "image_size" not in meta:
+        if left + right < f and top + bottom < f:
+            return None
+        return (f"metadata 'padding' must add under {f} columns and under {f} rows (left + right, top + bottom) at "
+                f"spatial factor {f}, got {meta['padding']}")
+    width, height = meta["image_size"]
+    if not (w * f - f < width <= w * f and h * f - f < height <= h * f):
+        return (f"metadata 'image_size' must be [W, H] with W in {w * f - f + 1}..{w * f} and H in "
+                f"{h * f - f + 1}..{h * f} for a {h}x{w} (h x w) latent at spatial factor {f}, got {[width, height]}")
+    if "padding" in meta and (left + right, top + bottom) != (w * f - width, h * f - height):
+        return (f"metadata 'padding' must add {w * f - width} columns and {h * f - height} rows (left + right, "
+                f"top + bottom) to the {width}x{height} image of a {h}x{w} latent at spatial factor {f}, "
+                f"got {meta['padding']}")
+    return None
+
+
+def _decode_size_problem(hw, f: int) -> str | None:
+    h, w = hw
+    limit = media.max_pixels()
+    if h * f * w * f <= limit:
+        return None
+    return (f"it decodes to {w * f}x{h * f} pixels, over the limit of {limit} pixels "
+            f"(set VAE_MAX_PIXELS to allow larger images)")
+
+
+def _count_non_finite(latent: torch.Tensor) -> int:
+    """How many NaN or Inf values a float tensor holds."""
+    # Counted with numpy: torch's first reductions bring tens of MB of kernels into resident memory, which reading a
+    # latent video frame by frame in flat memory would no longer be.
+    latent = latent.detach().cpu().contiguous()
+    if latent.dtype == torch.bfloat16:  # numpy has no bfloat16: every exponent bit set is NaN or Inf
+        return int(np.count_nonzero((latent.view(torch.int16).numpy() & 0x7F80) == 0x7F80))
+    return latent.numel() - int(np.count_nonzero(np.isfinite(latent.numpy())))
+
+
+def _check_finite(latent: torch.Tensor, source: str, first: int | None = None) -> None:
+    """Refuse latents holding NaN or Inf (they decode without any error, to garbage); `first`: latent frames' index."""
+    bad = _count_non_finite(latent)
+    if not bad:
+        return
+    where = ""
+    if first is not None:
+        last = first + latent.shape[0] - 1
+        where = f" in latent frame {first}" if last == first else f" in latent frames {first}-{last}"
+    raise LatentFormatError(f"{source}: expected finite latent values, found {bad} NaN/Inf{where}")
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -153,7 +249,9 @@ _FIELDS = {
     "shift_factor": ("a number", lambda v: _number(v)),
     "fps": ("a number between 0.001 and 1000", lambda v: _number(v) and 0.001 <= v <= 1000),  # video.FPS_MIN..MAX
     "model": ("a model name", lambda v: isinstance(v, str)),
-    "space": ("a latent space name", lambda v: isinstance(v, str)),
+    "space": (f"one of {', '.join(SPACES)}", lambda v: isinstance(v, str) and v in SPACES),
+    "kind": (f"one of {', '.join(KINDS)}", lambda v: isinstance(v, str) and v in KINDS),
+    "spatial_factor": ("a positive integer", lambda v: _ints([v], 1) and v > 0),
     "temporal_factor": ("a positive integer", lambda v: _ints([v], 1) and v > 0),
 }
 
@@ -172,56 +270,132 @@ def _check_fields(meta: dict, source: str) -> None:
             raise LatentFormatError(f"{source}: metadata '{key}' must be {what}, got {str(meta[key])[:40]!r}")
 
 
+@contextmanager
+def _unreadable(path: Path, what: str = "safetensors file") -> Iterator[None]:
+    """safetensors' own error types (truncated or foreign files) as a LatentFormatError."""
+    try:
+        yield
+    except LatentFormatError:
+        raise
+    except Exception as exc:
+        raise LatentFormatError(f"{path}: truncated or corrupt {what} ({str(exc)[:120]})") from None
+
+
+def _st_latent_header(path: Path) -> tuple[dict, list[int]]:
+    """A vaecli `.safetensors` latent's metadata and `latent` shape, from its header (its dtype checked)."""
+    from safetensors import safe_open
+
+    with _unreadable(path), safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+        keys = list(f.keys())
+        part = f.get_slice("latent") if "latent" in keys else None
+        dtype, shape = (part.get_dtype(), list(part.get_shape())) if part is not None else ("", [])
+    if raw.get("format") != FORMAT:
+        raise LatentFormatError(f"{path}: not a vaecli latent file (a safetensors file with tensors "
+                                f"{', '.join(keys[:3])}{'...' if len(keys) > 3 else ''} and no "
+                                f"'{FORMAT}' metadata)")
+    if part is None:
+        raise LatentFormatError(f"{path}: no 'latent' tensor in the file")
+    meta = _decode_meta(raw, str(path))
+    if dtype not in FLOAT_DTYPES:
+        what = "latent video" if meta.get("kind") == "video" else "latent"
+        raise LatentFormatError(f"{path}: expected a float32/float16/bfloat16 {what}, got {dtype}")
+    return meta, shape
+
+
 def _load_safetensors(path: Path) -> tuple[torch.Tensor, dict]:
     from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            keys = list(f.keys())
-            if raw.get("format") != FORMAT:
-                raise LatentFormatError(f"{path}: not a vaecli latent file (a safetensors file with tensors "
-                                        f"{', '.join(keys[:3])}{'...' if len(keys) > 3 else ''} and no "
-                                        f"'{FORMAT}' metadata)")
-            if "latent" not in keys:
-                raise LatentFormatError(f"{path}: no 'latent' tensor in the file")
-            latent = f.get_tensor("latent")
-    except LatentFormatError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for truncated/foreign files
-        raise LatentFormatError(f"{path}: truncated or corrupt safetensors file ({str(exc)[:120]})") from None
-    meta = _decode_meta(raw, str(path))
-    _check_latent(latent, meta, str(path))
+    meta, shape = _st_latent_header(path)
+    _check_layout(shape, meta, str(path))
+    with _unreadable(path), safe_open(str(path), framework="pt") as f:
+        latent = f.get_tensor("latent")
+    _check_finite(latent, str(path))
     return latent, meta
 
 
 def _load_png(path: Path) -> tuple[torch.Tensor, dict]:
     try:
-        with Image.open(path) as img:
+        with media.pixel_limit(path, "latent PNG mosaic", LatentFormatError), Image.open(path) as img:
+            meta, (rows, cols), (c, h, w) = _png_layout(img, path)
+            _check_png_data(path)
             img.load()
-            text = img.info.get(PNG_KEY)
-            if text is None:
-                raise LatentFormatError(f"{path}: a PNG without vaecli latent metadata (is it an image? "
-                                        f"use 'vae encode' on images)")
-            if img.mode != "RGBA":
-                raise LatentFormatError(f"{path}: expected an RGBA latent PNG, got mode {img.mode}")
             arr = np.asarray(img)
     except LatentFormatError:
         raise
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, zlib.error) as exc:
         raise LatentFormatError(f"{path}: truncated or corrupt PNG ({exc})") from None
+    q = torch.from_numpy(arr.copy()).float().reshape(rows, h, cols, w, 4).permute(0, 2, 4, 1, 3)
+    latent = _dequantize(q.reshape(rows * cols * 4, h, w)[:c])
+    return latent, meta
+
+
+def _png_layout(img: Image.Image, path: Path) -> tuple[dict, tuple[int, int], tuple[int, int, int]]:
+    """An opened latent PNG's metadata, grid and latent shape, checked against its mosaic's header (no pixels read)."""
+    text = img.info.get(PNG_KEY)
+    if text is None:
+        img.load()  # a text chunk after the pixel data is read with them (the mosaic is within the pixel limit)
+        text = img.info.get(PNG_KEY)
+    if text is None:
+        raise LatentFormatError(f"{path}: a PNG without vaecli latent metadata (is it an image? "
+                                f"use 'vae encode' on images)")
+    if img.mode != "RGBA":
+        raise LatentFormatError(f"{path}: expected an RGBA latent PNG, got mode {img.mode}")
     meta = _png_meta(text, str(path))
     rows, cols = meta.pop("grid")
     c, h, w = meta.pop("latent_shape")
     if c > rows * cols * 4:
         raise LatentFormatError(f"{path}: a {rows}x{cols} grid holds {rows * cols * 4} channels, "
                                 f"metadata says {c}")
-    if arr.shape != (rows * h, cols * w, 4):
-        raise LatentFormatError(f"{path}: mosaic is {arr.shape[1]}x{arr.shape[0]}, expected "
+    if img.size != (cols * w, rows * h):
+        raise LatentFormatError(f"{path}: mosaic is {img.size[0]}x{img.size[1]}, expected "
                                 f"{cols * w}x{rows * h} for a {c}x{h}x{w} latent")
-    q = torch.from_numpy(arr.copy()).float().reshape(rows, h, cols, w, 4).permute(0, 2, 4, 1, 3)
-    latent = _dequantize(q.reshape(rows * cols * 4, h, w)[:c])
-    return latent, meta
+    _check_layout([c, h, w], meta, str(path))
+    return meta, (rows, cols), (c, h, w)
+
+
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_raw_bytes(ihdr: bytes) -> int:
+    """Bytes a PNG's pixel data inflates to (a filter byte and the samples of each row, per Adam7 pass if any)."""
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
+    bits = depth * _PNG_SAMPLES.get(colour, 4)
+    total = 0
+    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            total += h * (1 + -(-w * bits // 8))
+    return total
+
+
+def _png_data_bytes(path: Path) -> tuple[int, int]:
+    """(bytes a PNG's IDAT stream inflates to, counted up to one past the need; bytes its header says it needs)."""
+    got, need, z = 0, 0, zlib.decompressobj()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(8)
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if length > size - f.tell() or kind == b"IEND":
+                break
+            data = f.read(length)
+            f.seek(4, os.SEEK_CUR)  # the CRC, which Pillow checks
+            if kind == b"IHDR" and length >= 13:
+                need = _png_raw_bytes(data)
+            while kind == b"IDAT" and data and got <= need:  # inflated in bounded steps: a bomb stops at need + 1
+                got += len(z.decompress(data, min(need + 1 - got, 1 << 24)))
+                data = z.unconsumed_tail
+    return got, need
+
+
+def _check_png_data(path: Path) -> None:
+    """Refuse a PNG whose pixel data ends early (Pillow zero-fills what a short, well-formed stream lacks)."""
+    got, need = _png_data_bytes(path)
+    if got < need:
+        raise LatentFormatError(f"{path}: truncated latent PNG: its pixel data holds {got} bytes, its size needs "
+                                f"{need}")
 
 
 def _png_meta(text: str, source: str) -> dict:
@@ -233,11 +407,19 @@ def _png_meta(text: str, source: str) -> dict:
     if not isinstance(raw, dict):
         raise LatentFormatError(f"{source}: unreadable vaecli metadata (expected a JSON object)")
     meta = _decode_meta(raw, source)
+    if meta.get("kind") == "video":
+        raise LatentFormatError(f"{source}: metadata 'kind' must be image in a latent PNG (it holds one latent), "
+                                f"got 'video'")
     if not _ints(meta.get("grid"), 2) or min(meta["grid"]) < 1:
         raise LatentFormatError(f"{source}: metadata 'grid' must be [rows, columns] of positive integers")
     if not _ints(meta.get("latent_shape"), 3) or min(meta["latent_shape"]) < 1:
         raise LatentFormatError(f"{source}: metadata 'latent_shape' must be [C, h, w] of positive integers")
     return meta
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """Whether a file's first 8 bytes can be a safetensors header length."""
+    return len(head) == 8 and 2 <= int.from_bytes(head, "little") <= SAFETENSORS_MAGIC_MAX_HEADER
 
 
 def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dict]:
@@ -260,7 +442,7 @@ def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dic
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
         return _load_png(path)
-    if len(head) == 8 and 2 <= int.from_bytes(head, "little") <= SAFETENSORS_MAGIC_MAX_HEADER:
+    if _is_safetensors(head):
         return _load_safetensors(path)
     raise LatentFormatError(f"{path}: not a latent file (expected .safetensors or a vaecli latent PNG)")
 
@@ -336,27 +518,20 @@ def read_metadata(path: Path, model: str | None = None) -> dict:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
         try:  # the text chunk precedes the pixel data: no need to decode the mosaic
-            with Image.open(path) as img:
+            with media.pixel_limit(path, "latent PNG mosaic", LatentFormatError), Image.open(path) as img:
                 text = img.info[PNG_KEY]
         except (OSError, SyntaxError, ValueError, KeyError, TypeError):
             latent, meta = load_latent(path)  # reports the precise format error
             return {**meta, "shape": list(latent.shape)}
         meta = _png_meta(text, str(path))
         meta.pop("grid")
-        return {**meta, "shape": meta.pop("latent_shape")}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            shape = list(f.get_slice("latent").get_shape()) if "latent" in f.keys() else None
-    except Exception:
-        return load_latent(path)[1]  # reports the precise format error
-    if raw.get("format") != FORMAT or shape is None:
-        return load_latent(path)[1]
-    meta = _decode_meta(raw, str(path))
-    meta["shape"] = shape
-    return meta
+        shape = meta.pop("latent_shape")
+    elif _is_safetensors(head):
+        meta, shape = _st_latent_header(path)
+    else:
+        return load_latent(path)[1]  # reports what it is not
+    _check_layout(shape, meta, str(path))
+    return {**meta, "shape": shape}
 
 
 def open_latent_video(path: Path, model: str | None = None) -> tuple[dict, list[int], Callable[[int, int],
@@ -381,12 +556,13 @@ def open_latent_video(path: Path, model: str | None = None) -> tuple[dict, list[
     except Exception as exc:  # safetensors' own error types for truncated or foreign files
         raise LatentFormatError(f"{path}: truncated or corrupt latent video ({str(exc)[:120]})") from None
     meta = _decode_meta(raw, str(path))
-    if part.get_dtype() not in ("F32", "F16", "BF16"):
+    if part.get_dtype() not in FLOAT_DTYPES:
         raise LatentFormatError(f"{path}: expected a float32/float16/bfloat16 latent video, got {part.get_dtype()}")
     missing = [k for k in ("image_size", "fps") if k not in meta]
     if missing or len(shape) != 4:
         raise LatentFormatError(f"{path}: expected a (T, C, h, w) latent video with 'image_size' and 'fps' "
                                 f"metadata, got shape {shape}{' and no ' + ', '.join(missing) if missing else ''}")
+    _check_layout(shape, {**meta, "kind": "video"}, str(path))
 
     # Frames are read with plain file reads, not through safetensors' memory map: mapped pages that were read stay
     # in the process's resident memory, which would then grow with the clip's length.
@@ -404,7 +580,9 @@ def open_latent_video(path: Path, model: str | None = None) -> tuple[dict, list[
             data = bytearray(f.read((j - i) * frame_bytes))
         if len(data) != (j - i) * frame_bytes:
             raise LatentFormatError(f"{path}: truncated latent video (frames {i}-{j - 1} missing)")
-        return torch.frombuffer(data, dtype=dtype).reshape(j - i, *shape[1:])
+        latents = torch.frombuffer(data, dtype=dtype).reshape(j - i, *shape[1:])
+        _check_finite(latents, str(path), i)  # chunk by chunk, as they are read
+        return latents
 
     return meta, shape, frames
 
@@ -510,6 +688,7 @@ def _comfyui_open(path: Path, model: str | None) -> tuple[dict, list[int], Calla
     if "channels" in meta and meta["channels"] != c:
         raise LatentFormatError(f"{path}: metadata says {meta['channels']} channels, tensor has {c}")
     video = meta.get("kind") == "video"
+    _check_layout([t, c, h, w] if video else [c, h, w], meta, str(path))
     plane = h * w * torch.finfo(dtype).bits // 8
     base = start + offset + index * c * t * plane
 
@@ -526,15 +705,15 @@ def _comfyui_open(path: Path, model: str | None) -> tuple[dict, list[int], Calla
                     raise LatentFormatError(f"{path}: truncated ComfyUI latent")
                 parts.append(torch.frombuffer(data, dtype=dtype).reshape(j - i, h, w))
         out = torch.stack(parts, 1).float()  # (j - i, C, h, w); ComfyUI's LoadLatent takes .float() too
-        return out * multiplier if multiplier != 1.0 else out
+        out = out * multiplier if multiplier != 1.0 else out
+        _check_finite(out, str(path), i if video else None)
+        return out
 
     return meta, [t if video else 1, c, h, w], frames
 
 
 def _comfyui_meta(path: Path, model: str | None, c: int, h: int, w: int, video: bool) -> dict:
     """vaecli metadata for a ComfyUI file, which records no model: raw latents of `model`, nothing padded."""
-    from vaecli.registry import REGISTRY
-
     if model is None:
         raise LatentFormatError(f"{path}: a ComfyUI latent records no model: pass --model")
     spec = REGISTRY.get(model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,25 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 def max_pixels() -> int:
     """Largest pixel count an input image may have (`$VAE_MAX_PIXELS`, default 2**28)."""
     value = os.environ.get("VAE_MAX_PIXELS", "")
-    return int(value) if value.isdigit() else DEFAULT_MAX_PIXELS
+    return int(value) if value.isascii() and value.isdigit() else DEFAULT_MAX_PIXELS
+
+
+@contextmanager
+def pixel_limit(source: Path, what: str = "image", error: type[InputError] = InputError) -> Iterator[int]:
+    """Within it, Pillow refuses pictures over `max_pixels()` (a likely decompression bomb) as one-line `error`s."""
+    limit = max_pixels()
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between the limit and twice it: an error either way, and nothing on stderr.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield limit
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise error(f"{source}: {what} is over the limit of {limit} pixels "
+                    f"(set VAE_MAX_PIXELS to allow larger {what}s)") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 @dataclass(frozen=True)
@@ -36,15 +56,18 @@ class ImageInfo:
     had_alpha: bool
 
 
-def _to_rgb(img: Image.Image, alpha: str) -> tuple[np.ndarray, bool]:
+def _to_rgb(img: Image.Image, alpha: str, source: Path) -> tuple[np.ndarray, bool]:
     """(H, W, 3) pixels: float32 in [0, 1], or uint8 for 8-bit images without alpha (converted later, once)."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0, 1).astype(np.float32)
         return np.repeat(arr[..., None], 3, axis=2), False
     if mode == "F":
-        arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
-        return np.repeat(arr[..., None], 3, axis=2), False
+        arr = np.asarray(img, dtype=np.float32)
+        bad = arr.size - int(np.isfinite(arr).sum())
+        if bad:  # checked before clipping, which passes NaN through and turns Inf into 0 or 1
+            raise InputError(f"{source}: expected finite pixel values, found {bad} NaN/Inf")
+        return np.repeat(np.clip(arr, 0, 1)[..., None], 3, axis=2), False
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
@@ -64,27 +87,17 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected an image file")
-    limit = max_pixels()
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # Pillow checks the header's size on open, before decoding any pixel data.
-            with Image.open(path) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                arr, had_alpha = _to_rgb(img, alpha)
-                mode = img.mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path}: image is over the limit of {limit} pixels "
-                         f"(set VAE_MAX_PIXELS to allow larger images)") from None
+        # Pillow checks the header's size on open, before decoding any pixel data.
+        with pixel_limit(path), Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            arr, had_alpha = _to_rgb(img, alpha, path)
+            mode = img.mode
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: truncated or corrupt image ({exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
     # uint8 pixels convert once, straight into the float tensor (no float64 or second float copy of a large image).
     pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
     if pixels.dtype == torch.uint8:

@@ -125,7 +125,8 @@ def decode(
                 raise InputError(f"{job.src}: a latent video; write it as .mp4, .mov, .mkv, .webm, .gif "
                                  f"or use --as-frames")
             if isinstance(job.src, latents.LatentItem):  # a ComfyUI file: its channels checked before decoding
-                check_latent_fits(get_spec(name), torch.empty(meta["shape"][1], 0, 0), meta)
+                # A frame-shaped view of one element: the check reads the shape only, allocating nothing.
+                check_latent_fits(get_spec(name), torch.empty(1, 1, 1).expand(*meta["shape"][1:]), meta)
             return name, None, meta
         if job.dst.suffix.lower() not in media.OUTPUT_FORMATS or as_frames:
             raise InputError(f"{job.src}: an image latent; write it as {', '.join(media.OUTPUT_FORMATS)}")
