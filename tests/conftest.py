@@ -200,3 +200,12 @@ def kl_files(tmp_path_factory):
         return made[name]
 
     return make
+
+
+@pytest.fixture
+def clip_latent(vae, real_weights, gif, tmp_path):
+    """A 2-frame taef2 latent video of the test GIF, `tmp_path/work/clip.latent`."""
+    lat = tmp_path / "work" / "clip.latent"
+    result = vae("video", gif, "-o", lat, "--frames", 2)
+    assert result.exit_code == 0, result.stderr
+    return lat

@@ -328,15 +328,6 @@ def test_kl_decode_past_the_budget_spills_layers_to_scratch_exactly(vae, kl_file
 
 # --- --as-frames never deletes what vaecli did not write; -o - ---------------------------------------------
 
-@pytest.fixture
-def clip_latent(vae, real_weights, gif, tmp_path):
-    """A 2-frame taef2 latent video of the test GIF, `tmp_path/work/clip.latent`."""
-    lat = tmp_path / "work" / "clip.latent"
-    result = vae("video", gif, "-o", lat, "--frames", 2)
-    assert result.exit_code == 0, result.stderr
-    return lat
-
-
 def _tree(folder) -> dict:
     """Every file under `folder` (hidden ones too) with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -496,15 +496,6 @@ def test_taew2_1_previews_wan_latents_like_the_reference(vae, tiny_wan, gif, sha
 
 # --- writing clips: ffmpeg's failures, its log, temp files --------------------------------------------------
 
-@pytest.fixture
-def two_frames(vae, real_weights, gif, tmp_path):
-    """A 2-frame taef2 latent video of the test GIF (14x25) in its own folder."""
-    lat = tmp_path / "in" / "g.latent"
-    result = vae("video", gif, "-o", lat, "--frames", 2)
-    assert result.exit_code == 0, result.stderr
-    return lat
-
-
 def _fake_ffmpeg(tmp_path, body: str):
     """An executable standing in for ffmpeg (IMAGEIO_FFMPEG_EXE) that runs `body` in sh."""
     fake = tmp_path / "fake-ffmpeg"
@@ -538,23 +529,23 @@ ENCODER_LOG = ("cat >/dev/null\n"
     (ENOSPC_LOG, "no space left on the device"),  # as any other write on a full disk says it
     (ENCODER_LOG, "ffmpeg failed: width not divisible by 2 (15x16)"),  # the first line: the cause
 ])
-def test_a_failed_ffmpeg_is_one_error_and_leaves_nothing(two_frames, tmp_path, log, why):
+def test_a_failed_ffmpeg_is_one_error_and_leaves_nothing(clip_latent, tmp_path, log, why):
     """ffmpeg exiting non-zero (a full disk, an encoder error) fails the input with one line and a JSON record,
     nothing of ffmpeg's own log on the terminal, and neither the output nor its temp file left."""
     out = tmp_path / "out" / "x.mp4"
-    run = _vae_process("decode", two_frames, "-o", out, "--json",
+    run = _vae_process("decode", clip_latent, "-o", out, "--json",
                        env={"IMAGEIO_FFMPEG_EXE": str(_fake_ffmpeg(tmp_path, log))})
     assert run.returncode == 1
-    assert run.stderr.splitlines() == [f"Error: {two_frames}: {out}: cannot write: {why}"]
+    assert run.stderr.splitlines() == [f"Error: {clip_latent}: {out}: cannot write: {why}"]
     assert json.loads(run.stdout)["error"] == f"{out}: cannot write: {why}"
     assert list(out.parent.iterdir()) == []
 
 
-def test_ffmpeg_log_stays_off_the_terminal_under_quiet(two_frames, tmp_path):
+def test_ffmpeg_log_stays_off_the_terminal_under_quiet(clip_latent, tmp_path):
     chatty = _fake_ffmpeg(tmp_path, f"echo 'ffmpeg: a warning nobody asked for' >&2\n"
                                     f"exec '{imageio_ffmpeg.get_ffmpeg_exe()}' \"$@\"")
     out = tmp_path / "x.mp4"
-    run = _vae_process("decode", two_frames, "-o", out, "-q", env={"IMAGEIO_FFMPEG_EXE": str(chatty)})
+    run = _vae_process("decode", clip_latent, "-o", out, "-q", env={"IMAGEIO_FFMPEG_EXE": str(chatty)})
     assert (run.returncode, run.stderr, run.stdout) == (0, "", "")
     assert _frames(out)[1].shape == (2, 26, 14, 3)
 
@@ -573,7 +564,7 @@ def test_ffmpeg_dying_mid_clip_is_an_output_error(tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
-def test_a_gif_that_cannot_be_written_leaves_no_temp_file(vae, two_frames, tmp_path, monkeypatch):
+def test_a_gif_that_cannot_be_written_leaves_no_temp_file(vae, clip_latent, tmp_path, monkeypatch):
     """A full disk while the GIF is saved (in close()): one error line, and the temp file is removed."""
     import errno
 
@@ -586,9 +577,9 @@ def test_a_gif_that_cannot_be_written_leaves_no_temp_file(vae, two_frames, tmp_p
 
     monkeypatch.setattr(Image.Image, "save", full)
     out = tmp_path / "out" / "x.gif"
-    result = vae("decode", two_frames, "-o", out)
+    result = vae("decode", clip_latent, "-o", out)
     assert result.exit_code == 1
-    assert _error_line(result) == f"Error: {two_frames}: {out}: cannot write: no space left on the device"
+    assert _error_line(result) == f"Error: {clip_latent}: {out}: cannot write: no space left on the device"
     assert list(out.parent.iterdir()) == []
 
 
@@ -605,8 +596,8 @@ def _with_fps(lat, fps):
 
 
 @pytest.mark.parametrize("fps", [1e308, 1e-300, 0.0])
-def test_a_latent_fps_out_of_range_is_refused(vae, two_frames, tmp_path, fps):
-    lat = _with_fps(two_frames, fps)
+def test_a_latent_fps_out_of_range_is_refused(vae, clip_latent, tmp_path, fps):
+    lat = _with_fps(clip_latent, fps)
     out = tmp_path / "out" / "x.mp4"
     result = vae("decode", lat, "-o", out, "--json")
     assert result.exit_code == 1
@@ -616,9 +607,9 @@ def test_a_latent_fps_out_of_range_is_refused(vae, two_frames, tmp_path, fps):
     assert not out.parent.exists()
 
 
-def test_a_gif_too_slow_to_hold_is_refused(vae, two_frames, tmp_path):
+def test_a_gif_too_slow_to_hold_is_refused(vae, clip_latent, tmp_path):
     """0.001 fps is a valid latent's rate, but a GIF frame lasts at most 655.35 s."""
-    lat = _with_fps(two_frames, 0.001)
+    lat = _with_fps(clip_latent, 0.001)
     out = tmp_path / "out" / "x.gif"
     result = vae("decode", lat, "-o", out)
     assert result.exit_code == 1
