@@ -23,7 +23,11 @@ Then agreement: vaecli's PNG frames vs diffusers' float frames (quantization: ~0
 and vs diffusers' PNGs; and an in-process `load_codec('svd', [FOLDER], device='cpu').decode_frames(latent, meta)` vs
 diffusers' float frames (target max |diff| <= 1e-4), with that call's seconds.
 
-Run: `python bench/svd.py [--rounds 2] [--frames 14] [--size 512x320] [--chunk N] [--max-memory 2GB] [--quick]`
+`--direct` adds a third side, `vae decode` with `VAE_WINOGRAD=0` (oneDNN's direct convolutions everywhere), to
+measure what the Winograd convolutions of `vaecli/winograd.py` give.
+
+Run: `python bench/svd.py [--rounds 2] [--frames 14] [--size 512x320] [--chunk N] [--max-memory 2GB] [--quick]
+[--direct]`
 (needs ../shared). `--quick` is a smoke run (6 frames at 256x160, one round). The default run takes 10-20 minutes
 on 2 cores.
 """
@@ -99,9 +103,11 @@ PROBE = ("import resource, subprocess, sys, time; t = time.time(); "
          "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.time() - t)")
 
 
-def measured(cmd: list[str], stdout: Path) -> tuple[float, float]:
-    """Peak RSS (MB) and wall seconds of `cmd` in a fresh process tree; its stdout goes to the file `stdout`."""
-    r = subprocess.run([sys.executable, "-c", PROBE, str(stdout), *cmd], capture_output=True, text=True)
+def measured(cmd: list[str], stdout: Path, env: dict | None = None) -> tuple[float, float]:
+    """Peak RSS (MB) and wall seconds of `cmd` in a fresh process tree (with `env` added to the environment); its
+    stdout goes to the file `stdout`."""
+    r = subprocess.run([sys.executable, "-c", PROBE, str(stdout), *cmd], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
     rc, rss, secs = r.stdout.split()
     if r.returncode or int(rc):
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {rc}):\n{r.stderr.strip()}")
@@ -184,6 +190,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 frames at 256x160, one round")
     parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process decode_frames comparison")
+    parser.add_argument("--direct", action="store_true",
+                        help="also time vae decode with VAE_WINOGRAD=0 (oneDNN's direct convolutions everywhere)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="work in this folder and keep it (weights, latent, frames, diffusers.pt, vaecli.pt)")
     args = parser.parse_args()
@@ -222,8 +230,9 @@ def main() -> None:
         script = tmp / "diffusers_decode.py"
         script.write_text(DIFFUSERS_SCRIPT)
         ours_dir, ref_dir, ref_float = tmp / "frames_vae", tmp / "frames_diffusers", tmp / "diffusers.pt"
-        secs: dict[str, list[float]] = {"vae": [], "diffusers": []}
-        rss: dict[str, list[float]] = {"vae": [], "diffusers": []}
+        sides = ["vae", "diffusers"] + (["vae_direct"] if args.direct else [])
+        secs: dict[str, list[float]] = {k: [] for k in sides}
+        rss: dict[str, list[float]] = {k: [] for k in sides}
         inner: list[dict] = []
         vae_json: list = []
         ours_frames = ours_dir
@@ -240,6 +249,14 @@ def main() -> None:
             vae_json.append(records[0])
             ours_frames = Path(records[0]["output"])
             print(f"round {r + 1}: vae decode       {s:8.2f} s  peak RSS {m:8.1f} MB", flush=True)
+            if args.direct:
+                shutil.rmtree(tmp / "frames_direct", ignore_errors=True)
+                cmd = [vae, "decode", str(latent_path), "-o", str(tmp / "frames_direct"), "--as-frames", "--weights",
+                       str(folder), "-q", *extra]
+                m, s = measured(cmd, tmp / "direct_stdout.txt", {"VAE_WINOGRAD": "0"})
+                secs["vae_direct"].append(s)
+                rss["vae_direct"].append(m)
+                print(f"round {r + 1}: vae, direct conv {s:8.2f} s  peak RSS {m:8.1f} MB", flush=True)
             cmd = [py, str(script), str(folder), str(latent_path), str(ref_dir), *([str(ref_float)] if r == 0 else [])]
             m, s = measured(cmd, tmp / "diffusers_stdout.txt")
             secs["diffusers"].append(s)
@@ -282,7 +299,10 @@ def main() -> None:
 
     print(f"\nSVD decode, {frames} frames {size[0]}x{size[1]}, production widths, fp32 CPU, whole process "
           f"({rounds} interleaved round(s)):")
-    for k, name in (("vae", "vae decode (--as-frames)"), ("diffusers", "diffusers decode (whole clip)")):
+    for k, name in (("vae", "vae decode (--as-frames)"), ("vae_direct", "vae decode, VAE_WINOGRAD=0"),
+                    ("diffusers", "diffusers decode (whole clip)")):
+        if k not in res:
+            continue
         print(f"  {name:30s} best {res[k]['best']:8.2f} s  median {res[k]['median']:8.2f} s  "
               f"peak RSS {res[k]['peak_rss_mb']:8.1f} MB")
     d = res["diffusers"]["decode_call_s"]
@@ -292,6 +312,9 @@ def main() -> None:
     print(f"  time ratio vae/diffusers: best {ratio['best']:.3f}  median {ratio['median']:.3f}  (target <= "
           f"{RATIO_TARGET}: {'PASS' if ratio['median'] <= RATIO_TARGET else 'FAIL'} on medians, "
           f"{'PASS' if ratio['best'] <= RATIO_TARGET else 'FAIL'} on bests)")
+    if "vae_direct" in res:
+        w = {k: res["vae"][k] / res["vae_direct"][k] for k in ("best", "median")}
+        print(f"  Winograd: vae / vae with direct convolutions: best {w['best']:.3f}  median {w['median']:.3f}")
     print(f"  vae peak RSS {res['vae']['peak_rss_mb']:.1f} MB (target <= {RSS_TARGET_MB} MB: "
           f"{'PASS' if res['vae']['peak_rss_mb'] <= RSS_TARGET_MB else 'FAIL'}); diffusers "
           f"{res['diffusers']['peak_rss_mb']:.1f} MB")

@@ -325,3 +325,16 @@ def test_kl_encode_past_the_budget_spills_layers_to_scratch_exactly(vae, kl_file
     assert json.loads(result.stdout)["scratch_bytes"] > 0 and list(scratch.iterdir()) == []
     a, b = load_latent(tmp_path / "whole.latent")[0], load_latent(tmp_path / "spilled.latent")[0]
     assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_encode_bf16_without_onednn_bf16_kernels(vae, real_weights, small_image, tmp_path, monkeypatch):
+    """CPUs without oneDNN's bf16 kernels (AVX2 only) run bf16 through torch's own convolutions, not the fused calls
+    (which raised there): the fp32 latent to bf16 precision."""
+    from vaecli import fused
+
+    monkeypatch.setattr(fused, "_bf16_kernels", lambda: False)
+    assert vae("encode", small_image, "-o", tmp_path / "f.latent").exit_code == 0
+    result = vae("encode", small_image, "-o", tmp_path / "b.latent", "--dtype", "bf16")
+    assert result.exit_code == 0, result.stderr
+    fp32, bf16 = load_latent(tmp_path / "f.latent")[0], load_latent(tmp_path / "b.latent")[0].float()
+    assert (bf16 - fp32).abs().max().item() <= 0.05 * fp32.abs().max().item()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import diffusers_kl
+from vaecli import winograd
 from vaecli.checkpoints import kl_state_dict
 from vaecli.codec import build_model, load_codec
 from vaecli.registry import REGISTRY
@@ -215,8 +220,9 @@ def test_banded_codec_path_matches_diffusers(name, band_bytes, monkeypatch):
 
     monkeypatch.setattr(banded, "BAND_BYTES", band_bytes)
     calls = []
-    run_block = banded.run_block
+    run_block, wino = banded.run_block, winograd._winograd
     monkeypatch.setattr(banded, "run_block", lambda block, x: calls.append(type(block).__name__) or run_block(block, x))
+    monkeypatch.setattr(winograd, "_winograd", lambda x, u, *a: calls.append(f"winograd{u.shape[0]}") or wino(x, u, *a))
     spec = REGISTRY[name]
     ref = diffusers_kl(name)
     model = build_model(spec).eval()
@@ -234,7 +240,46 @@ def test_banded_codec_path_matches_diffusers(name, band_bytes, monkeypatch):
         ref_pixels = ((ref.decode(mean).sample + 1) / 2).clamp(0, 1)
         assert (codec.decode_raw(mean.contiguous(memory_format=torch.channels_last)) - ref_pixels
                 ).abs().max().item() <= TOL
-        assert {"ResnetBlock", "Upsample", "Sequential"} <= set(calls)
+        assert {"ResnetBlock", "Upsample", "Sequential", "winograd16", "winograd9"} <= set(calls)  # at 512 channels
+
+
+@pytest.mark.parametrize(("r", "c_in", "c_out", "height", "width", "pad", "bias"), [
+    (3, 256, 256, 8, 10, 1, True), (3, 256, 320, 7, 9, 1, False), (3, 320, 256, 5, 1, 1, True),
+    (3, 256, 256, 3, 6, 0, True), (2, 256, 256, 8, 10, 0, True), (2, 320, 256, 5, 7, 0, False)])
+def test_winograd_convolution_is_a_direct_one(r, c_in, c_out, height, width, pad, bias):
+    """Winograd F(2x2, 3x3) and F(2x2, 2x2) (an upsampling conv's phases) for the wide layers give a float64 direct
+    convolution's result to fp32 rounding, odd output sizes, unpadded sides and no bias included."""
+    torch.manual_seed(7)
+    weight = (torch.randn(c_out, c_in, r, r) / (r * c_in ** 0.5)).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(c_out) if bias else None
+    x = torch.randn(2, c_in, height + r - 1, width).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        u = winograd.prepare(weight, x.dtype, x.device)
+        y = winograd.conv2d(x, weight, b, u, pad)
+        exact = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), 1, (0, pad))
+    assert u is not None and y.shape == exact.shape
+    assert (y - exact).abs().max().item() <= 3e-6
+
+
+def test_winograd_only_where_it_is_faster():
+    """Narrow, 1x1, bf16 and autograd convolutions stay with the direct convolution."""
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        assert winograd.prepare(torch.ones(256, 256, 3, 3), torch.float32, cpu) is not None
+        assert winograd.prepare(torch.ones(128, 256, 3, 3), torch.float32, cpu) is None
+        assert winograd.prepare(torch.ones(256, 256, 1, 1), torch.float32, cpu) is None
+        assert winograd.prepare(torch.ones(256, 256, 3, 3), torch.bfloat16, cpu) is None
+    assert winograd.prepare(torch.ones(256, 256, 3, 3), torch.float32, cpu) is None  # autograd on
+
+
+@pytest.mark.parametrize(("setting", "used"), [("0", False), ("1", True)])
+def test_vae_winograd_0_turns_winograd_off(setting, used):
+    """VAE_WINOGRAD=0 gives oneDNN's direct convolutions everywhere (to compare with, or for its exact bits)."""
+    code = ("import torch; from vaecli import winograd; torch.set_grad_enabled(False); "
+            "print(winograd.prepare(torch.ones(256, 256, 3, 3), torch.float32, torch.device('cpu')) is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "VAE_WINOGRAD": setting}).stdout
+    assert out.strip() == str(used)
 
 
 def test_banded_resnet_writes_over_its_consumed_input():

@@ -306,19 +306,25 @@ def test_default_budget_is_half_the_available_ram_under_the_cap():
 
 
 class ConvCount:
-    """Counts the output elements every 2-D convolution computes (F.conv2d, module convs included)."""
+    """Counts the output elements every 2-D convolution computes (F.conv2d, module convs and the Winograd
+    convolutions of the wide layers included)."""
 
     def __init__(self, monkeypatch):
         import torch.nn.functional as F
 
-        self.elements, conv = 0, F.conv2d
+        from vaecli import winograd
 
-        def counted(*args, **kwargs):
-            out = conv(*args, **kwargs)
-            self.elements += out.numel()
-            return out
+        self.elements = 0
 
-        monkeypatch.setattr(F, "conv2d", counted)
+        def counted(conv):
+            def run(*args, **kwargs):
+                out = conv(*args, **kwargs)
+                self.elements += out.numel()
+                return out
+            return run
+
+        monkeypatch.setattr(F, "conv2d", counted(F.conv2d))
+        monkeypatch.setattr(winograd, "_winograd", counted(winograd._winograd))
 
 
 def conv_elements(blocks, x) -> int:

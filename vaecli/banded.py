@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaecli import allocator, tiling
+from vaecli import allocator, tiling, winograd
 
 BAND_BYTES = 4 << 20  # input bytes read per band: a couple of L2 caches' worth
 
@@ -110,6 +110,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, affine=None, resi
           shortcut: nn.Conv2d | None = None) -> torch.Tensor:
     """out[rows] = conv(silu(x * scale + shift) or x)[rows] (+ residual, through `shortcut`), band by band."""
     pad, height = conv.padding[0], x.shape[-2]
+    u = winograd.prepare(conv.weight, x.dtype, x.device)
     for b0, b1, r0, r1 in _windows(x, out.shape[-2]):
         c0, c1 = max(0, r0 - pad), min(height, r1 + pad)  # input rows read; zero rows pad the image edges
         t = x[b0:b1, :, c0:c1]
@@ -117,7 +118,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, affine=None, resi
             t = F.silu(torch.addcmul(affine[1][b0:b1], t.float(), affine[0][b0:b1]), inplace=True).to(x.dtype)
         if c0 > r0 - pad or r1 + pad > c1:
             t = F.pad(t, (0, 0, c0 - (r0 - pad), r1 + pad - c1))
-        y = F.conv2d(t, conv.weight, conv.bias, 1, (0, conv.padding[1]))
+        y = winograd.conv2d(t, conv.weight, conv.bias, u, conv.padding[1])
         if residual is not None:
             res = residual[b0:b1, :, r0:r1]
             y += res if shortcut is None else shortcut(res)
@@ -137,6 +138,7 @@ def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     w64 = conv.weight.double()
     kernels = [[torch.einsum("pk,oikl,ql->oipq", fold[a], w64, fold[b]).to(conv.weight.dtype)
                 .contiguous(memory_format=torch.channels_last) for b in range(2)] for a in range(2)]
+    wino = [[winograd.prepare(k, x.dtype, x.device) for k in row] for row in kernels]
     h = x.shape[-2]
     out = _empty(x, conv.out_channels, 2)
     phases = out.view(*out.shape[:2], h, 2, out.shape[-1] // 2, 2)  # (B, C', H, a, W, b)
@@ -145,5 +147,5 @@ def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         for a in range(2):
             for b in range(2):
                 window = t[:, :, a:a + l1 - l0 + 1, b:b + x.shape[-1] + 1]
-                phases[b0:b1, :, l0:l1, a, :, b] = F.conv2d(window, kernels[a][b], conv.bias)
+                phases[b0:b1, :, l0:l1, a, :, b] = winograd.conv2d(window, kernels[a][b], conv.bias, wino[a][b])
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -11,8 +13,14 @@ def fusable(x: torch.Tensor) -> bool:
     # bf16: they skip two passes over memory per block (the tiny decoder 1.3x faster). Not fp32: there the gain is
     # ~10% and these ops cache per-shape oneDNN state that raised taef2's tiled decode peak from 923 to 1199 MB at
     # 2048x2048.
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and \
-        torch.backends.mkldnn.is_available()
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and _bf16_kernels()
+
+
+@functools.cache
+def _bf16_kernels() -> bool:
+    # oneDNN's bf16 kernels need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere (an AVX2-only CPU) the fused ops
+    # raise, while torch's own convolutions still run bf16.
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def conv_relu(c: nn.Conv2d, x: torch.Tensor, padding: list[int] | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaecli import allocator, banded
+from vaecli import allocator, banded, winograd
 from vaecli.models.kl import Downsample, MidBlock, ResnetBlock, Upsample, attention
 from vaecli.scratch import RowStore, Scratch
 from vaecli.tiling import Moments, group_moments, norm_affine
@@ -368,6 +368,7 @@ def _conv_pass(conv: nn.Conv2d, src, dst, chunk: int, band: int, bufs: dict, str
     step = max(1, band // (src.row_bytes * stride))  # output rows per band
     per_chunk = max(step, chunk // max(src.row_bytes * stride, dst.row_bytes) // step * step)
     out = _Writer(dst, groups, bufs)
+    u = winograd.prepare(conv.weight, src.dtype, src.device) if stride == 1 else None
     for c0 in range(0, dst.height, per_chunk):
         c1 = min(dst.height, c0 + per_chunk)
         win = _Window(src, max(0, c0 * stride - pt), min(height, (c1 - 1) * stride - pt + k), bufs, "in")
@@ -381,7 +382,8 @@ def _conv_pass(conv: nn.Conv2d, src, dst, chunk: int, band: int, bufs: dict, str
                 t = F.silu(torch.addcmul(affine[1], t.float(), affine[0]), inplace=True).to(src.dtype)
             if lo < 0 or hi > height or pl != pr:
                 t = F.pad(t, (pl - pc, pr - pc, max(0, -lo), max(0, hi - height)))
-            y = F.conv2d(t, conv.weight, conv.bias, stride, (0, pc))
+            y = winograd.conv2d(t, conv.weight, conv.bias, u, pc) if stride == 1 else \
+                F.conv2d(t, conv.weight, conv.bias, stride, (0, pc))
             if res is not None:
                 r = res.rows(a, b)
                 y += r if shortcut is None else shortcut(r)
@@ -398,6 +400,7 @@ def _up_pass(conv: nn.Conv2d, src, dst, chunk: int, band: int, bufs: dict, group
     fold, w64 = banded._FOLD.to(src.device), conv.weight.double()
     kernels = [[torch.einsum("pk,oikl,ql->oipq", fold[a], w64, fold[b]).to(conv.weight.dtype)
                 .contiguous(memory_format=torch.channels_last) for b in range(2)] for a in range(2)]
+    wino = [[winograd.prepare(k, src.dtype, src.device) for k in row] for row in kernels]
     height, width = src.height, src.width
     step = max(1, band // src.row_bytes)  # input rows per band
     per_chunk = max(step, chunk // max(src.row_bytes, 2 * dst.row_bytes) // step * step)
@@ -413,8 +416,8 @@ def _up_pass(conv: nn.Conv2d, src, dst, chunk: int, band: int, bufs: dict, group
             phases = y.view(1, y.shape[1], l1 - l0, 2, width, 2)
             for a in range(2):
                 for b in range(2):
-                    phases[:, :, :, a, :, b] = F.conv2d(t[:, :, a:a + l1 - l0 + 1, b:b + width + 1], kernels[a][b],
-                                                        conv.bias)
+                    phases[:, :, :, a, :, b] = winograd.conv2d(t[:, :, a:a + l1 - l0 + 1, b:b + width + 1],
+                                                               kernels[a][b], conv.bias, wino[a][b])
             out.collect(y)
         out.end()
     return out.finish()
