@@ -132,13 +132,19 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, affine=None, resi
 _FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
 
 
-def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(nearest_2x(x)) for a 3x3, padding-1 `conv`: (B, C, H, W) -> (B, C', 2H, 2W), band by band."""
-    fold = _FOLD.to(x.device)
-    w64 = conv.weight.double()
+def phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device
+                  ) -> list[list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """For a 3x3, padding-1 `conv` after a nearest-2x upsample: per output phase [a][b], the 2x2 kernel (C', C, 2, 2)
+    it is over the source image, channels_last, with its Winograd transform for `dtype` inputs on `device` (or None)."""
+    fold, w64 = _FOLD.to(conv.weight.device), conv.weight.double()
     kernels = [[torch.einsum("pk,oikl,ql->oipq", fold[a], w64, fold[b]).to(conv.weight.dtype)
                 .contiguous(memory_format=torch.channels_last) for b in range(2)] for a in range(2)]
-    wino = [[winograd.prepare(k, x.dtype, x.device) for k in row] for row in kernels]
+    return [[(k, winograd.prepare(k, dtype, device)) for k in row] for row in kernels]
+
+
+def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(nearest_2x(x)) for a 3x3, padding-1 `conv`: (B, C, H, W) -> (B, C', 2H, 2W), band by band."""
+    kernels = phase_kernels(conv, x.dtype, x.device)
     h = x.shape[-2]
     out = _empty(x, conv.out_channels, 2)
     phases = out.view(*out.shape[:2], h, 2, out.shape[-1] // 2, 2)  # (B, C', H, a, W, b)
@@ -147,5 +153,6 @@ def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         for a in range(2):
             for b in range(2):
                 window = t[:, :, a:a + l1 - l0 + 1, b:b + x.shape[-1] + 1]
-                phases[b0:b1, :, l0:l1, a, :, b] = winograd.conv2d(window, kernels[a][b], conv.bias, wino[a][b])
+                kernel, u = kernels[a][b]
+                phases[b0:b1, :, l0:l1, a, :, b] = winograd.conv2d(window, kernel, conv.bias, u)
     return out

@@ -382,7 +382,7 @@ def _conv_pass(conv: nn.Conv2d, src, dst, chunk: int, band: int, bufs: dict, str
                 t = F.silu(torch.addcmul(affine[1], t.float(), affine[0]), inplace=True).to(src.dtype)
             if lo < 0 or hi > height or pl != pr:
                 t = F.pad(t, (pl - pc, pr - pc, max(0, -lo), max(0, hi - height)))
-            y = winograd.conv2d(t, conv.weight, conv.bias, u, pc) if stride == 1 else \
+            y = winograd.conv2d(t, conv.weight, conv.bias, u, pc) if u is not None else \
                 F.conv2d(t, conv.weight, conv.bias, stride, (0, pc))
             if res is not None:
                 r = res.rows(a, b)
@@ -397,10 +397,7 @@ def _up_pass(conv: nn.Conv2d, src, dst, chunk: int, band: int, bufs: dict, group
              ) -> Moments | None:
     """dst = conv(nearest_2x(src)) for a 3x3, padding-1 `conv`, as four 2x2 convolutions of src (banded's folding:
     the upsampled copy is never made); returns the moments of dst for `groups` groups (None without)."""
-    fold, w64 = banded._FOLD.to(src.device), conv.weight.double()
-    kernels = [[torch.einsum("pk,oikl,ql->oipq", fold[a], w64, fold[b]).to(conv.weight.dtype)
-                .contiguous(memory_format=torch.channels_last) for b in range(2)] for a in range(2)]
-    wino = [[winograd.prepare(k, src.dtype, src.device) for k in row] for row in kernels]
+    kernels = banded.phase_kernels(conv, src.dtype, src.device)
     height, width = src.height, src.width
     step = max(1, band // src.row_bytes)  # input rows per band
     per_chunk = max(step, chunk // max(src.row_bytes, 2 * dst.row_bytes) // step * step)
@@ -416,8 +413,9 @@ def _up_pass(conv: nn.Conv2d, src, dst, chunk: int, band: int, bufs: dict, group
             phases = y.view(1, y.shape[1], l1 - l0, 2, width, 2)
             for a in range(2):
                 for b in range(2):
-                    phases[:, :, :, a, :, b] = winograd.conv2d(t[:, :, a:a + l1 - l0 + 1, b:b + width + 1],
-                                                               kernels[a][b], conv.bias, wino[a][b])
+                    kernel, u = kernels[a][b]
+                    phases[:, :, :, a, :, b] = winograd.conv2d(t[:, :, a:a + l1 - l0 + 1, b:b + width + 1], kernel,
+                                                               conv.bias, u)
             out.collect(y)
         out.end()
     return out.finish()

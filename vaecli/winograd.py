@@ -12,6 +12,7 @@ which is faster there.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -107,9 +108,7 @@ def _combine(mat: list[list[float]], parts: list[torch.Tensor], out) -> None:
 
 
 def _buf(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    size = 1
-    for s in shape:
-        size *= s
+    size = math.prod(shape)
     bufs = _local.__dict__.setdefault("bufs", {})
     b = bufs.get(name)
     if b is None or b.numel() < size:
