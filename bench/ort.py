@@ -7,7 +7,8 @@ Cases (fp32 and bf16 codecs loaded by `vaecli.codec.load_codec`, as the `vae` co
 
 ORT runs vaecli's own fp32 module for that half (`model.encode` on pixels in [0, 1], `model.decode` on the raw
 latent, clamped output included), exported to ONNX (TorchScript exporter, opset 17; the dynamo exporter if that
-fails) with static shapes, in an InferenceSession on CPUExecutionProvider with all graph optimizations and
+fails) with static shapes (the reference graph: a traced tiny decoder keeps nn.Upsample and the 3x3 conv that
+vaecli runs as four 2x2 convs), in an InferenceSession on CPUExecutionProvider with all graph optimizations and
 intra_op_num_threads = torch.get_num_threads(). vaecli's side is `Codec.encode_raw` / `decode_raw`: the path the
 `vae` command takes for that image (row streams past the budget as `--tile auto` does, unless `--tile off`; banded
 KL chains), without reading, padding, latent scaling or writing; its inputs are prepared as `encode_batch` /

@@ -110,3 +110,35 @@ def test_bf16_blocks_write_over_stack_made_inputs_only(random_taesd):
     assert torch.equal(x, kept)
     assert torch.equal(out, expected)
     assert (second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()) == fused._bf16_kernels()
+
+
+def test_tiny_decoder_upsampling_convs_run_as_phases_and_export_the_reference_graph(random_taesd, monkeypatch):
+    """Each nearest-2x upsampling and the 3x3 conv after it run as four 2x2 convs of the source (4 taps per output
+    instead of 9): the upsampled conv's numbers to fp32 rounding, at 1x1 latents and odd sizes too; a traced
+    (exported) decoder keeps the reference's upsample and 3x3 conv."""
+    from torch import nn
+
+    from vaecli import banded
+
+    codec = load_codec("taesd", weights=[random_taesd / "diffusers"], device="cpu")
+    decoder = codec.model.decoder
+    calls = []
+    phased = banded.upsample_conv
+    monkeypatch.setattr(banded, "upsample_conv", lambda c, x, *a, **k: calls.append(tuple(x.shape)) or
+                        phased(c, x, *a, **k))
+    torch.manual_seed(0)
+    for shape in [(1, 4, 1, 1), (2, 4, 5, 3), (1, 4, 12, 16)]:
+        z = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        calls.clear()
+        with torch.inference_mode():
+            ours = decoder(z)
+            ref = nn.Sequential.forward(decoder, z)  # module by module: nn.Upsample, then the 3x3 conv
+        n, _, h, w = shape
+        assert calls == [(n, 64, h * s, w * s) for s in (1, 2, 4)]
+        assert ours.shape == ref.shape == (n, 3, 8 * h, 8 * w)
+        assert (ours - ref).abs().max().item() <= 1e-5
+    calls.clear()
+    with torch.no_grad():
+        traced = torch.jit.trace(decoder, z, check_trace=False)
+        assert (traced(z) - ref).abs().max().item() <= 1e-5
+    assert calls == [] and "upsample_nearest2d" in str(traced.inlined_graph)

@@ -41,7 +41,7 @@ def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(block, ResnetBlock):
         return _resnet(block, x)
     if isinstance(block, Upsample):
-        return _upsample_conv(block.conv, x)
+        return upsample_conv(block.conv, x)
     if _is_plain_conv(block):
         return _conv(block, x, _empty(x, block.out_channels))
     if _is_out_head(block):
@@ -142,17 +142,23 @@ def phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device
     return [[(k, winograd.prepare(k, dtype, device)) for k in row] for row in kernels]
 
 
-def _upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(nearest_2x(x)) for a 3x3, padding-1 `conv`: (B, C, H, W) -> (B, C', 2H, 2W), band by band."""
-    kernels = phase_kernels(conv, x.dtype, x.device)
-    h = x.shape[-2]
-    out = _empty(x, conv.out_channels, 2)
-    phases = out.view(*out.shape[:2], h, 2, out.shape[-1] // 2, 2)  # (B, C', H, a, W, b)
+def upsample_conv(conv: nn.Conv2d, x: torch.Tensor, kernels=None, context: bool = False) -> torch.Tensor:
+    """conv(nearest_2x(x)) for a 3x3, padding-1 `conv`, band by band: (B, C, H, W) in any range -> (B, C', 2H, 2W);
+    with `context` the first and last rows of `x` are the rows above and below (zeros at the image's edges) and the
+    output has 2(H - 2) rows. `kernels`: `phase_kernels(conv, ...)`, made here if not given."""
+    kernels = kernels or phase_kernels(conv, x.dtype, x.device)
+    h, w = x.shape[-2] - 2 * context, x.shape[-1]
+    out = torch.empty(x.shape[0], conv.out_channels, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    phases = out.view(*out.shape[:2], h, 2, w, 2)  # (B, C', H, a, W, b)
     for b0, b1, l0, l1 in _windows(x, h):
-        t = F.pad(x[b0:b1, :, max(0, l0 - 1):min(h, l1 + 1)], (1, 1, int(l0 == 0), int(l1 == h)))
+        if context:
+            t = F.pad(x[b0:b1, :, l0:l1 + 2], (1, 1))
+        else:
+            t = F.pad(x[b0:b1, :, max(0, l0 - 1):min(h, l1 + 1)], (1, 1, int(l0 == 0), int(l1 == h)))
         for a in range(2):
             for b in range(2):
-                window = t[:, :, a:a + l1 - l0 + 1, b:b + x.shape[-1] + 1]
+                window = t[:, :, a:a + l1 - l0 + 1, b:b + w + 1]
                 kernel, u = kernels[a][b]
                 phases[b0:b1, :, l0:l1, a, :, b] = winograd.conv2d(window, kernel, conv.bias, u)
     return out

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vaecli import allocator, fused
+from vaecli import allocator, banded, fused
 
 BAND_BYTES = 4 << 20  # bytes of the widest layer's band: a couple of L2 caches' worth
 
@@ -25,14 +24,18 @@ Op = Callable[[torch.Tensor], torch.Tensor]
 
 class Conv:
     """A convolution over bands of rows: padding `k // 2` on every side of the image, any stride; then ReLU if
-    `relu`, or ReLU of the sum with `add(rows)` (rows of a residual, as many as this produced)."""
+    `relu`, or ReLU of the sum with `add(rows)` (rows of a residual, as many as this produced). With `upsample`, a
+    3x3 'same' convolution of the rows upsampled 2x (nearest), as `vaecli.banded.upsample_conv` runs it: two output
+    rows per input row."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False):
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, upsample: bool = False):
         k, s = conv.kernel_size[0], conv.stride[0]
         if conv.kernel_size != (k, k) or conv.stride != (s, s) or conv.padding != (k // 2, k // 2) or \
-                conv.dilation != (1, 1) or conv.groups != 1:
-            raise ValueError(f"rows: unsupported convolution {conv}")
+                conv.dilation != (1, 1) or conv.groups != 1 or upsample and (k, s, relu) != (3, 1, False):
+            raise ValueError(f"rows: unsupported convolution {conv}{' after an upsampling' if upsample else ''}")
         self.conv, self.k, self.s, self.p, self.relu = conv, k, s, k // 2, relu
+        self.kernels = None  # the upsampling's phase kernels, made once for all bands
+        self.upsample = upsample
         self.buf: torch.Tensor | None = None
 
     def push(self, x: torch.Tensor, add: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -56,11 +59,14 @@ class Conv:
     def _run(self, rows: torch.Tensor, m: int, add: Callable[[int], torch.Tensor] | None) -> torch.Tensor:
         """The `m` output rows of `rows`, through the fused oneDNN calls where they apply (`vaecli.fused`)."""
         c, pad = self.conv, [0, self.p]
+        if self.upsample:
+            self.kernels = self.kernels or banded.phase_kernels(c, rows.dtype, rows.device)
+            return banded.upsample_conv(c, rows, self.kernels, context=True)
         if fused.fusable(rows) and add is not None:
             return fused.conv_add_relu(c, rows, add(m), padding=pad)
         if fused.fusable(rows) and self.relu:
             return fused.conv_relu(c, rows, padding=pad)
-        y = F.conv2d(rows, c.weight, c.bias, c.stride, tuple(pad))
+        y = fused.conv2d(rows, c.weight, c.bias, c.stride, tuple(pad))
         if add is not None:
             y += add(m)
             return y.relu_()

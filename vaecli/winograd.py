@@ -17,7 +17,8 @@ import os
 import threading
 
 import torch
-import torch.nn.functional as F
+
+from vaecli import fused
 
 MIN_CHANNELS = 256  # narrower layers spend too large a share in the transforms to win
 ENABLED = os.environ.get("VAE_WINOGRAD", "1") != "0"  # 0: oneDNN's direct convolution everywhere, to compare
@@ -54,7 +55,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: 
     Winograd with `u` (its `prepare`) when given, else oneDNN's: (N, C, H + r - 1, W) in any range ->
     (N, C', H, W + 2 * pad - r + 1), channels_last from Winograd."""
     if u is None:
-        return F.conv2d(x, weight, bias, 1, (0, pad))
+        return fused.conv2d(x, weight, bias, 1, (0, pad))
     return _winograd(x, u, bias, pad)
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from vaecli import allocator, fused, metrics, rows, tiling
+from vaecli import allocator, banded, fused, metrics, rows, tiling
 from vaecli.codec import Codec
 from vaecli.registry import ModelSpec, TinyConfig
 
@@ -70,12 +70,30 @@ class Stack(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the last layer's output; the caller's `x` is never written to by a Block."""
         storage = x.untyped_storage().data_ptr()
-        for layer in self:
+        layers, i = list(self), 0
+        while i < len(layers):
+            layer, up = layers[i], upsampled_conv(layers, i)
+            if up is not None and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+                # Exported graphs keep the reference's upsample and 3x3 conv.
+                x, i = banded.upsample_conv(up, x), i + 2
+                continue
             if isinstance(layer, Block):
                 x = layer(x, reuse_input=x.untyped_storage().data_ptr() != storage)
             else:
                 x = layer(x)
+            i += 1
         return x
+
+
+def upsampled_conv(layers: list[nn.Module], i: int) -> nn.Conv2d | None:
+    """The 3x3 'same' convolution after a nearest 2x upsampling at `layers[i]`, which runs as four 2x2 convolutions
+    of the source rows (`vaecli.banded.upsample_conv`: 4 taps per output instead of 9), or None."""
+    up, c = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+    if isinstance(up, nn.Upsample) and up.mode == "nearest" and up.scale_factor in (2, 2.0, (2.0, 2.0)) and \
+            isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3) and c.stride == (1, 1) and \
+            c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1:
+        return c
+    return None
 
 
 def make_encoder(cfg: TinyConfig) -> nn.Sequential:
@@ -145,6 +163,11 @@ def row_stream(layers: nn.Sequential) -> rows.Chain:
     while i < len(items):
         layer = items[i]
         relu = i + 1 < len(items) and isinstance(items[i + 1], nn.ReLU)
+        up = upsampled_conv(items, i)
+        if up is not None:
+            ops.append(rows.Conv(up, upsample=True))
+            i += 2
+            continue
         if isinstance(layer, nn.Conv2d):
             ops.append(rows.Conv(layer, relu))
             i += 2 if relu else 1
