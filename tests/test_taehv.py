@@ -250,6 +250,41 @@ def test_taesdv_matches_reference(ref_sdv, tmp_path):
         assert_same(push_all(model.stream_decoder(), z), raw.clamp(0, 1))
 
 
+@pytest.mark.parametrize("name", ["taew2_1", "taesdv"])
+@torch.no_grad()
+def test_upsampled_convs_run_as_phases_with_tgrow_first(pair, monkeypatch, name):
+    """Each decoder stage's nearest-2x upsampling and 3x3 conv run as four 2x2 convs of the source frames
+    (`vaecli.banded.upsample_conv`), TAEHV's TGrow between them first, at the source resolution; the numbers are
+    the reference's (above, and here against the module-by-module order)."""
+    from vaecli import banded
+
+    model = pair(name)[0] if name != "taesdv" else randomize(TAESDV(), seed=7)
+    calls = []
+    phased = banded.upsample_conv
+    monkeypatch.setattr(banded, "upsample_conv", lambda c, x, *a, **k: calls.append(tuple(x.shape)) or
+                        phased(c, x, *a, **k))
+    cfg = getattr(model, "config", None)
+    z = torch.randn(1, 2, cfg.latent_channels if cfg else 4, 2, 3, generator=torch.Generator().manual_seed(4))
+    out = CausalRunner(model.decoder)(z)
+    widths = cfg.decoder_widths if cfg else (64,) * 4
+    time_up = cfg.decoder_time_upscale if cfg else (False,) * 3
+    frames, h, w, expected = 2, 2, 3, []
+    for i, t in enumerate(time_up):
+        frames *= 2 if t else 1
+        expected.append((frames, widths[i], h, w))
+        h, w = 2 * h, 2 * w
+    assert calls == expected
+
+    def plain(x):  # the reference's order: upsample, TGrow, 3x3 conv, module by module
+        runner = CausalRunner(model.decoder)
+        monkeypatch.setattr(banded, "phased", lambda up, conv: False)
+        try:
+            return runner(x)
+        finally:
+            monkeypatch.undo()
+    assert_same(out, plain(z))
+
+
 @pytest.mark.parametrize("name", RUN + ["taesdv"])
 @torch.no_grad()
 def test_tiles_equal_whole_frames(name):

@@ -142,6 +142,14 @@ def phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, device: torch.device
     return [[(k, winograd.prepare(k, dtype, device)) for k in row] for row in kernels]
 
 
+def phased(up: nn.Module, conv: nn.Module | None) -> bool:
+    """Whether `conv(up(x))` is a nearest-2x upsampling then a 3x3 'same' convolution: what `upsample_conv` runs as
+    four 2x2 convolutions of the source (4 taps per output instead of 9, no upsampled copy)."""
+    return isinstance(up, nn.Upsample) and up.mode == "nearest" and up.scale_factor in (2, 2.0, (2.0, 2.0)) and \
+        isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and \
+        conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+
+
 def upsample_conv(conv: nn.Conv2d, x: torch.Tensor, kernels=None, context: bool = False) -> torch.Tensor:
     """conv(nearest_2x(x)) for a 3x3, padding-1 `conv`, band by band: (B, C, H, W) in any range -> (B, C', 2H, 2W);
     with `context` the first and last rows of `x` are the rows above and below (zeros at the image's edges) and the

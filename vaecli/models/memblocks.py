@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaecli import tiling
+from vaecli import banded, tiling
 from vaecli.clip_tiles import Split
 
 
@@ -96,8 +96,19 @@ class CausalRunner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(N, t, C, H, W) -> (N, t', C', H', W'), t' possibly 0 while a TPool waits for more frames."""
-        for i, layer in enumerate(self.layers):
+        layers, i = list(self.layers), -1
+        while i + 1 < len(layers):
+            i += 1
+            layer = layers[i]
             N, T = x.shape[:2]
+            # A nearest-2x upsampling and the 3x3 conv after it run as four 2x2 convs of the source (vaecli.banded);
+            # a TGrow between them (a 1x1 conv: it commutes with the upsampling) runs first, on a quarter of the pixels.
+            j = i + 1 + (i + 1 < len(layers) and isinstance(layers[i + 1], TGrow))
+            if j < len(layers) and banded.phased(layer, layers[j]):
+                x = layers[i + 1](x) if j > i + 1 else x
+                x = banded.upsample_conv(layers[j], x.flatten(0, 1)).unflatten(0, x.shape[:2])
+                i = j
+                continue
             if isinstance(layer, (MemBlock, SuperMemBlock)):
                 if T == 0:
                     continue

@@ -87,13 +87,9 @@ class Stack(nn.Sequential):
 
 def upsampled_conv(layers: list[nn.Module], i: int) -> nn.Conv2d | None:
     """The 3x3 'same' convolution after a nearest 2x upsampling at `layers[i]`, which runs as four 2x2 convolutions
-    of the source rows (`vaecli.banded.upsample_conv`: 4 taps per output instead of 9), or None."""
-    up, c = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-    if isinstance(up, nn.Upsample) and up.mode == "nearest" and up.scale_factor in (2, 2.0, (2.0, 2.0)) and \
-            isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3) and c.stride == (1, 1) and \
-            c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1:
-        return c
-    return None
+    of the source rows (`vaecli.banded.upsample_conv`), or None."""
+    c = layers[i + 1] if i + 1 < len(layers) else None
+    return c if banded.phased(layers[i], c) else None
 
 
 def make_encoder(cfg: TinyConfig) -> nn.Sequential:
