@@ -217,6 +217,24 @@ def test_normalized_latent_needs_flux2(vae, kl_files, small_image, tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_normalized_latent_of_a_model_without_statistics(vae, real_weights, small_image, tmp_path):
+    """A file that says its own model's latents are 'normalized', where that model has no normalization statistics
+    (a hand-edited or foreign file): the error names the models that have them, not the model itself."""
+    from vaecli.latents import save_safetensors
+
+    lat = tmp_path / "t.latent"
+    assert vae("encode", small_image, "-o", lat).exit_code == 0
+    latent, meta = load_latent(lat)
+    odd = tmp_path / "odd.latent"
+    save_safetensors(odd, latent, {**meta, "space": "normalized"})
+    result = vae("decode", odd, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert _only_error_line(result) == (f"Error: {odd}: 'normalized' latents need their model's normalization "
+                                        f"statistics, which taef2 has none of (models with them: flux2, wan2.1, "
+                                        f"wan2.2, qwen-image, taew2_1, taew2_2)")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_tiny_decoder_previews_a_kl_latent(vae, kl_files, random_taesd, small_image, tmp_path):
     """A scaled sd15 latent decodes with taesd as is; a raw one is scaled first, giving the same picture."""
     files = kl_files("sd15")

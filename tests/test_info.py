@@ -56,3 +56,23 @@ def test_info_goes_on_past_any_failure_and_writes_strict_json(vae, real_weights,
     lines = result.stdout.splitlines()
     assert lines[-1].startswith(f"{good}: taef2 latent [32, 6, 8] fp32, image")
     assert len(lines) + len(result.stderr.splitlines()) == 2
+
+
+def test_info_on_a_comfyui_latent_that_records_no_model(vae, tmp_path):
+    """ComfyUI's SaveLatent records no model: info shows what the file holds and says how to decode it (as `vae
+    decode` asks: --model), where it used to fail with an error naming an option info does not have."""
+    import torch
+    from safetensors.torch import save_file
+
+    comfy = tmp_path / "c.latent"
+    save_file({"latent_tensor": torch.zeros(2, 16, 6, 8, dtype=torch.float16),
+               "latent_format_version_0": torch.tensor([])}, str(comfy))
+    result = vae("info", comfy)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == (f"{comfy}: ComfyUI latent [16, 6, 8] float16, image, batch of 2, no model "
+                                     f"recorded (decode with --model NAME)")
+    result = vae("info", comfy, "--json")
+    assert json.loads(result.stdout) == {"input": str(comfy), "status": "ok", "format": "comfyui", "model": None,
+                                         "kind": "image", "batch": 2, "dtype": "float16", "shape": [16, 6, 8]}
+    result = vae("decode", comfy)
+    assert result.exit_code == 1 and "pass --model" in result.stderr

@@ -112,6 +112,7 @@ def test_bf16_blocks_write_over_stack_made_inputs_only(random_taesd):
     assert (second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()) == fused._bf16_kernels()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")  # the TorchScript ONNX exporter traces
 def test_tiny_decoder_upsampling_convs_run_as_phases_and_export_the_reference_graph(random_taesd, monkeypatch):
     """Each nearest-2x upsampling and the 3x3 conv after it run as four 2x2 convs of the source (4 taps per output
     instead of 9): the upsampled conv's numbers to fp32 rounding, at 1x1 latents and odd sizes too; a traced

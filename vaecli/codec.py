@@ -318,9 +318,13 @@ def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None
                                 f"decoded with {spec.name} ({spec.latent_family or spec.name} latent space){hint}")
     space = meta.get("space", spec.latent_space)
     if space == "normalized" and not spec.can_normalize:
-        owner = meta.get("model") or "the model that made them"
-        raise LatentFormatError(f"'normalized' latents{made_by} need {owner}'s normalization statistics: "
-                                f"decode with --model {owner}, not {spec.name}")
+        owner = meta.get("model")
+        if owner and owner != spec.name:
+            raise LatentFormatError(f"'normalized' latents{made_by} need {owner}'s normalization statistics: "
+                                    f"decode with --model {owner}, not {spec.name}")
+        able = ", ".join(n for n, s in REGISTRY.items() if s.can_normalize and s.has_decoder)
+        raise LatentFormatError(f"'normalized' latents need their model's normalization statistics, which "
+                                f"{spec.name} has none of (models with them: {able})")
     if (space == "native") != (spec.latent_space == "native") or (space == "native" and made_by):
         raise LatentFormatError(f"{spec.name} cannot decode '{space}' latents{made_by}")
     expected = spec.latent_channels * (spec.normalized_patch ** 2 if space == "normalized" else 1)

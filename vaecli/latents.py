@@ -504,9 +504,17 @@ class LatentVideoWriter:
         self._data.close()
 
 
-def read_metadata(path: Path, model: str | None = None) -> dict:
+def read_metadata(path: Path, model: str | None = None, need_model: bool = True) -> dict:
     """A latent file's metadata without reading its tensor (safetensors header or PNG text chunk); `model` as for
-    `load_latent`."""
+    `load_latent`. Without `need_model`, a ComfyUI file that records no model gives what it holds: format "comfyui",
+    model None, its shape ((C, h, w) or (T, C, h, w)), batch size and dtype."""
+    if model is None and not need_model and getattr(path, "model", None) is None:
+        layout = _comfyui_layout(Path(path))
+        raw = layout[0].get("__metadata__") if layout else None
+        if layout and not (isinstance(raw, dict) and raw.get("format") == FORMAT):
+            _, _, (b, c, t, h, w), dtype, _ = layout
+            return {"format": "comfyui", "model": None, "kind": "video" if t > 1 else "image", "batch": b,
+                    "dtype": str(dtype).removeprefix("torch."), "shape": [t, c, h, w] if t > 1 else [c, h, w]}
     comfy = _comfyui_open(path, model)
     if comfy is not None:
         meta, shape, _ = comfy

@@ -23,7 +23,7 @@ def info(
     failed = 0
     for path in inputs:
         try:
-            meta = read_metadata(path)
+            meta = read_metadata(path, need_model=False)
             line = None if as_json else describe_latent(path, meta)
         except Exception as exc:  # a hostile file may fail anywhere: one line and a record, then the next file
             failed += 1
@@ -45,6 +45,9 @@ def info(
 def describe_latent(path: Path, meta: dict) -> str:
     """One line for a latent file's metadata."""
     shape = meta.get("shape") or meta.get("latent_shape")
+    if meta.get("format") == "comfyui" and meta.get("model") is None:
+        return (f"{path}: ComfyUI latent {shape} {meta['dtype']}, {meta['kind']}, batch of {meta['batch']}, "
+                f"no model recorded (decode with --model NAME)")
     w, h = meta.get("image_size", ["?", "?"])
     fps = meta.get("fps")
     what = (f"video, {shape[0]} frames @ {fps:g} fps" if isinstance(fps, (int, float)) else
