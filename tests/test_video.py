@@ -195,6 +195,37 @@ def test_not_a_video(vae, real_weights, tmp_path):
     assert not (tmp_path / "x.latent").exists()
 
 
+def test_a_truncated_video_is_an_error_and_a_longer_audio_track_is_not(vae, real_weights, clip, tmp_path):
+    """ffmpeg reads a cut-off file up to the cut and exits 0: vaecli compares the frames with what the header
+    promises and, short of them, asks ffmpeg to decode the stream to its first error; a clip whose audio outlasts
+    its video (also short of the container's duration) decodes cleanly and is encoded."""
+    import subprocess
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    whole = tmp_path / "whole.mp4"
+    subprocess.run([ffmpeg, "-loglevel", "error", "-i", clip, "-vf", "scale=160:96", "-frames:v", "40", "-c:v",
+                    "libx264", "-movflags", "+faststart", whole], check=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    result = vae("video", cut, "-o", tmp_path / "x.latent")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert line.startswith(f"Error: {cut}: truncated or corrupt video: ffmpeg decoded ") and \
+        " of the 40 frames its header promises (" in line and line.endswith(")") and "0x" not in line
+    assert not (tmp_path / "x.latent").exists()
+    result = vae("video", cut, "-o", tmp_path / "x.latent", "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["error"] == line.removeprefix("Error: ")
+    assert vae("video", cut, "-o", tmp_path / "first.latent", "--frames", 2).exit_code == 0  # before the cut
+
+    audio = tmp_path / "audio.mp4"
+    subprocess.run([ffmpeg, "-loglevel", "error", "-i", clip, "-f", "lavfi", "-t", "3", "-i",
+                    "anullsrc=r=44100:cl=mono", "-map", "0:v", "-map", "1:a", "-vf", "trim=end_frame=10,scale=64:48",
+                    "-c:v", "libx264", "-c:a", "aac", audio], check=True)
+    result = vae("video", audio, "-o", tmp_path / "a.latent", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["shape"][0] == 10
+
+
 def test_still_image_is_not_a_video(vae, real_weights, small_image, tmp_path):
     result = vae("video", small_image, "-o", tmp_path / "x.latent")
     assert result.exit_code == 1

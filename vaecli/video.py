@@ -71,6 +71,21 @@ def _open(path: Path):
     return gen, VideoInfo(fps=float(meta["fps"]), size=tuple(meta["size"]), duration=float(meta.get("duration") or 0))
 
 
+def _decode_error(path: Path) -> str | None:
+    """ffmpeg's first error decoding the video stream of `path` to the end (None if there is none)."""
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", str(path), "-map", "0:v:0",
+           "-f", "null", "-"]
+    run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if run.returncode == 0:
+        return None
+    # Without the "[h264 @ 0x55d0...]" prefixes, which change from run to run.
+    lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", line.strip()) for line in run.stderr.splitlines()]
+    lines = [line for line in lines if line]
+    return lines[0][:120] if lines else f"exit status {run.returncode}"
+
+
 def probe(path: Path) -> VideoInfo:
     """Frame rate, size and duration of a video file, or an InputError if ffmpeg cannot read it."""
     gen, info = _open(path)
@@ -96,11 +111,12 @@ def read_frames(path: Path, start: int = 0, stride: int = 1, fps: float | None =
     w, h = info.size
 
     def frames() -> Iterator[tuple[int, torch.Tensor]]:
-        taken = 0
+        taken, count = 0, 0
         try:
             for index, raw in enumerate(gen):
+                count = index + 1
                 if limit is not None and taken >= limit:
-                    break
+                    return
                 if not select(index, start, stride, info.fps, fps):
                     continue
                 arr = np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
@@ -111,6 +127,12 @@ def read_frames(path: Path, start: int = 0, stride: int = 1, fps: float | None =
                 from None
         finally:
             gen.close()
+        promised = info.duration * info.fps
+        # ffmpeg ends a truncated file early without failing. Frames short of what the header promises may also be
+        # a longer audio track: a decode that stops at the first error tells the two apart.
+        if count < promised - 1.5 and (why := _decode_error(path)):
+            raise InputError(f"{path}: truncated or corrupt video: ffmpeg decoded {count} of the {round(promised)} "
+                             f"frames its header promises ({why})")
 
     return info, frames()
 
