@@ -129,16 +129,21 @@ def test_random_bytes_are_not_a_latent(vae, tmp_path):
                                         f"vaecli latent PNG)")
 
 
-def test_latent_from_unknown_model(vae, latent_file, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"model": "sd99"}, "made by model 'sd99', which this vaecli does not know; pass --model"),
+    # A model's own latents said to be 'normalized' where it has no normalization statistics (a hand-edited or
+    # foreign file): the error names the models that have them, not the model itself.
+    ({"space": "normalized"}, "'normalized' latents need their model's normalization statistics, which taef2 has "
+                              "none of (models with them: flux2, wan2.1, wan2.2, qwen-image, taew2_1, taew2_2)"),
+])
+def test_latent_metadata_this_model_cannot_decode(vae, latent_file, tmp_path, change, message):
     latent, meta = load_latent(latent_file)
-    from vaecli.latents import save_safetensors
-
     odd = tmp_path / "odd.latent"
-    save_safetensors(odd, latent, {**meta, "model": "sd99"})
+    save_safetensors(odd, latent, {**meta, **change})
     result = vae("decode", odd, "-o", tmp_path / "x.png")
     assert result.exit_code == 1
-    assert _only_error_line(result) == (f"Error: {odd}: made by model 'sd99', which this vaecli does not know; "
-                                        f"pass --model")
+    assert _only_error_line(result) == f"Error: {odd}: {message}"
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_decode_refuses_to_overwrite_input(vae, real_weights, small_image, tmp_path):
@@ -215,24 +220,6 @@ def test_normalized_latent_needs_flux2(vae, kl_files, small_image, tmp_path):
                                         f"normalization statistics: decode with --model flux2, not taef2")
     result = vae("decode", lat, "-o", tmp_path / "x.png", "--weights", files["diffusers"])
     assert result.exit_code == 0, result.stderr
-
-
-def test_normalized_latent_of_a_model_without_statistics(vae, real_weights, small_image, tmp_path):
-    """A file that says its own model's latents are 'normalized', where that model has no normalization statistics
-    (a hand-edited or foreign file): the error names the models that have them, not the model itself."""
-    from vaecli.latents import save_safetensors
-
-    lat = tmp_path / "t.latent"
-    assert vae("encode", small_image, "-o", lat).exit_code == 0
-    latent, meta = load_latent(lat)
-    odd = tmp_path / "odd.latent"
-    save_safetensors(odd, latent, {**meta, "space": "normalized"})
-    result = vae("decode", odd, "-o", tmp_path / "x.png")
-    assert result.exit_code == 1
-    assert _only_error_line(result) == (f"Error: {odd}: 'normalized' latents need their model's normalization "
-                                        f"statistics, which taef2 has none of (models with them: flux2, wan2.1, "
-                                        f"wan2.2, qwen-image, taew2_1, taew2_2)")
-    assert not (tmp_path / "x.png").exists()
 
 
 def test_tiny_decoder_previews_a_kl_latent(vae, kl_files, random_taesd, small_image, tmp_path):
