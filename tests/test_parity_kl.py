@@ -248,7 +248,9 @@ def test_banded_codec_path_matches_diffusers(name, band_bytes, monkeypatch):
     (3, 256, 256, 3, 6, 0, True), (2, 256, 256, 8, 10, 0, True), (2, 320, 256, 5, 7, 0, False)])
 def test_winograd_convolution_is_a_direct_one(r, c_in, c_out, height, width, pad, bias):
     """Winograd F(2x2, 3x3) and F(2x2, 2x2) (an upsampling conv's phases) for the wide layers give a float64 direct
-    convolution's result to fp32 rounding, odd output sizes, unpadded sides and no bias included."""
+    convolution's result to fp32 rounding, odd output sizes, unpadded sides and no bias included: within 1e-5 (outputs
+    up to ~6), where oneDNN's fp32 direct convolution lands 2e-6 to 8e-6 off (by CPU: AVX-512 sums in another order
+    than AVX2)."""
     torch.manual_seed(7)
     weight = (torch.randn(c_out, c_in, r, r) / (r * c_in ** 0.5)).contiguous(memory_format=torch.channels_last)
     b = torch.randn(c_out) if bias else None
@@ -258,7 +260,7 @@ def test_winograd_convolution_is_a_direct_one(r, c_in, c_out, height, width, pad
         y = winograd.conv2d(x, weight, b, u, pad)
         exact = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), 1, (0, pad))
     assert u is not None and y.shape == exact.shape
-    assert (y - exact).abs().max().item() <= 3e-6
+    assert (y - exact).abs().max().item() <= 1e-5
 
 
 def test_winograd_only_where_it_is_faster():

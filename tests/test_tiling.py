@@ -123,12 +123,19 @@ def test_tiled_helper_matches_whole_for_a_conv_stack():
 
 @pytest.mark.parametrize("name", ["taesd", "taef2", "taesana"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_stream_equals_the_whole_image(name, dtype):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_row_stream_equals_the_whole_image(name, dtype, batch, monkeypatch):
     """The local layers streamed band by band of rows (any band, stride-2 stems, odd sizes, the decoders' upsampled
     convs as 2x2 phases) give the whole image's numbers: exactly in fp32 (oneDNN for every band, however small),
-    to rounding in bf16."""
-    from vaecli import rows
+    to rounding in bf16. One image: each layer writes its rows into the next one's window (and the last into the
+    output); a batch: each layer's rows are copied in. The whole image runs as a batch of two: torch runs a single
+    small image through its own convolution, not oneDNN's."""
+    from vaecli import fused, rows
     from vaecli.models.tiny import TinyAutoencoder, row_stream
+
+    written = []  # convolutions written into the next layer's window or the output
+    real = fused.conv_into
+    monkeypatch.setattr(fused, "conv_into", lambda *a, **k: written.append(1) or real(*a, **k))
 
     spec = REGISTRY[name]
     torch.manual_seed(0)
@@ -140,22 +147,23 @@ def test_row_stream_equals_the_whole_image(name, dtype):
     f = spec.spatial_factor
     tol = 0.0 if dtype == torch.float32 else 1e-2
     with torch.inference_mode():
-        x = torch.rand(2, 3, 9 * f, 5 * f).to(dtype).contiguous(memory_format=torch.channels_last)
+        x = torch.rand(batch, 3, 9 * f, 5 * f).to(dtype).contiguous(memory_format=torch.channels_last)
         local, _ = model.encoder_segments()
-        whole = local(x)
+        whole = local(x.repeat(2 // batch, 1, 1, 1))[:batch]
         for band in (1, 3, f + 1, 10_000):
             out = rows.run(row_stream(local), x, band, 1 / f)
             assert out.shape == whole.shape and (out.float() - whole.float()).abs().max().item() <= tol
         if model.decoder is not None:
             head, local = model.decoder_segments()
-            h = head(torch.randn(2, spec.latent_channels, 7, 5).to(dtype))
-            whole = local(h)
+            h = head(torch.randn(batch, spec.latent_channels, 7, 5).to(dtype))
+            whole = local(h.repeat(2 // batch, 1, 1, 1))[:batch]
             for band in (1, 2, 5, 10_000):
                 out = rows.run(row_stream(local), h, band, f)
                 assert out.shape == whole.shape and (out.float() - whole.float()).abs().max().item() <= tol
             if spec.config.midblock_gn:  # taef2's GroupNorm blocks need the whole image: they run before the rows
                 with pytest.raises(ValueError, match="no row stream for Block"):
                     row_stream(head[3:])
+        assert bool(written) == (batch == 1 and fused.onednn(x))
 
 
 def test_past_the_budget_tiny_models_stream_rows_and_tile_only_when_asked(real_weights, shared_images, monkeypatch):

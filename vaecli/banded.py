@@ -150,14 +150,17 @@ def phased(up: nn.Module, conv: nn.Module | None) -> bool:
         conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
 
 
-def upsample_conv(conv: nn.Conv2d, x: torch.Tensor, kernels=None, context: bool = False) -> torch.Tensor:
+def upsample_conv(conv: nn.Conv2d, x: torch.Tensor, kernels=None, context: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """conv(nearest_2x(x)) for a 3x3, padding-1 `conv`, band by band: (B, C, H, W) in any range -> (B, C', 2H, 2W);
     with `context` the first and last rows of `x` are the rows above and below (zeros at the image's edges) and the
-    output has 2(H - 2) rows. `kernels`: `phase_kernels(conv, ...)`, made here if not given."""
+    output has 2(H - 2) rows. `kernels`: `phase_kernels(conv, ...)`, made here if not given; `out`: a channels_last
+    tensor of the output's shape to write into, else a new one."""
     kernels = kernels or phase_kernels(conv, x.dtype, x.device)
     h, w = x.shape[-2] - 2 * context, x.shape[-1]
-    out = torch.empty(x.shape[0], conv.out_channels, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last)
+    if out is None:
+        out = torch.empty(x.shape[0], conv.out_channels, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
     phases = out.view(*out.shape[:2], h, 2, w, 2)  # (B, C', H, a, W, b)
     for b0, b1, l0, l1 in _windows(x, h):
         if context:

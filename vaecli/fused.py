@@ -1,5 +1,5 @@
 """oneDNN's convolutions on the CPU called directly: conv+ReLU and conv+add+ReLU in one call each, for bf16
-inference, and the plain convolution whatever the input's size."""
+inference; a convolution written into a given tensor; and the plain convolution whatever the input's size."""
 
 from __future__ import annotations
 
@@ -41,14 +41,29 @@ def conv_add_relu(c: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, into_other
                      "add", 1.0, "relu", [], "")
 
 
+def onednn(x: torch.Tensor) -> bool:
+    """Whether `conv_into` and oneDNN's plain convolution apply to `x` (B, C, H, W): fp32 (or bf16 where oneDNN has
+    the kernels) on the CPU, inference only."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available() and \
+        (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and _bf16_kernels())
+
+
+def conv_into(c: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, relu: bool, padding: list[int] | None = None
+              ) -> torch.Tensor:
+    """out = c(x) + out, then ReLU if `relu`, written into `out` (a contiguous channels_last (B, C', H', W')), with
+    `c`'s padding or `padding`; zero `out` first for the plain convolution (exactly its numbers in fp32)."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, c.weight, c.bias, padding or list(c.padding), list(c.stride), list(c.dilation), c.groups, "add", 1.0,
+        "relu" if relu else None, [], "" if relu else None)
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int | tuple = 1,
            padding: int | tuple = 0) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding) (ungrouped, undilated), through oneDNN on the CPU whatever the size
     of `x` (B, C, H, W) in fp32 (or bf16 where oneDNN has the kernels), inference only; F.conv2d elsewhere."""
     # For one small image (under 20480 values) torch picks its own im2col convolution, whose sums round differently:
     # a band of a few rows would not give the numbers of the whole image.
-    if x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available() and \
-            (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and _bf16_kernels()) and weight.dtype == x.dtype:
+    if onednn(x) and weight.dtype == x.dtype:
         s, p = _pair(stride), _pair(padding)
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, p, s, [1, 1], 1)
     return F.conv2d(x, weight, bias, stride, padding)

@@ -251,7 +251,7 @@ class Family(Codec):
             return self.model.encode(x)
         local, rest = self.model.encoder_segments()
         if self.tile == "auto":
-            band = rows.band_rows(x.shape[-1], self._row_bytes() * x.shape[0])
+            band = rows.band_rows(x.shape[-1], self._row_bytes() * x.shape[0], budget=self._budget())
             return rest(rows.run(row_stream(local), x, band, 1 / self.spec.spatial_factor))
         f = self.spec.spatial_factor
         return rest(tiling.tiled(local, x, tile, tiling.receptive_radius(local), 1 / f, align=f))
@@ -266,7 +266,7 @@ class Family(Codec):
         head, local = self.model.decoder_segments()
         h = head(z)
         if self.tile == "auto":
-            band = rows.band_rows(h.shape[-1], self._row_bytes() * h.shape[0], f)
+            band = rows.band_rows(h.shape[-1], self._row_bytes() * h.shape[0], f, self._budget())
             return rows.run(row_stream(local), h, band, f).clamp_(0, 1)
         return tiling.tiled(local, h, max(1, tile // f), tiling.receptive_radius(local), f).clamp(0, 1)
 
