@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vaecli import layerwise, tiling
+from vaecli import layerwise, rows, tiling
 from vaecli.codec import load_codec
 from vaecli.errors import UsageError
 from vaecli.latents import load_latent
@@ -176,14 +176,32 @@ def test_past_the_budget_tiny_models_stream_rows_and_tile_only_when_asked(real_w
     forced = load_codec("taef2", device="cpu", tile=128)
     latent, meta = whole.encode_image(x, info.size)
     y = whole.decode_latent(latent, meta)
-    calls = []
-    real = tiling.tiled
+    calls, bands = [], []
+    real, run = tiling.tiled, rows.run
     monkeypatch.setattr(tiling, "tiled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(rows, "run", lambda chain, x, band, *a: bands.append((x.shape[-1], band)) or
+                        run(chain, x, band, *a))
     streamed, _ = small.encode_image(x, info.size)
     assert (streamed - latent).abs().max().item() <= 1e-5
     assert (small.decode_latent(latent, meta) - y).abs().max().item() <= 1e-5
     assert calls == []
+    # Bands of 1 MB (the floor: a 64th of 48 MB is less), 64 fp32 channels wide: the encoder's at the image's width,
+    # the decoder's at the latent's, 8x8 pixels each.
+    (w_enc, b_enc), (w_dec, b_dec) = bands
+    assert b_enc == (1 << 20) // (256 * w_enc) and b_dec == max(1, (1 << 20) // (256 * w_dec * 64))
     assert (forced.decode_latent(latent, meta) - y).abs().max().item() <= 1 / 255 and calls == [1]
+
+
+def test_row_bands_take_16_mb_or_a_64th_of_the_budget():
+    """A band holds at most 16 MB of the widest layer's rows, less under a small budget (a 64th), 1 MB at least,
+    and one row however wide the image."""
+    from vaecli import rows
+
+    assert rows.band_rows(1024, 256) == rows.band_rows(1024, 256, budget=1 << 30) == 64
+    assert rows.band_rows(1024, 256, budget=256 << 20) == 16
+    assert rows.band_rows(1024, 256, budget=16 << 20) == rows.band_rows(1024, 256, budget=1) == 4
+    assert rows.band_rows(128, 256, 8, budget=256 << 20) == 2  # decoders: 8x the rows and width at the widest layer
+    assert rows.band_rows(1 << 20, 256) == 1
 
 
 # --- KL family: GroupNorm statistics gathered across tiles, one pass per norm; attention whole, in chunks ---
