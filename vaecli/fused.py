@@ -1,5 +1,5 @@
-"""oneDNN's convolutions on the CPU called directly: conv+ReLU and conv+add+ReLU in one call each, for bf16
-inference; a convolution written into a given tensor; and the plain convolution whatever the input's size."""
+"""oneDNN's convolutions on the CPU called directly, for inference: conv+ReLU and conv+add+ReLU in one call each, a
+convolution written into a given tensor, and the plain convolution whatever the input's size."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def fusable(x: torch.Tensor) -> bool:
-    """Whether the fused calls apply to `x` (B, C, H, W): bf16 on the CPU, inference only (they have no autograd)."""
-    # bf16: they skip two passes over memory per block (the tiny decoder 1.3x faster). Not fp32: there the gain is
-    # ~10% and these ops cache per-shape oneDNN state that raised taef2's tiled decode peak from 923 to 1199 MB at
-    # 2048x2048.
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and _bf16_kernels()
 
 
 @functools.cache
@@ -42,10 +34,17 @@ def conv_add_relu(c: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, into_other
 
 
 def onednn(x: torch.Tensor) -> bool:
-    """Whether `conv_into` and oneDNN's plain convolution apply to `x` (B, C, H, W): fp32 (or bf16 where oneDNN has
-    the kernels) on the CPU, inference only."""
+    """Whether the calls here apply to `x` (B, C, H, W): fp32 (or bf16 where oneDNN has the kernels) on the CPU,
+    inference only (they have no autograd), and not while traced, exported or compiled (they have no symbolic
+    form: a traced or exported module keeps the plain layers)."""
+    # The fused calls skip two passes over memory per block: the tiny decoder 1.3x faster in bf16, both halves ~1.1x
+    # in fp32, with the module-by-module path's numbers.
     return x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available() and \
-        (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and _bf16_kernels())
+        (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and _bf16_kernels()) and not _tracing()
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def conv_into(c: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, relu: bool, padding: list[int] | None = None

@@ -116,9 +116,9 @@ class Conv:
                 # The convolution adds into `out`: the residual's rows, or zeros (exact: x + 0 is x).
                 add(m, out) if add is not None else out.zero_()
                 return fused.conv_into(c, rows, out, relu=self.relu or add is not None, padding=pad)
-        if fused.fusable(rows) and add is not None:
+        if fused.onednn(rows) and add is not None:
             return fused.conv_add_relu(c, rows, add(m), padding=pad)
-        if fused.fusable(rows) and self.relu:
+        if fused.onednn(rows) and self.relu:
             return fused.conv_relu(c, rows, padding=pad)
         y = fused.conv2d(rows, c.weight, c.bias, c.stride, tuple(pad))
         if add is not None:

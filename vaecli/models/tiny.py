@@ -52,7 +52,7 @@ class Block(nn.Module):
         """(B, n_in, H, W) -> (B, n_out, H, W); with `reuse_input` the output may be written over `x`."""
         if self.pool is not None:
             x, reuse_input = x + self.pool(x), True
-        if fused.fusable(x):
+        if fused.onednn(x):
             c0, _, c1, _, c2 = self.conv
             h = fused.conv_relu(c1, fused.conv_relu(c0, x))
             # Over the input where it is ours to overwrite: one activation-sized allocation fewer per block.
