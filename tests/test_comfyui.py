@@ -225,6 +225,25 @@ def test_video_format_comfyui_both_ways(vae, real_weights, gif, tmp_path):
     assert torch.equal(read_image(frames[1])[0][..., :25, :14], decoded["v"][1])
 
 
+def test_video_format_comfyui_on_a_full_disk_names_the_output(vae, real_weights, gif, tmp_path, monkeypatch):
+    """A write failing while the frames go to the intermediate file names the output asked for, not that file,
+    and leaves nothing behind."""
+    import errno
+
+    from vaecli.files import writing
+
+    def full(self, chunk):
+        with writing(self.path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(latents.LatentVideoWriter, "write", full)
+    out = tmp_path / "out" / "c.latent"
+    result = vae("video", gif, "--frames", 3, "--format", "comfyui", "-o", out)
+    assert result.exit_code == 1
+    assert error_line(result) == f"Error: {gif}: {out}: cannot write: no space left on the device"
+    assert list(out.parent.iterdir()) == []
+
+
 def test_video_format_png_is_refused(vae, real_weights, gif, tmp_path):
     result = vae("video", gif, "--format", "png", "-o", tmp_path / "v.latent")
     assert result.exit_code == 2

@@ -34,6 +34,7 @@ from vaecli.cli.common import (
     say,
     tiling_kwargs,
 )
+from vaecli.errors import OutputError
 from vaecli.registry import DEFAULT_MODEL
 
 
@@ -117,6 +118,10 @@ def video_cmd(
                                        seed=seed)
             if comfy:  # ComfyUI's layout, raw (1, C, T, h, w), rewritten a latent plane at a time
                 latents.comfyui_video(dst, job.dst, codec.spec)
+        except OutputError as exc:  # the intermediate file is ours: name the output the user asked for
+            if comfy and str(exc).startswith(f"{dst}: "):
+                raise OutputError(f"{job.dst}: {str(exc)[len(str(dst)) + 2:]}") from None
+            raise
         finally:
             if comfy:
                 dst.unlink(missing_ok=True)
