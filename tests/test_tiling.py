@@ -130,7 +130,7 @@ def test_row_stream_equals_the_whole_image(name, dtype, batch, monkeypatch):
     to rounding in bf16. One image: each layer writes its rows into the next one's window (and the last into the
     output); a batch: each layer's rows are copied in. The whole image runs as a batch of two: torch runs a single
     small image through its own convolution, not oneDNN's."""
-    from vaecli import fused, rows
+    from vaecli import fused
     from vaecli.models.tiny import TinyAutoencoder, row_stream
 
     written = []  # convolutions written into the next layer's window or the output
@@ -195,8 +195,6 @@ def test_past_the_budget_tiny_models_stream_rows_and_tile_only_when_asked(real_w
 def test_row_bands_take_16_mb_or_a_64th_of_the_budget():
     """A band holds at most 16 MB of the widest layer's rows, less under a small budget (a 64th), 1 MB at least,
     and one row however wide the image."""
-    from vaecli import rows
-
     assert rows.band_rows(1024, 256) == rows.band_rows(1024, 256, budget=1 << 30) == 64
     assert rows.band_rows(1024, 256, budget=256 << 20) == 16
     assert rows.band_rows(1024, 256, budget=16 << 20) == rows.band_rows(1024, 256, budget=1) == 4

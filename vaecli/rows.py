@@ -110,15 +110,16 @@ class Conv:
             self.kernels = self.kernels or banded.phase_kernels(c, rows.dtype, rows.device)
             out = sink((b, c.out_channels, 2 * m, 2 * w), rows.dtype, rows.device) if sink else None
             return banded.upsample_conv(c, rows, self.kernels, context=True, out=out)
-        if sink is not None and fused.onednn(rows):
+        dnn = fused.onednn(rows)
+        if sink is not None and dnn:
             out = sink((b, c.out_channels, m, (w + 2 * self.p - self.k) // self.s + 1), rows.dtype, rows.device)
             if out is not None:
                 # The convolution adds into `out`: the residual's rows, or zeros (exact: x + 0 is x).
                 add(m, out) if add is not None else out.zero_()
                 return fused.conv_into(c, rows, out, relu=self.relu or add is not None, padding=pad)
-        if fused.onednn(rows) and add is not None:
+        if dnn and add is not None:
             return fused.conv_add_relu(c, rows, add(m), padding=pad)
-        if fused.onednn(rows) and self.relu:
+        if dnn and self.relu:
             return fused.conv_relu(c, rows, padding=pad)
         y = fused.conv2d(rows, c.weight, c.bias, c.stride, tuple(pad))
         if add is not None:
