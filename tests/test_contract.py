@@ -57,8 +57,9 @@ def _command(cmd: str, photos: Path, latents_dir: Path | None) -> tuple[list, st
 
 # --- the output cannot be written -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cmd", ["encode", "roundtrip", "decode", "video"])
+@pytest.mark.parametrize("cmd", ["encode", "roundtrip", "decode", "video", "video --format comfyui"])
 def test_output_parent_is_a_file_single_input(vae, real_weights, small_image, shared, tmp_path, cmd):
+    cmd, *extra = cmd.split()
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
     src = small_image
@@ -68,7 +69,7 @@ def test_output_parent_is_a_file_single_input(vae, real_weights, small_image, sh
     elif cmd == "video":
         src = shared / "video" / "no_time_for_that_tiny.gif"
     out = blocker / ("x.latent" if cmd in ("encode", "video") else "x.png")
-    args = [cmd, src, "-o", out, "--json"] + (["--frames", 2] if cmd == "video" else [])
+    args = [cmd, src, "-o", out, "--json", *extra] + (["--frames", 2] if cmd == "video" else [])
     result = vae(*args)
     assert result.exit_code == 1
     assert _error_lines(result) == [f"Error: {src}: {out}: cannot write: {blocker} is a file, not a folder"]

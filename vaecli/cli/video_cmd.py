@@ -123,8 +123,8 @@ def video_cmd(
                 raise OutputError(f"{job.dst}: {str(exc)[len(str(dst)) + 2:]}") from None
             raise
         finally:
-            if comfy:
-                dst.unlink(missing_ok=True)
+            if comfy and dst.exists():  # not unlink(missing_ok): under a file it raises and hides the real error
+                dst.unlink()
         if frames is not None and report.frames + report.dropped < frames and not quiet:
             say(f"note: {job.src} has only {report.frames + report.dropped} frames to select from frame {start}; "
                 f"encoded {report.frames} of --frames {frames}")
