@@ -202,6 +202,34 @@ def test_row_bands_take_16_mb_or_a_64th_of_the_budget():
     assert rows.band_rows(1 << 20, 256) == 1
 
 
+def test_cpu_images_stream_rows_past_a_64_mb_activation_whatever_the_budget(real_weights, monkeypatch):
+    """On the CPU, --tile auto runs a pass whole only while its widest activation (64 channels over its pixels) is
+    at most 64 MB, however large the budget; video passes pack frames up to that; a smaller budget still rules;
+    --tile off stays whole. The streamed image has the whole image's numbers."""
+    from vaecli.models import tiny
+
+    assert tiny.WHOLE_ACTIVATION_BYTES == 64 << 20
+    fp32 = load_codec("taef2", device="cpu", budget=8 << 30)
+    bf16 = load_codec("taef2", device="cpu", dtype="bf16", budget=8 << 30)
+    assert fp32.tile_size(512 * 512) is None and fp32.tile_size(512 * 513) is not None  # 256 bytes a pixel
+    assert bf16.tile_size(724 * 724) is None and bf16.tile_size(725 * 725) is not None  # 128 bytes a pixel
+    assert fp32.tile_size(256 * 256, batch=4) is None and fp32.tile_size(256 * 256, batch=5) is not None
+    assert fp32.frames_per_pass((512, 288)) == 1 and bf16.frames_per_pass((512, 288)) == 3
+    assert load_codec("taef2", device="cpu", budget=48 << 20).tile_size(256 * 256) is not None
+    assert load_codec("taef2", device="cpu", tile=None, budget=8 << 30).tile_size(2048 * 2048) is None
+
+    whole = load_codec("taef2", device="cpu", tile=None)
+    bands = []
+    run = rows.run
+    monkeypatch.setattr(rows, "run", lambda chain, x, band, *a: bands.append(band) or run(chain, x, band, *a))
+    x = torch.rand(1, 3, 520, 520, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        z = fp32.encode_raw(x, False, None)
+        assert bands and torch.equal(z, whole.encode_raw(x, False, None))
+        assert torch.equal(fp32.decode_raw(z), whole.decode_raw(z)) and len(bands) == 2
+
+
 # --- KL family: GroupNorm statistics gathered across tiles, one pass per norm; attention whole, in chunks ---
 
 

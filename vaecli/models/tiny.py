@@ -15,6 +15,12 @@ from vaecli import allocator, banded, fused, metrics, rows, tiling
 from vaecli.codec import Codec
 from vaecli.registry import ModelSpec, TinyConfig
 
+# On the CPU a pass runs whole only while its widest activation (the network's width over every pixel of its
+# images) is at most this, a 512x512 fp32 image's with 64 channels: each larger tensor is a fresh mapping that the
+# kernel faults in and zeroes, layer after layer, so row bands, which reuse their windows, finish sooner and hold
+# less (bench/whole_or_rows.py).
+WHOLE_ACTIVATION_BYTES = 64 << 20
+
 
 def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     """3x3 convolution with 'same' padding."""
@@ -184,8 +190,9 @@ def row_stream(layers: nn.Sequential) -> rows.Chain:
 
 class Family(Codec):
     """The tiny image family as a codec: the network works in its family's denoiser space. An image past the budget
-    streams through the local layers band by band of rows (`vaecli.rows`: the whole image's numbers, nothing
-    recomputed); `--tile N` runs tiles of N pixels with a halo of the network's receptive field instead."""
+    (on the CPU, past `WHOLE_ACTIVATION_BYTES` per layer) streams through the local layers band by band of rows
+    (`vaecli.rows`: the whole image's numbers, nothing recomputed); `--tile N` runs tiles of N pixels with a halo of
+    the network's receptive field instead."""
 
     @staticmethod
     def build(spec: ModelSpec, encoder: bool = True, decoder: bool = True) -> TinyAutoencoder:
@@ -221,15 +228,21 @@ class Family(Codec):
             return None
         if self.tile != "auto":
             return int(self.tile)
-        return tiling.tile_for_budget(pixels, self._bytes_per_pixel() * batch, self._budget(), self._halo_px(),
-                                      self.spec.spatial_factor)
+        return tiling.tile_for_budget(pixels, self._bytes_per_pixel() * batch, self._whole_budget(),
+                                      self._halo_px(), self.spec.spatial_factor)
 
     def frame_bytes(self, width: int, height: int) -> tuple[int, int]:
-        """Bytes a frame's widest layers take, and the budget (capped at 1 GiB by default)."""
-        return self._bytes_per_pixel() * width * height, self._budget()
+        """Bytes a frame's widest layers take, and what a pass may take whole (within the budget, 1 GiB by default)."""
+        return self._bytes_per_pixel() * width * height, self._whole_budget()
 
     def _budget(self) -> int:
         return self.budget or tiling.default_budget(self.device)
+
+    def _whole_budget(self) -> int:
+        """Bytes a pass may take run whole: the budget; on the CPU no more than `WHOLE_ACTIVATION_BYTES` per layer."""
+        if self.device.type != "cpu":
+            return self._budget()
+        return min(self._budget(), WHOLE_ACTIVATION_BYTES * self._bytes_per_pixel() // self._row_bytes())
 
     def _bytes_per_pixel(self) -> int:
         return self.spec.config.width * 6 * torch.finfo(self.dtype).bits // 8
