@@ -40,6 +40,7 @@ clean:
 bench: venv
 	$(BIN)/python bench/speed.py --full
 	$(BIN)/python bench/pixel_time.py
+	$(BIN)/python bench/whole_or_rows.py
 	$(BIN)/python bench/tiling_memory.py
 	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/ray_throughput.py

@@ -15,6 +15,10 @@ KL chains), without reading, padding, latent scaling or writing; its inputs are 
 `decode_stream` prepare them (codec dtype, channels_last). ORT gets the same values as NCHW fp32 arrays.
 Per case: vaecli fp32, vaecli bf16 and ORT fp32 interleaved round by round (one warm-up each; 5 rounds up to 512,
 3 above), best and median seconds, the ratios to ORT fp32, and the max abs difference of each output from ORT's.
+A 2048x2048 fp32 matrix product is timed in the same rounds (this machine's fp32 peak at that moment: VM clocks
+drift between runs); for the tiny models, the reference graph's convolution FLOPs (9 taps for an upsampled conv, as
+ORT runs it) over ORT's best time give the rate ORT reaches, to set against it: 0.8x ORT's time needs 1.25x that rate
+from the same multiplies.
 ORT's idle workers do not spin (`session.intra_op.allow_spinning` 0, unless `--ort-spin`): spinning, they hold the
 cores torch's threads need next in this one process. Torch's tensors use huge pages, as in the `vae` command.
 Loading a bf16 tiny codec raises glibc's mmap threshold for the whole process (vaecli/allocator.py), so later fp32
@@ -46,12 +50,13 @@ allocator.huge_pages()  # before torch's first allocation, as the CLI does
 
 import torch  # noqa: E402
 
-from bench.speed import rounds  # noqa: E402
+from bench.speed import conv_flops, rounds  # noqa: E402
 from vaecli.codec import build_model, load_codec  # noqa: E402
 from vaecli.registry import REGISTRY  # noqa: E402
 
 HALVES = {"taesd": ("encode", "decode"), "taef2": ("encode", "decode"), "sd15": ("decode",)}
 MAX_SIZE = {"sd15": 512}  # the KL decoder's 1024 run is minutes per round on a small machine
+PEAK_GEMM = 2048  # the fp32 matrix product timed with each case, interleaved: this machine's peak in that run
 
 
 def random_taesd(folder: Path) -> list[Path]:
@@ -167,13 +172,22 @@ def run_case(name: str, half: str, size: int, codecs: dict, n_rounds: int, spin:
 
     fns = {f"vaecli_{dt}": (vaecli_fn(dt), 1) for dt in codecs}
     fns["ort_fp32"] = (lambda: session.run(None, feed)[0], 1)
+    n = PEAK_GEMM
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    fns["sgemm"] = (lambda: torch.mm(a, b, out=c), 1)
     with torch.inference_mode():
         ref = torch.from_numpy(fns["ort_fp32"][0]())
-        diffs = {k: (fns[k][0]().float() - ref).abs().max().item() for k in fns if k != "ort_fp32"}
+        diffs = {k: (fns[k][0]().float() - ref).abs().max().item() for k in fns if k.startswith("vaecli")}
         times = rounds(fns, n_rounds)
+    sgemm = times.pop("sgemm")
+    # The reference graph's convolutions, as ORT runs them (traced: vaecli's own fused and phased calls stay out).
+    flops = int(conv_flops(f32.model, lambda: torch.jit.trace(Half(f32.model, half).eval(), x, check_trace=False))) \
+        if spec.family == "tiny" else 0
     return {"model": name, "half": half, "size": size, "path": vaecli_path(f32, half, x), "exporter": exporter,
             "rounds": n_rounds, "best": {k: min(v) for k, v in times.items()},
-            "median": {k: statistics.median(v) for k, v in times.items()}, "max_abs_diff_vs_ort": diffs}
+            "median": {k: statistics.median(v) for k, v in times.items()}, "max_abs_diff_vs_ort": diffs,
+            "gflop": flops / 1e9, "ort_gflops": flops / 1e9 / min(times["ort_fp32"]) if flops else None,
+            "sgemm_peak_gflops": 2 * n ** 3 / 1e9 / min(sgemm)}
 
 
 def machine() -> dict:
@@ -200,10 +214,12 @@ def table(results: list[dict], dtypes: list[str]) -> str:
     sides = [f"vaecli_{dt}" for dt in dtypes]
     head = ["case", "vaecli path"] + [f"{s.replace('_', ' ')} s best / median" for s in sides + ["ort_fp32"]]
     head += [f"{s.replace('_', ' ')} / ORT (median)" for s in sides] + [f"max abs diff {dt} vs ORT" for dt in dtypes]
+    head += ["ORT fp32 GFLOP/s (sgemm peak)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         row = [f"{r['model']} {r['half']} {r['size']}", r["path"]] + [cell(r, s) for s in sides + ["ort_fp32"]]
         row += [ratio(r, s) for s in sides] + [f"{r['max_abs_diff_vs_ort'][s]:.1e}" for s in sides]
+        row += [f"{r['ort_gflops'] or 0:.0f} ({r['sgemm_peak_gflops']:.0f})"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -61,12 +61,6 @@ def child(dtype: str, half: str, size: int, tile: str) -> dict:
             "peak_mb": r1.ru_maxrss / 1024}
 
 
-def bf16_kernels() -> bool:
-    import torch
-
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def summary(dtype: str, half: str, size: int, runs: dict[str, list[dict]]) -> dict:
     out = {"dtype": dtype, "half": half, "size": size, "auto_path": runs["auto"][0]["path"]}
     for tile, rs in runs.items():
@@ -106,6 +100,8 @@ def main() -> None:
         dtype, half, size, tile = args.one
         print(json.dumps(child(dtype, half, int(size), tile)))
         return
+    from bench.pixel_time import bf16_kernels
+
     dtypes = [d for d in args.dtypes if d == "fp32" or bf16_kernels()]
     cases = [(d, h, s) for d in dtypes for h in ("encode", "decode") for s in args.sizes]
     runs: dict = {case: {"auto": [], "off": []} for case in cases}
