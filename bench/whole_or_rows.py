@@ -112,13 +112,9 @@ def main() -> None:
                                       text=True, check=True)
                 runs[case][tile].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results = [summary(*case, r) for case, r in runs.items()]
-    import os
-    import platform
+    from bench.memory import machine as cpu
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    machine = {"cpu": names[0] if names else platform.processor(), "cpu_count": os.cpu_count(),
-               "platform": platform.platform()}
+    machine = cpu()
     print(f"machine: {json.dumps(machine)}")
     print(table(results))
     out = {"bench": "whole_or_rows", "machine": machine, "results": results}
