@@ -59,7 +59,7 @@ def test_tree_mirrors_reports_failures_and_resumes(vae, real_weights, tree, tmp_
     assert lines[-3] == "2 of 8 inputs failed:"
     listed = sorted(lines[-2:])
     assert listed[0] == f"  {tree / 'cats' / 'notes.jpg'}: not an image file Pillow can read"
-    assert listed[1].startswith(f"  {tree / 'misc' / 'truncated.png'}: truncated or corrupt image (")
+    assert listed[1].startswith(f"  {tree / 'misc' / 'truncated.png'}: truncated PNG: its pixel data holds ")
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.latent")}
 
     again = vae("encode", tree, "-r", "-o", out, "--json")
@@ -221,7 +221,7 @@ def test_quiet_prints_errors_only(vae, real_weights, tree, tmp_path):
     result = vae("encode", tree / "misc", "-o", tmp_path / "q", "--quiet")
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith(f"Error: {tree / 'misc' / 'truncated.png'}: truncated or corrupt image")
+    assert lines[0].startswith(f"Error: {tree / 'misc' / 'truncated.png'}: truncated PNG: its pixel data holds")
     assert lines[1:] == ["1 of 4 inputs failed:", lines[0].replace("Error: ", "  ", 1)]
     ok = vae("encode", tree / "top.png", "-o", tmp_path / "q1.latent", "--quiet")
     assert ok.exit_code == 0 and ok.stderr == ""

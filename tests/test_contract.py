@@ -148,14 +148,16 @@ def test_disk_full_while_writing(vae, real_weights, photos, tmp_path, monkeypatc
         monkeypatch.setattr(pathlib.Path, "write_bytes", lambda self, data: half_then_enospc(self, data)
                             if self.parent == full else real(self, data))
     else:
-        real = Image.Image.save
+        from vaecli import media
 
-        def save(self, fp, *args, **kwargs):
-            if Path(fp).parent == full:
-                return half_then_enospc(Path(fp), self.tobytes())
-            return real(self, fp, *args, **kwargs)
+        real = media.save_pillow
 
-        monkeypatch.setattr(Image.Image, "save", save)
+        def save(img, path, **params):
+            if Path(path).parent == full:
+                return half_then_enospc(Path(path), img.tobytes())
+            return real(img, path, **params)
+
+        monkeypatch.setattr(media, "save_pillow", save)
     ext = ".latent" if cmd == "encode" else ".png"
     result = vae(cmd, photos, "-r", "-o", out, "--json")
     assert result.exit_code == 1
@@ -163,6 +165,38 @@ def test_disk_full_while_writing(vae, real_weights, photos, tmp_path, monkeypatc
     assert records["a.png"]["status"] == "ok"
     assert records["b.png"]["error"] == f"{full / ('b' + ext)}: cannot write: no space left on the device"
     assert list(full.iterdir()) == []
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored), as a full disk cuts a write short."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".tiff", ".gif", ".png", ".webp", ".bmp"])
+def test_a_write_cut_short_fails_the_input(real_weights, shared_images, clip_latent, tmp_path, ext):
+    """The OS writes only part of a file (disk full, size limit): the command fails, nothing is left. Pillow's JPEG,
+    TIFF and GIF encoders, given a descriptor, ignored a short write and the cut file was reported as written."""
+    import subprocess
+    import sys
+
+    photo = tmp_path / "photo.png"
+    Image.open(shared_images / "chelsea.png").convert("RGB").crop((0, 0, 256, 192)).save(photo)
+    out = tmp_path / "out" / f"recon{ext}"
+    out.parent.mkdir()
+    args = ["decode", clip_latent] if ext == ".gif" else ["roundtrip", photo]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc cut short either
+    limit = 1024 if ext == ".gif" else 4096  # the 2-frame GIF is 2.4 kB, the others 10 to 150 kB
+    proc = subprocess.run([sys.executable, "-m", "vaecli", *map(str, args), "-o", str(out), "-q"], env=env,
+                          capture_output=True, text=True, preexec_fn=_file_size_limit(limit), timeout=120)
+    assert (proc.returncode, proc.stderr) == (1, f"Error: {args[1]}: {out}: cannot write: File too large\n")
+    assert list(out.parent.iterdir()) == []
 
 
 # --- hostile or damaged latents -----------------------------------------------------------------------------

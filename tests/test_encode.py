@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -139,9 +141,47 @@ def test_truncated_image(vae, real_weights, shared_images, tmp_path, name):
     out = tmp_path / "x.latent"
     result = vae("encode", bad, "-o", out)
     assert result.exit_code == 1
-    assert _only_error_line(result).startswith(f"Error: {bad}: truncated or corrupt image (")
+    expected = "truncated PNG: its pixel data holds" if name.endswith(".png") else "truncated or corrupt image ("
+    assert _only_error_line(result).startswith(f"Error: {bad}: {expected}")
     assert not out.exists()
     assert list(tmp_path.glob(".*part")) == []
+
+
+def _png_with_short_pixel_data(src: Path, dst: Path) -> Path:
+    """`src` as a well-formed PNG (valid chunks and CRCs, a complete zlib stream) holding only its top quarter rows."""
+    img = Image.open(src).convert("RGB")
+    w, h = img.size
+    raw = img.tobytes()
+    rows = b"".join(b"\0" + raw[i * w * 3:(i + 1) * w * 3] for i in range(h // 4))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    dst.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return dst
+
+
+def test_images_too_short_for_their_size_are_refused_before_decoding(vae, real_weights, small_image, tmp_path):
+    """Pillow zero-fills a PNG whose pixel data ends early and grey-fills a JPEG that ends early: a cut file, or a
+    few bytes declaring a huge picture (a memory bomb under the pixel limit), read as an image. Both are refused."""
+    short_png = _png_with_short_pixel_data(small_image, tmp_path / "short.png")
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(small_image).save(jpeg, quality=90)
+    data = bytearray(jpeg.read_bytes())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    data[sof + 5:sof + 9] = struct.pack(">HH", 15000, 15000)
+    huge = tmp_path / "huge.jpg"
+    huge.write_bytes(bytes(data))
+    result = vae("encode", small_image, short_png, huge, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    errors = {Path(r["input"]).name: r.get("error") for r in map(json.loads, result.stdout.splitlines())}
+    assert errors == {
+        "small.png": None,
+        "short.png": f"{short_png}: truncated PNG: its pixel data holds 2024 bytes, its size needs 8280",
+        "huge.jpg": f"{huge}: truncated JPEG: a 15000x15000 picture needs at least 439453 bytes, the file has "
+                    f"{len(data)}"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["small.latent"]
 
 
 def _float_tiff(path, bad=()):

@@ -332,7 +332,7 @@ def test_png_mosaic_over_the_pixel_limit_is_refused_without_warnings(tmp_path, m
         for read in (latents.load_latent, latents.read_metadata):
             with pytest.raises(LatentFormatError) as err:
                 read(src)
-            assert str(err.value) == (f"{src}: latent PNG mosaic is over the limit of {limit} pixels (set "
+            assert str(err.value) == (f"{src}: latent PNG mosaic has 6 pixels, over the limit of {limit} pixels (set "
                                       f"VAE_MAX_PIXELS to allow larger latent PNG mosaics)")
 
 
@@ -396,6 +396,7 @@ def test_decode_of_a_png_mosaic_past_the_limit_is_one_line(vae, real_weights, tm
     monkeypatch.setenv("VAE_MAX_PIXELS", "200")
     result = vae("decode", tmp_path / "a.latent.png", "-o", tmp_path / "a.png")
     assert result.exit_code == 1
-    assert result.stderr.splitlines() == [f"Error: {tmp_path / 'a.latent.png'}: latent PNG mosaic is over the limit "
-                                          f"of 200 pixels (set VAE_MAX_PIXELS to allow larger latent PNG mosaics)"]
+    assert result.stderr.splitlines() == [f"Error: {tmp_path / 'a.latent.png'}: latent PNG mosaic has 384 pixels, "
+                                          f"over the limit of 200 pixels (set VAE_MAX_PIXELS to allow larger latent "
+                                          f"PNG mosaics)"]
     assert not (tmp_path / "a.png").exists()

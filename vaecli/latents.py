@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import struct
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -210,7 +208,7 @@ def save_png(path: Path, latent: torch.Tensor, meta: dict) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps({**meta, "grid": [rows, cols], "latent_shape": [c, h, w]}))
     img = Image.fromarray(mosaic.to(torch.uint8).numpy(), "RGBA")
-    atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
+    media.write_pillow(path, img, format="PNG", pnginfo=info)
 
 
 def quantize_png(latent: torch.Tensor) -> torch.Tensor:
@@ -354,45 +352,9 @@ def _png_layout(img: Image.Image, path: Path) -> tuple[dict, tuple[int, int], tu
     return meta, (rows, cols), (c, h, w)
 
 
-_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-
-
-def _png_raw_bytes(ihdr: bytes) -> int:
-    """Bytes a PNG's pixel data inflates to (a filter byte and the samples of each row, per Adam7 pass if any)."""
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
-    bits = depth * _PNG_SAMPLES.get(colour, 4)
-    total = 0
-    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
-        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
-        if w > 0 and h > 0:
-            total += h * (1 + -(-w * bits // 8))
-    return total
-
-
-def _png_data_bytes(path: Path) -> tuple[int, int]:
-    """(bytes a PNG's IDAT stream inflates to, counted up to one past the need; bytes its header says it needs)."""
-    got, need, z = 0, 0, zlib.decompressobj()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(8)
-        while len(head := f.read(8)) == 8:
-            length, kind = struct.unpack(">I4s", head)
-            if length > size - f.tell() or kind == b"IEND":
-                break
-            data = f.read(length)
-            f.seek(4, os.SEEK_CUR)  # the CRC, which Pillow checks
-            if kind == b"IHDR" and length >= 13:
-                need = _png_raw_bytes(data)
-            while kind == b"IDAT" and data and got <= need:  # inflated in bounded steps: a bomb stops at need + 1
-                got += len(z.decompress(data, min(need + 1 - got, 1 << 24)))
-                data = z.unconsumed_tail
-    return got, need
-
-
 def _check_png_data(path: Path) -> None:
     """Refuse a PNG whose pixel data ends early (Pillow zero-fills what a short, well-formed stream lacks)."""
-    got, need = _png_data_bytes(path)
+    got, need = media.png_data_bytes(path)
     if got < need:
         raise LatentFormatError(f"{path}: truncated latent PNG: its pixel data holds {got} bytes, its size needs "
                                 f"{need}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,11 +44,69 @@ def pixel_limit(source: Path, what: str = "image", error: type[InputError] = Inp
             # Pillow only warns between the limit and twice it: an error either way, and nothing on stderr.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield limit
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise error(f"{source}: {what} is over the limit of {limit} pixels "
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        size = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's message is all that carries the size
+        found = f"has {int(size[1])} pixels, " if size else "is "
+        raise error(f"{source}: {what} {found}over the limit of {limit} pixels "
                     f"(set VAE_MAX_PIXELS to allow larger {what}s)") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+
+
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_raw_bytes(ihdr: bytes) -> int:
+    """Bytes a PNG's pixel data inflates to (a filter byte and the samples of each row, per Adam7 pass if any)."""
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
+    bits = depth * _PNG_SAMPLES.get(colour, 4)
+    total = 0
+    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            total += h * (1 + -(-w * bits // 8))
+    return total
+
+
+def png_data_bytes(path: Path) -> tuple[int, int]:
+    """(bytes a PNG's IDAT stream inflates to, counted up to one past the need; bytes its header says it needs)."""
+    got, need, z = 0, 0, zlib.decompressobj()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(8)
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if length > size - f.tell() or kind == b"IEND":
+                break
+            data = f.read(length)
+            f.seek(4, os.SEEK_CUR)  # the CRC, which Pillow checks
+            if kind == b"IHDR" and length >= 13:
+                need = _png_raw_bytes(data)
+            while kind == b"IDAT" and data and got <= need:  # inflated in bounded steps: a bomb stops at need + 1
+                got += len(z.decompress(data, min(need + 1 - got, 1 << 24)))
+                data = z.unconsumed_tail
+    return got, need
+
+
+_ARITHMETIC_SOF = (b"\xff\xc9", b"\xff\xca", b"\xff\xcb", b"\xff\xcd", b"\xff\xce", b"\xff\xcf")
+
+
+def check_complete(img: Image.Image, path: Path) -> None:
+    """Refuse, before decoding, a PNG or JPEG whose file is too short for its header's size (Pillow would fill the
+    rest with zeros or grey: a cut file, or a few bytes declaring a huge picture)."""
+    if img.format == "PNG":
+        got, need = png_data_bytes(path)
+        if got < need:
+            raise InputError(f"{path}: truncated PNG: its pixel data holds {got} bytes, its size needs {need}")
+    elif img.format == "JPEG":
+        # Huffman coding spends at least one bit per 8x8 block of luma (its DC difference) in every scan kind;
+        # arithmetic coding (rare) can spend less, so it is not judged.
+        w, h = img.size
+        need, size = -(-w // 8) * -(-h // 8) // 8, os.path.getsize(path)
+        if size < need and not any(m in Path(path).read_bytes() for m in _ARITHMETIC_SOF):
+            raise InputError(f"{path}: truncated JPEG: a {w}x{h} picture needs at least {need} bytes, "
+                             f"the file has {size}")
 
 
 @dataclass(frozen=True)
@@ -90,13 +152,14 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
     try:
         # Pillow checks the header's size on open, before decoding any pixel data.
         with pixel_limit(path), Image.open(path) as img:
+            check_complete(img, path)
             img.load()
             img = ImageOps.exif_transpose(img)
             arr, had_alpha = _to_rgb(img, alpha, path)
             mode = img.mode
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: truncated or corrupt image ({exc})") from None
     # uint8 pixels convert once, straight into the float tensor (no float64 or second float copy of a large image).
     pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
@@ -126,12 +189,38 @@ def check_output_extension(path: Path) -> str:
     return fmt
 
 
+class _PythonWrites:
+    """A file whose descriptor Pillow cannot see, so that its encoders write through Python's `write`."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def fileno(self) -> int:
+        # Given a descriptor, Pillow's JPEG, TIFF and GIF encoders call write(2) themselves and ignore a short
+        # write: a full disk then leaves a cut file that reads as saved. Python's writes raise instead.
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+def save_pillow(img: Image.Image, path: Path, **params) -> None:
+    """Save a Pillow image to `path` (`format=` in `params`); a failed or short write raises OSError."""
+    with open(path, "wb") as file:
+        img.save(_PythonWrites(file), **params)
+
+
+def write_pillow(path: Path, img: Image.Image, **params) -> None:
+    """Save a Pillow image atomically (temp file, then rename); write errors become one-line OutputErrors."""
+    atomic_write(Path(path), lambda tmp: save_pillow(img, tmp, **params))
+
+
 def write_image(path: Path, pixels: torch.Tensor) -> None:
     """Write (1, 3, H, W) float in [0, 1] atomically, format from the extension (JPEG/WebP at quality 95)."""
     fmt = check_output_extension(path)
     img = Image.fromarray(to_uint8(pixels), "RGB")
     options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-    atomic_write(Path(path), lambda tmp: img.save(tmp, format=fmt, **options))
+    write_pillow(path, img, format=fmt, **options)
 
 
 def pad_to_multiple(pixels: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:

@@ -345,8 +345,10 @@ class VideoWriter:
         if self.kind == "gif":
             if not self._gif_frames:
                 raise UsageError("no frames to write")
-            self._gif_frames[0].save(self._tmp, format="GIF", save_all=True, append_images=self._gif_frames[1:],
-                                     duration=self._gif_delay, loop=0)
+            from vaecli.media import save_pillow
+
+            save_pillow(self._gif_frames[0], self._tmp, format="GIF", save_all=True,
+                        append_images=self._gif_frames[1:], duration=self._gif_delay, loop=0)
         else:
             self._ffmpeg.close()
             self._ffmpeg = None  # finished: kept until then so that abort() can stop it (Ctrl-C while it ends)

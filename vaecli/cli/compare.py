@@ -104,7 +104,7 @@ def compare(
     from vaecli import batch, media, metrics
     from vaecli.codec import load_codec
     from vaecli.errors import OutputError, UsageError
-    from vaecli.files import atomic_write
+    from vaecli.media import write_pillow
     from vaecli.sheet import ContactSheet
 
     try:
@@ -147,7 +147,7 @@ def compare(
 
         image = sheet.render()
         options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-        atomic_write(output, lambda tmp: image.save(tmp, format=fmt, **options))
+        write_pillow(output, image, format=fmt, **options)
     except Exception as exc:
         raise fail(exc, debug, as_json) from None
 

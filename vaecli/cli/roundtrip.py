@@ -116,9 +116,9 @@ def roundtrip(
     def write(job) -> None:
         recon, p, s, heat, scratch_used = job.payload
         if heat is not None:
-            from vaecli.files import atomic_write
+            from vaecli.media import write_pillow
 
-            atomic_write(diff, lambda tmp: heat.save(tmp, format="PNG"))
+            write_pillow(diff, heat, format="PNG")
         if job.dst is not None:
             try:
                 media.write_image(job.dst, recon)
