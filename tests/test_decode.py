@@ -156,6 +156,30 @@ def test_decode_refuses_to_overwrite_input(vae, real_weights, small_image, tmp_p
     assert lat.read_bytes() == before
 
 
+def test_decode_beside_the_latent_never_replaces_the_original_unasked(vae, real_weights, small_image, tmp_path):
+    """`vae encode photo.png; vae decode photo.latent` must not put the reconstruction over photo.png."""
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(small_image.read_bytes())
+    fresh = tmp_path / "fresh.png"
+    fresh.write_bytes(small_image.read_bytes())
+    assert vae("encode", photo, fresh, "-q").exit_code == 0
+    (tmp_path / "fresh.png").unlink()
+    before = photo.read_bytes()
+    result = vae("decode", tmp_path / "photo.latent", tmp_path / "fresh.latent", "--json")
+    assert result.exit_code == 1
+    records = {r["input"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert records[str(tmp_path / "fresh.latent")]["status"] == "ok"
+    assert records[str(tmp_path / "photo.latent")]["error"] == (
+        f"{photo}: exists, refusing to replace it (it may be the original image or clip; --overwrite replaces it, "
+        f"-o writes elsewhere)")
+    assert photo.read_bytes() == before
+    assert vae("decode", tmp_path / "photo.latent", "--skip-existing", "-q").exit_code == 0
+    assert photo.read_bytes() == before
+    assert vae("decode", tmp_path / "photo.latent", "--overwrite", "-q").exit_code == 0
+    assert photo.read_bytes() != before
+    assert vae("decode", tmp_path / "photo.latent", "-o", photo, "-q").exit_code == 0  # named outright: replaced
+
+
 def test_decode_unsupported_output_extension(vae, latent_file, tmp_path):
     result = vae("decode", latent_file, "-o", tmp_path / "x.gifx")
     assert result.exit_code == 2

@@ -602,8 +602,7 @@ def test_a_gif_that_cannot_be_written_leaves_no_temp_file(vae, clip_latent, tmp_
     from PIL import Image
 
     def full(self, fp, *args, **kwargs):
-        with open(fp, "wb") as f:
-            f.write(b"GIF89a")
+        fp.write(b"GIF89a")  # the temp file, seen through media.save_pillow's writer
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", full)

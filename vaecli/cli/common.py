@@ -107,8 +107,9 @@ RecursiveOpt = Annotated[bool, typer.Option("-r", "--recursive", help="Walk fold
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", help="Same-sized images computed together (split further to stay within memory).")]
 SkipOpt = Annotated[Optional[bool], typer.Option(
-    "--skip-existing/--overwrite", help="Skip inputs whose output exists (default with -o FOLDER, so an "
-    "interrupted batch resumes), or recompute everything.", show_default=False)]
+    "--skip-existing/--overwrite", help="Skip inputs whose output exists, or recompute and replace it. Default: "
+    "skip when writing into an -o FOLDER (an interrupted batch resumes), else replace; but 'vae decode' without -o "
+    "refuses to replace a file beside its latent (it may be the original).", show_default=False)]
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or per-file lines; errors only.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Print the traceback of unexpected errors.")]

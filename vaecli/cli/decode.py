@@ -80,8 +80,12 @@ def decode(
 
     from vaecli import batch, clips, latents, media, video
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
-    from vaecli.errors import InputError
+    from vaecli.errors import InputError, OutputError
     from vaecli.pipeline import scratch_fields, scratch_text
+
+    # Beside its latent, x.png may be the photo x.latent was made from: never replaced unless asked. (A frames
+    # folder is replaced only when it holds nothing but an earlier --as-frames output: video.check_frames_folder.)
+    keep = output is None and skip_existing is None and not as_frames
 
     image_suffix = "." + image_ext.lstrip(".").lower()
 
@@ -116,6 +120,9 @@ def decode(
         return codecs[name]
 
     def read(job):
+        if keep and job.dst.exists():
+            raise OutputError(f"{job.dst}: exists, refusing to replace it (it may be the original image or clip; "
+                              f"--overwrite replaces it, -o writes elsewhere)")
         meta = latents.read_metadata(job.src)
         name = model.value if model else str(meta.get("model"))
         if name not in REGISTRY:
