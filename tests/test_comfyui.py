@@ -104,6 +104,27 @@ def test_batch_gives_one_output_per_item(vae, raw_latent, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_0.png", "x_1.png", "x_2.png"]
 
 
+def test_batch_items_may_not_collide_with_other_inputs_outputs(vae, raw_latent, tmp_path):
+    """Item 1 of b.latent writes b_1.png, as does an input named b_1.latent: refused before anything is written, as
+    two plain inputs writing one output are."""
+    work = tmp_path / "w"
+    work.mkdir()
+    comfy = save_comfy(work / "b.latent", torch.stack([raw_latent, raw_latent.flip(-1)]))
+    other = save_comfy(work / "b_1.latent", raw_latent[None])
+    result = vae("decode", comfy, other, "--model", "taef2", "--json")
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"] == (f"inputs {comfy} (item 1) and {other} (item 0) would both write "
+                                                  f"{work / 'b_1.png'}")
+    assert sorted(p.name for p in work.iterdir()) == ["b.latent", "b_1.latent"]
+    png_latent = work / "b_0.latent.png"  # decodes to b_0.png, as item 0 of b.latent does
+    latents.save_png(png_latent, raw_latent, latents.load_latent(save_vaecli_raw(tmp_path / "v.latent", raw_latent))[1])
+    result = vae("decode", comfy, png_latent, "--model", "taef2", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"Error: inputs {comfy} (item 0) and {png_latent} would both write "
+                                          f"{tmp_path / 'out' / 'b_0.png'}"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_model_is_one_clear_error(vae, raw_latent, tmp_path):
     comfy = save_comfy(tmp_path / "c.latent", raw_latent[None])
     result = vae("decode", comfy)

@@ -200,4 +200,18 @@ def _comfyui_items(jobs: list, model: str | None) -> list:
             if n > 1:
                 dst = dst.with_name(f"{dst.stem}_{i}{dst.suffix}" if dst.suffix else f"{dst.name}_{i}")
             out.append(replace(job, src=latents.latent_item(job.src, model, i), dst=dst))
+    if len(out) > len(jobs):  # b.latent's item 1 writes b_1.png: so may an input named b_1.latent
+        seen: dict[Path, str] = {}
+        for job in out:
+            r, what = job.dst.resolve(), _described(job.src)
+            if r in seen:
+                raise UsageError(f"inputs {seen[r]} and {what} would both write {job.dst}")
+            seen[r] = what
     return out
+
+
+def _described(src) -> str:
+    """An input as messages name it: a file, or item i of a batched ComfyUI file."""
+    from vaecli.latents import LatentItem
+
+    return f"{src} (item {src.index})" if isinstance(src, LatentItem) else str(src)
