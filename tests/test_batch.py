@@ -89,6 +89,32 @@ def test_stdin_list_and_globs(vae, real_weights, tree, tmp_path):
     assert result.stderr.strip() == f"Error: no files match {tmp_path / 'nothing' / '*.png'}"
 
 
+def test_latent_pngs_beside_photos_are_not_taken_as_photos(vae, real_weights, small_image, tmp_path):
+    """`vae encode . --format png` writes x.latent.png beside x.png: a rerun over the folder or a '*.png' glob sees the
+    photos only (it used to fail on a collision, or roundtrip the latent mosaics); named outright, a file is taken."""
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in ("a.png", "b.png"):
+        (work / name).write_bytes(small_image.read_bytes())
+    assert vae("encode", work, "--format", "png", "-q").exit_code == 0
+    assert sorted(p.name for p in work.iterdir()) == ["a.latent.png", "a.png", "b.latent.png", "b.png"]
+    for args in ([work, "--format", "png", "--overwrite"], [str(work / "*.png"), "-o", tmp_path / "globbed"]):
+        result = vae("encode", *args, "--json")
+        assert result.exit_code == 0, result.stderr
+        assert sorted(Path(r["input"]).name for r in map(json.loads, result.stdout.splitlines())) == ["a.png", "b.png"]
+    result = vae("roundtrip", work, "--json")
+    assert sorted(Path(r["input"]).name for r in map(json.loads, result.stdout.splitlines())) == ["a.png", "b.png"]
+    result = vae("decode", work, "-o", tmp_path / "dec", "--json")  # decode takes the latent PNGs from a folder
+    assert sorted(Path(r["input"]).name for r in map(json.loads, result.stdout.splitlines())) == [
+        "a.latent.png", "b.latent.png"]
+    result = vae("encode", str(work / "*.latent.png"), "-o", tmp_path / "x")
+    assert (result.exit_code, result.stderr) == (2, f"Error: no input files match {work / '*.latent.png'} (2 "
+                                                    f"matches: folders or latent PNGs)\n")
+    (tmp_path / "list.txt").write_text("\n")
+    result = vae("encode", tmp_path / "list.txt", "-o", tmp_path / "x")
+    assert (result.exit_code, result.stderr) == (2, f"Error: {tmp_path / 'list.txt'}: the manifest lists no paths\n")
+
+
 def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
     result = vae("encode", tree / "top.png", tree / "misc" / "brick.png", "-o", tmp_path / "n",
                  "--name", "{stem}.{model}{ext}")

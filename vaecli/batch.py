@@ -40,7 +40,13 @@ class Job:
 
 def _matches(path: Path, exts: tuple[str, ...]) -> bool:
     name = path.name.lower()
-    return any(name.endswith(e) for e in exts)
+    return any(name.endswith(e) for e in exts) and not _latent_png_among_images(path, exts)
+
+
+def _latent_png_among_images(path: Path, exts: tuple[str, ...]) -> bool:
+    # x.latent.png (what `encode --format png` writes beside x.png) is a latent, not a photo: a rerun over the
+    # folder or a '*.png' glob must not take it as one.
+    return path.name.lower().endswith(".latent.png") and ".latent.png" not in exts
 
 
 def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
@@ -59,13 +65,18 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
                 paths = [Path(line.strip()) for line in (stdin if stdin is not None else sys.stdin) if line.strip()]
             else:
                 paths = [Path(arg).parent / p for p in read_manifest(Path(arg))]
+            if not paths and arg != "-":  # an empty stdin is reported when nothing else gave inputs either
+                raise UsageError(f"{arg}: the manifest lists no paths")
             root = Path(os.path.commonpath([p.resolve().parent for p in paths])) if paths else Path()
             found += [(p, p.resolve().relative_to(root)) for p in paths]
         elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
                 raise UsageError(f"no files match {arg}")
-            found += [(Path(m), Path(Path(m).name)) for m in matches if Path(m).is_file()]
+            files = [Path(m) for m in matches if Path(m).is_file() and not _latent_png_among_images(Path(m), exts)]
+            if not files:
+                raise UsageError(f"no input files match {arg} ({len(matches)} matches: folders or latent PNGs)")
+            found += [(p, Path(p.name)) for p in files]
         elif Path(arg).is_dir():
             root = Path(arg)
             walker = root.rglob("*") if recursive else root.glob("*")
