@@ -113,6 +113,10 @@ def test_latent_pngs_beside_photos_are_not_taken_as_photos(vae, real_weights, sm
     (tmp_path / "list.txt").write_text("\n")
     result = vae("encode", tmp_path / "list.txt", "-o", tmp_path / "x")
     assert (result.exit_code, result.stderr) == (2, f"Error: {tmp_path / 'list.txt'}: the manifest lists no paths\n")
+    (tmp_path / "list.txt").write_bytes(b"a.png\n\xff\xfe\n")
+    result = vae("encode", tmp_path / "list.txt", "-o", tmp_path / "x")
+    assert (result.exit_code, result.stderr) == (2, f"Error: {tmp_path / 'list.txt'}: expected a UTF-8 text manifest, "
+                                                    f"found byte 0xff at offset 6\n")
 
 
 def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):

@@ -167,6 +167,16 @@ def test_disk_full_while_writing(vae, real_weights, photos, tmp_path, monkeypatc
     assert list(full.iterdir()) == []
 
 
+def test_an_output_name_too_long_for_the_file_system_is_a_write_error(vae, real_weights, small_image, tmp_path):
+    """A 248-character stem plus a suffix passes the 255-byte name limit: the write error, not `unexpected OSError`."""
+    photo = tmp_path / f"{'x' * 248}.png"
+    photo.write_bytes(small_image.read_bytes())
+    result = vae("encode", photo, "--suffix", "_taef2")
+    assert result.exit_code == 1
+    out = tmp_path / f"{'x' * 248}_taef2.latent"
+    assert _error_lines(result) == [f"Error: {photo}: {out}: cannot write: File name too long"]
+
+
 def _file_size_limit(limit: int):
     """preexec_fn: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored), as a full disk cuts a write short."""
     import resource

@@ -93,7 +93,12 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
 def read_manifest(path: Path) -> list[str]:
     """The paths a manifest lists: a text file with one per line, or a parquet file's `path` column."""
     if path.suffix.lower() != ".parquet":
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path}: expected a UTF-8 text manifest, found byte 0x{exc.object[exc.start]:02x} at "
+                             f"offset {exc.start}") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
     try:
         import pyarrow.parquet as pq
     except ImportError:

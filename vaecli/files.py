@@ -58,9 +58,9 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
     OS errors (a parent that is a file, no permission, a full disk) become a one-line OutputError.
     """
     dest = Path(dest)
-    if dest.is_dir():
-        raise OutputError(f"{dest}: is a folder, expected an output file path")
-    with writing(dest):
+    with writing(dest):  # is_dir() too: a name too long for the file system raises there first
+        if dest.is_dir():
+            raise OutputError(f"{dest}: is a folder, expected an output file path")
         dest.parent.mkdir(parents=True, exist_ok=True)
         for stale in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
             stale.unlink(missing_ok=True)  # left by a run that was killed outright (SIGKILL)
