@@ -72,6 +72,22 @@ def test_user_named_weights_are_not_checksummed(vae, shared_weights, small_image
     assert result.exit_code == 0, result.stderr
 
 
+def test_named_weights_without_the_half_a_command_needs_are_refused(vae, real_weights, small_image, tmp_path):
+    """`decode -w taef2_encoder.pth` ran the search path's decoder and ignored the file; a half a command can use
+    is taken, the other half then comes from the search path."""
+    enc, dec = real_weights / "taef2_encoder.pth", real_weights / "taef2_decoder.pth"
+    lat = tmp_path / "x.latent"
+    result = vae("encode", small_image, "-o", lat, "-w", dec)
+    assert (result.exit_code, result.stderr) == (1, f"Error: {dec}: expected taef2's encoder weights for this "
+                                                    f"command, found only its decoder\n")
+    assert not lat.exists()
+    assert vae("encode", small_image, "-o", lat, "-w", enc, "-q").exit_code == 0
+    result = vae("decode", lat, "-o", tmp_path / "x.png", "-w", enc)
+    assert (result.exit_code, result.stderr.splitlines()[0]) == (
+        1, f"Error: {lat}: {enc}: expected taef2's decoder weights for this command, found only its encoder")
+    assert vae("roundtrip", small_image, "-w", dec, "-q").exit_code == 0
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

@@ -16,7 +16,7 @@ import torch
 
 from vaecli import media, tiling
 from vaecli.checkpoints import load_strict, model_state_dict, read_weights
-from vaecli.errors import LatentFormatError, UsageError
+from vaecli.errors import LatentFormatError, UsageError, WeightsError
 from vaecli.families import family
 from vaecli.latents import latent_factor, layout_problem, make_metadata
 from vaecli.registry import REGISTRY, ModelSpec
@@ -363,7 +363,12 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
     sd: dict = {}
     sources: list[str] = []
     for path in weights or []:
-        sd.update(read_weights(spec, path))
+        part = read_weights(spec, path)
+        held = [role for role in ("encoder", "decoder") if any(k.startswith(f"{role}.") for k in part)]
+        if held and not set(held) & set(roles):  # else the search path's halves would run, the file unused
+            raise WeightsError(f"{path}: expected {spec.name}'s {' or '.join(roles)} weights for this command, "
+                               f"found only its {' and '.join(held)}")
+        sd.update(part)
         sources.append(str(path))
     for role in roles:
         if not any(k.startswith(f"{role}.") for k in sd):
