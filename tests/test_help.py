@@ -33,6 +33,28 @@ def test_every_command_has_help(vae, name):
         assert callback.__doc__ and len(callback.__doc__.strip()) > 20
 
 
+def _help_texts(command) -> list[str]:
+    """Every help text a click command (or group, with its subcommands) shows: its own and its parameters'."""
+    texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+    for sub in getattr(command, "commands", {}).values():
+        texts += _help_texts(sub)
+    return texts
+
+
+def test_no_help_text_holds_brackets_rich_would_swallow():
+    """Rich markup takes '[frames, channels, h, w]' or '[default: ...]' for a style tag and drops it from the help
+    ('into a latent video , streaming'); a bracket that is meant must be escaped, as in 'vaecli\\[ray]'."""
+    import re
+
+    import typer
+
+    from vaecli.cli import app
+
+    swallowed = [text for text in _help_texts(typer.main.get_command(app))
+                 if re.search(r"(?<!\\)\[[a-z/][^\]]*\]", text)]
+    assert swallowed == []
+
+
 def test_no_arguments_shows_help(vae):
     result = vae()
     assert "Usage: vae" in result.stdout + result.stderr

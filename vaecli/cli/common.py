@@ -86,6 +86,11 @@ class LatentFormat(str, Enum):
     comfyui = "comfyui"  # a .latent file ComfyUI's LoadLatent reads: raw latent_tensor + version marker
 
 
+class VideoLatentFormat(str, Enum):
+    safetensors = "safetensors"
+    comfyui = "comfyui"
+
+
 LATENT_EXTS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}
 
 OutputOpt = Annotated[Optional[Path], typer.Option(
@@ -111,7 +116,8 @@ SkipOpt = Annotated[Optional[bool], typer.Option(
     "skip when writing into an -o FOLDER (an interrupted batch resumes), else replace; but 'vae decode' without -o "
     "refuses to replace a file beside its latent (it may be the original).", show_default=False)]
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.")]
-QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or per-file lines; errors only.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "-q", "--quiet", help="Nothing on stderr but errors (no progress or per-file lines); data goes to stdout as ever.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Print the traceback of unexpected errors.")]
 SampleOpt = Annotated[bool, typer.Option(
     "--sample", help="KL and Wan-family models: draw from the posterior instead of taking its mean.")]
@@ -128,10 +134,10 @@ ChunkOpt = Annotated[str, typer.Option(
     "whatever the chunk).")]
 ScratchOpt = Annotated[Optional[Path], typer.Option(
     "--scratch", help="Folder for whole layers that do not fit --max-memory (KL models past the budget, SVD clips), "
-    "as temporary files removed on exit; its free space is checked first [default: the system's temporary folder].",
+    "as temporary files removed on exit; its free space is checked first (default: the system's temporary folder).",
     file_okay=False)]
 NameOpt = Annotated[Optional[str], typer.Option(
-    "--name", help="Output file name template with {stem}, {ext}, {model}, e.g. '{stem}.{model}{ext}'.")]
+    "--name", help="Output file name template with {stem}, {ext}, {model}, {suffix}, e.g. '{stem}.{model}{ext}'.")]
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
 
 

@@ -15,7 +15,6 @@ from vaecli.cli.common import (
     DType,
     DTypeOpt,
     JsonOpt,
-    LatentFormat,
     MaxMemOpt,
     ModelName,
     NoVerifyOpt,
@@ -26,6 +25,7 @@ from vaecli.cli.common import (
     SkipOpt,
     TileOpt,
     UsageError,
+    VideoLatentFormat,
     WeightsOpt,
     app,
     fail,
@@ -52,7 +52,7 @@ def video_cmd(
     model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
     = DEFAULT_MODEL,
     weights: WeightsOpt = None,
-    fmt: Annotated[Optional[LatentFormat], typer.Option(
+    fmt: Annotated[Optional[VideoLatentFormat], typer.Option(
         "--format", help="safetensors: vaecli's (T, C, h, w) latent video (default); comfyui: a .latent file "
         "ComfyUI's LoadLatent reads, raw (1, C, T, h, w) with vaecli's metadata in its header.")] = None,
     chunk: ChunkOpt = "auto",
@@ -74,7 +74,7 @@ def video_cmd(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Encode a video clip into a latent video [frames, channels, h, w], streaming (audio is not carried)."""
+    """Encode a video clip into a latent video (frames, channels, h, w), streaming (audio is not carried)."""
     from vaecli import clips, latents, video
     from vaecli.batch import Job
     from vaecli.codec import load_codec
@@ -85,8 +85,6 @@ def video_cmd(
         clips.check_selection(start, frames, stride, fps, frames_per_pass)
         if output is not None and output.suffix.lower() not in (".latent", ".safetensors"):
             raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors")
-        if fmt == LatentFormat.png:
-            raise UsageError("--format png: latent videos are written as safetensors or comfyui")
         out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
         if roundtrip:
             recon = recon or out.with_name(strip_suffixes(out, ".latent") + ".recon.mp4")
@@ -103,14 +101,14 @@ def video_cmd(
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
                                **tiling_kwargs(tile, max_memory, scratch))
             codec.check_encode_options(None, sample)
-            if fmt == LatentFormat.comfyui:
+            if fmt == VideoLatentFormat.comfyui:
                 codec.check_encode_options("raw", False)  # ComfyUI's files are raw: a model without them is refused
     except Exception as exc:
         raise fail(exc, debug, as_json) from None
 
     def compute(group) -> None:
         job = group[0]
-        comfy = fmt == LatentFormat.comfyui
+        comfy = fmt == VideoLatentFormat.comfyui
         dst = job.dst.with_name(f".{job.dst.name}-frames.tmp") if comfy else job.dst  # not a .part: see atomic_write
         try:
             report = clips.encode_clip(codec, job.src, dst, start=start, frames=frames, stride=stride, fps=fps,
