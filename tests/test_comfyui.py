@@ -268,8 +268,7 @@ def test_video_format_comfyui_on_a_full_disk_names_the_output(vae, real_weights,
 def test_video_format_png_is_refused(vae, real_weights, gif, tmp_path):
     result = vae("video", gif, "--format", "png", "-o", tmp_path / "v.latent")
     assert result.exit_code == 2
-    assert error_line(result) == ("Error: Invalid value for '--format': 'png' is not one of 'safetensors', "
-                                  "'comfyui'. (see 'vae video --help')")
+    assert "'png' is not one of 'safetensors', 'comfyui'" in result.stderr  # Typer's choice check (see test_help)
 
 
 def test_wan_latents_go_to_comfyui_raw_and_back(vae, tiny_wan, gif, tmp_path):  # noqa: F811
