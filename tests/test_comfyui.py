@@ -272,7 +272,7 @@ def test_video_format_png_is_not_offered(gif, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vaecli", "video", str(gif), "--format", "png", "-o",
                            str(tmp_path / "v.latent")], capture_output=True, text=True)
     assert (proc.returncode, proc.stderr) == (2, "Error: Invalid value for '--format': 'png' is not one of "
-                                                 "'safetensors', 'comfyui'. (see 'vae video --help')\n")
+                                                 "'safetensors', 'comfyui'. (see 'python -m vaecli video --help')\n")
 
 
 def test_wan_latents_go_to_comfyui_raw_and_back(vae, tiny_wan, gif, tmp_path):  # noqa: F811
