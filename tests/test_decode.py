@@ -146,6 +146,20 @@ def test_latent_metadata_this_model_cannot_decode(vae, latent_file, tmp_path, ch
     assert not (tmp_path / "x.png").exists()
 
 
+def test_latent_naming_no_model_and_empty_files_say_so(vae, latent_file, tmp_path):
+    latent, meta = load_latent(latent_file)
+    anonymous = tmp_path / "anonymous.latent"
+    save_safetensors(anonymous, latent, {k: v for k, v in meta.items() if k != "model"})
+    empty = tmp_path / "empty.latent"
+    empty.write_bytes(b"")
+    result = vae("decode", anonymous, empty, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    assert {r["input"]: r["error"] for r in map(json.loads, result.stdout.splitlines())} == {
+        str(anonymous): f"{anonymous}: the latent names no model; pass --model",
+        str(empty): f"{empty}: an empty file (expected .safetensors or a vaecli latent PNG)"}
+    assert vae("decode", anonymous, "-m", "taef2", "-o", tmp_path / "out", "-q").exit_code == 0
+
+
 def test_decode_refuses_to_overwrite_input(vae, real_weights, small_image, tmp_path):
     lat = tmp_path / "x.png"
     assert vae("encode", small_image, "-o", lat).exit_code == 0

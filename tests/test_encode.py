@@ -131,6 +131,9 @@ def test_non_image_input(vae, real_weights, tmp_path):
     assert result.exit_code == 1
     assert _only_error_line(result) == f"Error: {bad}: not an image file Pillow can read"
     assert not out.exists()
+    bad.write_bytes(b"")
+    result = vae("encode", bad, "-o", out)
+    assert (result.exit_code, _only_error_line(result)) == (1, f"Error: {bad}: empty file, expected an image")
 
 
 @pytest.mark.parametrize("name", ["astronaut.png", "rocket.jpg"])

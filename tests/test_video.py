@@ -242,7 +242,9 @@ def test_zero_frames_selected(vae, real_weights, clip, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--stride", 2, "--fps", 5], "Error: use --stride or --fps, not both"),
     (["--recon", "r.mp4"], "Error: --recon needs --roundtrip"),
-    (["--frames", 0], "Error: --chunk, --stride and --frames must be at least 1, --start at least 0"),
+    (["--frames", 0], "Error: --frames must be at least 1, got 0"),
+    (["--stride", 0], "Error: --stride must be at least 1, got 0"),
+    (["--start", -1], "Error: --start must be at least 0, got -1"),
     (["--fps", 0], "Error: --fps 0: expected fps between 0.001 and 1000"),
     (["--fps", "1e-300"], "Error: --fps 1e-300: expected fps between 0.001 and 1000"),
     (["--fps", "1e308"], "Error: --fps 1e+308: expected fps between 0.001 and 1000"),

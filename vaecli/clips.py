@@ -44,8 +44,10 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
 
 def check_selection(start: int, frames: int | None, stride: int, fps: float | None, chunk: int | None) -> None:
     """Raise a UsageError for a frame selection or chunk size that cannot mean anything."""
-    if (chunk is not None and chunk < 1) or stride < 1 or (frames is not None and frames < 1) or start < 0:
-        raise UsageError("--chunk, --stride and --frames must be at least 1, --start at least 0")
+    for option, value, least in (("--chunk", chunk, 1), ("--stride", stride, 1), ("--frames", frames, 1),
+                                 ("--start", start, 0)):
+        if value is not None and value < least:
+            raise UsageError(f"{option} must be at least {least}, got {value}")
     if fps is not None and not video.fps_ok(fps):
         raise UsageError(f"--fps {fps:g}: {video.FPS_RANGE}")
     if stride != 1 and fps is not None:

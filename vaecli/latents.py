@@ -406,7 +406,8 @@ def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dic
         return _load_png(path)
     if _is_safetensors(head):
         return _load_safetensors(path)
-    raise LatentFormatError(f"{path}: not a latent file (expected .safetensors or a vaecli latent PNG)")
+    found = "an empty file" if not head else "not a latent file"
+    raise LatentFormatError(f"{path}: {found} (expected .safetensors or a vaecli latent PNG)")
 
 
 # --- latent videos: (T, C, h, w), written and read a few frames at a time -----------------------------------

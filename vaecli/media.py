@@ -158,6 +158,8 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
             arr, had_alpha = _to_rgb(img, alpha, path)
             mode = img.mode
     except UnidentifiedImageError:
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file, expected an image") from None
         raise InputError(f"{path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: truncated or corrupt image ({exc})") from None

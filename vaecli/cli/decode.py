@@ -125,6 +125,8 @@ def decode(
                               f"--overwrite replaces it, -o writes elsewhere)")
         meta = latents.read_metadata(job.src)
         name = model.value if model else str(meta.get("model"))
+        if "model" not in meta and not model:
+            raise InputError(f"{job.src}: the latent names no model; pass --model")
         if name not in REGISTRY:
             raise InputError(f"{job.src}: made by model '{name}', which this vaecli does not know; pass --model")
         if meta.get("kind") == "video":
