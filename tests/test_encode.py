@@ -134,6 +134,24 @@ def test_non_image_input(vae, real_weights, tmp_path):
     bad.write_bytes(b"")
     result = vae("encode", bad, "-o", out)
     assert (result.exit_code, _only_error_line(result)) == (1, f"Error: {bad}: empty file, expected an image")
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0\0\0\x18ftypmp42")
+    result = vae("encode", clip, "-o", out)
+    assert (result.exit_code, _only_error_line(result)) == (
+        1, f"Error: {clip}: not an image file Pillow can read (a video? use 'vae video')")
+
+
+def test_several_inputs_into_an_output_file_name_are_refused(vae, real_weights, small_image, tmp_path):
+    """`-o out.latent` with two inputs made a folder named out.latent; an existing folder of that name is used."""
+    out = tmp_path / "out.latent"
+    result = vae("encode", small_image, small_image.parent, "-o", out)
+    assert (result.exit_code, _only_error_line(result)) == (
+        2, f"Error: -o {out}: names a file, but there are 2 inputs (give a folder, e.g. -o {tmp_path / 'out'}/, or "
+           f"make {out} one first)")
+    assert not out.exists()
+    out.mkdir()
+    assert vae("encode", small_image, "-o", out, "-q").exit_code == 0  # one input: a file inside the folder
+    assert [p.name for p in out.iterdir()] == ["small.latent"]
 
 
 @pytest.mark.parametrize("name", ["astronaut.png", "rocket.jpg"])

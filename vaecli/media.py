@@ -158,9 +158,12 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
             arr, had_alpha = _to_rgb(img, alpha, path)
             mode = img.mode
     except UnidentifiedImageError:
+        from vaecli.video import VIDEO_EXTS
+
         if path.stat().st_size == 0:
             raise InputError(f"{path}: empty file, expected an image") from None
-        raise InputError(f"{path}: not an image file Pillow can read") from None
+        hint = " (a video? use 'vae video')" if path.suffix.lower() in VIDEO_EXTS else ""
+        raise InputError(f"{path}: not an image file Pillow can read{hint}") from None
     except (OSError, SyntaxError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: truncated or corrupt image ({exc})") from None
     # uint8 pixels convert once, straight into the float tensor (no float64 or second float copy of a large image).

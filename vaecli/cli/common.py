@@ -273,6 +273,7 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
 def plan_jobs(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...],
           name: Callable[[Path], str], skip_existing: Optional[bool], beside: bool = True):
     """Expand inputs, plan their outputs (none without -o unless `beside`), and whether existing ones are skipped."""
+    from vaecli import batch, media, video
     from vaecli.batch import Job, expand_inputs
     from vaecli.files import is_folder_target, plan_outputs
 
@@ -280,6 +281,11 @@ def plan_jobs(inputs: list[str], output: Optional[Path], recursive: bool, exts: 
     if not pairs:
         raise UsageError("no inputs (stdin was empty)")
     srcs, rels = [p for p, _ in pairs], [r for _, r in pairs]
+    # Several inputs into `-o out.latent` (a name vaecli writes files as): a slip, not a new folder's name.
+    file_exts = {*media.OUTPUT_FORMATS, *video.VIDEO_EXTS, *batch.LATENT_EXTS}
+    if output is not None and len(srcs) > 1 and not output.exists() and output.suffix.lower() in file_exts:
+        raise UsageError(f"-o {output}: names a file, but there are {len(srcs)} inputs (give a folder, e.g. "
+                         f"-o {output.with_suffix('')}/, or make {output} one first)")
     outs = plan_outputs(srcs, output, name, rels) if output is not None or beside else [None] * len(srcs)
     folder = output is not None and is_folder_target(output, len(srcs))
     skip = folder if skip_existing is None else skip_existing
