@@ -175,6 +175,21 @@ def test_an_output_name_too_long_for_the_file_system_is_a_write_error(vae, real_
     assert result.exit_code == 1
     out = tmp_path / f"{'x' * 248}_taef2.latent"
     assert _error_lines(result) == [f"Error: {photo}: {out}: cannot write: File name too long"]
+    for args in (["encode", photo, "--suffix", "_taef2", "--skip-existing"],  # the existence check sees it first
+                 ["roundtrip", photo, "-o", tmp_path / "rt", "--suffix", "_taef2", "--skip-existing"]):
+        result = vae(*args)
+        assert result.exit_code == 1
+        assert _error_lines(result) == [f"Error: {photo}: {args[-4] if args[0] == 'roundtrip' else tmp_path}/"
+                                        f"{'x' * 248}_taef2{'.png' if args[0] == 'roundtrip' else '.latent'}: "
+                                        f"cannot write: File name too long"]
+    latent = tmp_path / f"{'x' * 240}.latent"  # 247 bytes: legal, but its own temp name would not be
+    assert vae("encode", small_image, "-o", tmp_path / "short.latent", "-q").exit_code == 0
+    (tmp_path / "short.latent").rename(latent)
+    decoded = tmp_path / f"{'x' * 240}_decoded_by_taef2.png"  # 261 bytes
+    for extra in ([], ["--skip-existing"]):  # decode beside its latent checks whether the output exists
+        result = vae("decode", latent, "--suffix", "_decoded_by_taef2", *extra)
+        assert result.exit_code == 1
+        assert _error_lines(result) == [f"Error: {latent}: {decoded}: cannot write: File name too long"]
 
 
 def _file_size_limit(limit: int):

@@ -52,6 +52,12 @@ def writing(dest: Path) -> Iterator[None]:
         raise output_error(dest, exc) from None
 
 
+def output_exists(dest: Path) -> bool:
+    """Whether an output path exists; a name the file system refuses (too long) is its one-line OutputError."""
+    with writing(dest):
+        return Path(dest).exists()
+
+
 def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temp file beside `dest`, then rename it over `dest`; on any failure remove it.
 

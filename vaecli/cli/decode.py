@@ -81,6 +81,7 @@ def decode(
     from vaecli import batch, clips, latents, media, video
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
     from vaecli.errors import InputError, OutputError
+    from vaecli.files import output_exists
     from vaecli.pipeline import scratch_fields, scratch_text
 
     # Beside its latent, x.png may be the photo x.latent was made from: never replaced unless asked. (A frames
@@ -120,7 +121,7 @@ def decode(
         return codecs[name]
 
     def read(job):
-        if keep and job.dst.exists():
+        if keep and output_exists(job.dst):
             raise OutputError(f"{job.dst}: exists, refusing to replace it (it may be the original image or clip; "
                               f"--overwrite replaces it, -o writes elsewhere)")
         meta = latents.read_metadata(job.src)
@@ -183,7 +184,7 @@ def decode(
         return f"  verify{where}: max diff {check['max_abs_diff'] * 255:.3f}/255, PSNR {check['psnr']:.2f} dB"
 
     run_batch(jobs, as_json, quiet, debug=debug, read=read, compute=compute, write=write, fail_fast=fail_fast,
-               skip=lambda job: skip and job.dst.exists())
+               skip=lambda job: skip and output_exists(job.dst))
 
 
 def _comfyui_items(jobs: list, model: str | None) -> list:

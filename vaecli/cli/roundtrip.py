@@ -78,6 +78,7 @@ def roundtrip(
     from vaecli import batch, latents, media, metrics
     from vaecli.codec import load_codec
     from vaecli.errors import UsageError
+    from vaecli.files import output_exists
     from vaecli.pipeline import encode_group, scratch_fields, scratch_text
 
     try:
@@ -134,4 +135,4 @@ def roundtrip(
     run_batch(jobs, as_json, quiet, debug=debug, read=lambda job: media.read_image(job.src, alpha.value),
               compute=compute, write=write, batch_size=batch_size, fail_fast=fail_fast,
               key=lambda job: tuple(job.payload[0].shape),
-              skip=lambda job: skip and job.dst is not None and job.dst.exists())
+              skip=lambda job: skip and job.dst is not None and output_exists(job.dst))
