@@ -82,8 +82,8 @@ class Cli:
     def __init__(self):
         self.runner = CliRunner()
 
-    def __call__(self, *args):
-        return self.runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    def __call__(self, *args, input: str | None = None):
+        return self.runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
 @pytest.fixture

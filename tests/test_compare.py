@@ -158,8 +158,9 @@ def test_errors_are_one_line_and_leave_no_sheet(vae, real_weights, photos, tmp_p
     result = vae("compare", a, broken, "-m", "taef2", "-o", out, "--json")
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == f"Error: {broken}: not an image file Pillow can read"
-    # no record describes a row of a sheet that was not written: the one record is the command's failure
-    assert json.loads(result.stdout) == {"input": None, "output": None, "status": "error",
+    # no record describes a row of a sheet that was not written: the one record is the command's failure, naming
+    # the image it stopped at
+    assert json.loads(result.stdout) == {"input": str(broken), "output": None, "status": "error",
                                          "error": f"{broken}: not an image file Pillow can read"}
 
     result = vae("compare", a, "-m", "taef2", "-o", a)

@@ -76,3 +76,32 @@ def test_info_on_a_comfyui_latent_that_records_no_model(vae, tmp_path):
                                          "kind": "image", "batch": 2, "dtype": "float16", "shape": [16, 6, 8]}
     result = vae("decode", comfy)
     assert result.exit_code == 1 and "pass --model" in result.stderr
+
+
+def test_info_takes_folders_globs_and_stdin(vae, real_weights, small_image, tmp_path):
+    """Like decode, info takes a folder (its latent files; -r walks it), a glob, or `-` (a list on stdin)."""
+    folder = tmp_path / "latents"
+    assert vae("encode", small_image, "-o", folder / "a.latent").exit_code == 0
+    assert vae("encode", small_image, "-o", folder / "sub" / "b.latent.png").exit_code == 0
+    (folder / "notes.txt").write_text("not a latent\n")
+
+    result = vae("info", folder)
+    assert result.exit_code == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [str(folder / "a.latent")]
+    result = vae("info", folder, "-r", "--json")
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [
+        str(folder / "a.latent"), str(folder / "sub" / "b.latent.png")]
+    result = vae("info", str(folder / "sub" / "*.png"))
+    assert result.stdout.startswith(f"{folder / 'sub' / 'b.latent.png'}: taef2 latent [32, 6, 8]")
+    result = vae("info", "-", input=f"{folder / 'a.latent'}\n")
+    assert result.stdout.startswith(f"{folder / 'a.latent'}: taef2 latent [32, 6, 8]")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = vae("info", empty, "--json")
+    assert result.exit_code == 2
+    message = f"no .latent/.safetensors/.latent.png files in folder {empty} (use -r to look in subfolders)"
+    assert result.stderr == f"Error: {message}\n"
+    assert json.loads(result.stdout) == {"input": None, "output": None, "status": "error", "error": message}
+    result = vae("info", "-", input="")
+    assert (result.exit_code, result.stderr) == (2, "Error: no inputs (stdin was empty)\n")

@@ -145,22 +145,24 @@ def say(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def fail(exc: BaseException, debug: bool = False, as_json: bool = False) -> typer.Exit:
+def fail(exc: BaseException, debug: bool = False, as_json: bool = False,
+         input: Optional[Path] = None) -> typer.Exit:
     """Print `exc` as one `Error:` line (and, for unexpected errors with `debug`, its traceback; with `as_json`, a
-    JSON error record on stdout); the exit."""
+    JSON error record on stdout, naming the `input` it stopped at, if any); the exit."""
     if debug and not isinstance(exc, VaeError):
         import traceback
 
         say("".join(traceback.format_exception(exc)).rstrip())
     say(f"Error: {describe(exc)}")
     if as_json:
-        failure_record(describe(exc))
+        failure_record(describe(exc), input)
     return typer.Exit(exc.exit_code if isinstance(exc, VaeError) else 1)
 
 
-def failure_record(message: str) -> None:
+def failure_record(message: str, input: Optional[Path] = None) -> None:
     """The `--json` record of a failure of the whole command (before or beside any input's own record)."""
-    typer.echo(json_line({"input": None, "output": None, "status": "error", "error": message}))
+    typer.echo(json_line({"input": str(input) if input is not None else None, "output": None, "status": "error",
+                          "error": message}))
 
 
 class Reporter:

@@ -107,6 +107,7 @@ def compare(
     from vaecli.media import write_pillow
     from vaecli.sheet import ContactSheet
 
+    current = None  # the image a failure stopped at, named in its --json record
     try:
         if output is None:
             raise UsageError("missing -o/--output: the contact sheet to write, e.g. -o sheet.png")
@@ -126,6 +127,7 @@ def compare(
         sheet = ContactSheet(max_rows=rows)
         records = []
         for src in srcs:
+            current = src
             pixels, info = media.read_image(src, alpha.value)
             sheet.start(pixels, str(src))
             record = {"input": str(src), "output": str(output), "status": "ok", "error": None,
@@ -144,12 +146,13 @@ def compare(
                 say(f"{src}  " + "  ".join(f"{n} {m['psnr']:.2f} dB / {m['ssim']:.4f}"
                                           for n, m in record["models"].items()))
             del pixels
+        current = None
 
         image = sheet.render()
         options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
         write_pillow(output, image, format=fmt, **options)
     except Exception as exc:
-        raise fail(exc, debug, as_json) from None
+        raise fail(exc, debug, as_json, current) from None
 
     if as_json:  # only now: every record describes a row of a sheet that exists
         for record in records:

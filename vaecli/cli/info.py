@@ -7,21 +7,31 @@ from typing import Annotated
 
 import typer
 
-from vaecli.cli.common import QuietOpt, app, json_line, say
+from vaecli.cli.common import QuietOpt, RecursiveOpt, app, fail, json_line, say
 from vaecli.errors import describe
 
 
 @app.command()
 def info(
-    inputs: Annotated[list[Path], typer.Argument(help="Latent files (.latent, .safetensors, .latent.png).")],
+    inputs: Annotated[list[str], typer.Argument(
+        help="Latent files (.latent, .safetensors, .latent.png), folders, globs, manifests, or - for stdin.")],
+    recursive: RecursiveOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file on stdout.")] = False,
     quiet: QuietOpt = False,  # noqa: ARG001  (info prints data on stdout only; accepted as every command does)
 ) -> None:
     """Show a latent file's metadata: model, shape, latent space, source size, format version."""
+    from vaecli.batch import LATENT_EXTS, expand_inputs
+    from vaecli.errors import UsageError
     from vaecli.latents import read_metadata
 
+    try:
+        paths = [path for path, _ in expand_inputs(inputs, recursive, LATENT_EXTS)]
+        if not paths:
+            raise UsageError("no inputs (stdin was empty)")
+    except Exception as exc:
+        raise fail(exc, as_json=as_json) from None
     failed = 0
-    for path in inputs:
+    for path in paths:
         try:
             meta = read_metadata(path, need_model=False)
             line = None if as_json else describe_latent(path, meta)
