@@ -400,3 +400,41 @@ def test_decode_of_a_png_mosaic_past_the_limit_is_one_line(vae, real_weights, tm
                                           f"over the limit of 200 pixels (set VAE_MAX_PIXELS to allow larger latent "
                                           f"PNG mosaics)"]
     assert not (tmp_path / "a.png").exists()
+
+
+def test_atomic_write_takes_any_name_the_file_system_takes(tmp_path):
+    """The temp file's name is longer than its output's: for a name near the limit it is cut (plus a digest of the
+    whole), so a legal 255-byte output name is written, where it failed with 'File name too long'."""
+    import os
+
+    for name in ("a" * 251 + ".png", "é" * 125 + "x.png", "b" * 240 + ".latent"):
+        assert len(os.fsencode(name)) <= 255
+        dest = tmp_path / name
+        atomic_write(dest, lambda p: p.write_bytes(b"x"))
+        assert dest.read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a" * 251 + ".png", "é" * 125 + "x.png", "b" * 240 + ".latent"])
+
+
+def test_atomic_write_removes_abandoned_temp_files_but_not_a_live_writers(tmp_path):
+    """A temp file left by a killed run is removed by the next write of that output; one that another run is
+    writing at this moment (it holds the temp file's lock) is left to it."""
+    import fcntl
+    import os
+
+    dest = tmp_path / "out.latent"
+    abandoned = tmp_path / ".out.latent.abcd1234.part"
+    abandoned.write_bytes(b"killed")
+    live = tmp_path / ".out.latent.live5678.part"
+    live.write_bytes(b"in progress")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        atomic_write(dest, lambda p: p.write_bytes(b"done"))
+        assert not abandoned.exists()
+        assert live.read_bytes() == b"in progress"
+        assert dest.read_bytes() == b"done"
+    finally:
+        os.close(fd)
+    atomic_write(dest, lambda p: p.write_bytes(b"again"))  # now unlocked: abandoned
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.latent"]

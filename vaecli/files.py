@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from glob import escape as glob_escape
 from pathlib import Path
 
 from vaecli.errors import OutputError, UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; stale temp files are then removed unconditionally
+    fcntl = None
 
 
 def output_file_mode(folder: bool = False) -> int:
@@ -58,27 +64,76 @@ def output_exists(dest: Path) -> bool:
         return Path(dest).exists()
 
 
+def temp_prefix(dest: Path, suffix: str = ".part") -> str:
+    """`.<name>.`, the start of the names of `dest`'s temp files (mkstemp's random letters and `suffix` follow);
+    a name too long to take those extra bytes is cut and a digest of the whole appended, so that any output name
+    the file system takes can be written."""
+    dest = Path(dest)
+    prefix = f".{dest.name}."
+    try:
+        name_max = os.pathconf(dest.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - 8 - len(os.fsencode(suffix))  # mkstemp adds 8 random letters
+    raw = os.fsencode(prefix)
+    if len(raw) <= room:
+        return prefix
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return os.fsdecode(raw[:room - len(digest) - 2]) + f"~{digest}."
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on an open file without waiting; whether it was free."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return True  # a file system without locks: as before locks, the temp file counts as abandoned
+    return True
+
+
+def _remove_abandoned(tmp: Path) -> None:
+    """Remove a temp file left by a run that was killed outright (SIGKILL), unless a live writer holds its lock."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if _lock(fd):
+            with suppress(OSError):  # not ours to remove (a folder, no permission): the write goes on beside it
+                tmp.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temp file beside `dest`, then rename it over `dest`; on any failure remove it.
 
-    OS errors (a parent that is a file, no permission, a full disk) become a one-line OutputError.
+    OS errors (a parent that is a file, no permission, a full disk) become a one-line OutputError. The temp file
+    is locked while it is written, so a second run writing the same output leaves it alone.
     """
     dest = Path(dest)
     with writing(dest):  # is_dir() too: a name too long for the file system raises there first
         if dest.is_dir():
             raise OutputError(f"{dest}: is a folder, expected an output file path")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        for stale in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
-            stale.unlink(missing_ok=True)  # left by a run that was killed outright (SIGKILL)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        os.close(fd)
+        prefix = temp_prefix(dest)
+        for stale in dest.parent.glob(f"{glob_escape(prefix)}*.part"):
+            _remove_abandoned(stale)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=dest.parent)
         try:
+            _lock(fd)
             write(Path(tmp))
             os.chmod(tmp, output_file_mode())
             os.replace(tmp, dest)
         except BaseException:  # also KeyboardInterrupt/SystemExit: never leave a partial file
             Path(tmp).unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)
 
 
 def is_folder_target(output: Path, n_inputs: int) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vaecli.errors import InputError, OutputError, UsageError
-from vaecli.files import output_error, output_file_mode, writing
+from vaecli.files import output_error, output_file_mode, temp_prefix, writing
 
 FFMPEG_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 VIDEO_EXTS = FFMPEG_EXTS | {".gif"}
@@ -293,10 +293,10 @@ class VideoWriter:
             check_frames_folder(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.kind == "frames":  # a hidden folder beside it, renamed into place when complete
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent))
+            self._tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(self.path), suffix=".part", dir=self.path.parent))
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".part{self.path.suffix}",
-                                   dir=self.path.parent)
+        suffix = f".part{self.path.suffix}"
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(self.path, suffix), suffix=suffix, dir=self.path.parent)
         os.close(fd)
         self._tmp = Path(tmp)
         if self.kind == "ffmpeg":
