@@ -653,6 +653,26 @@ def test_a_gif_too_slow_to_hold_is_refused(vae, clip_latent, tmp_path):
     assert _frames(tmp_path / "out" / "x.mp4")[1].shape[0] == 2
 
 
+def test_a_gif_too_fast_to_play_is_refused(vae, clip_latent, tmp_path):
+    """A GIF delay is whole centiseconds and browsers play those under 2 as 10: 1000 fps was written with no delay
+    at all, 60 fps as 10 fps. Past 50 fps a GIF is refused like a too slow one; 50 fps is written (2 cs)."""
+    from PIL import Image
+
+    for fps in (1000, 60):
+        lat = _with_fps(clip_latent, fps)
+        out = tmp_path / "out" / "x.gif"
+        result = vae("decode", lat, "-o", out)
+        assert result.exit_code == 1
+        assert _error_line(result) == (f"Error: {lat}: {out}: a GIF frame lasts at least 0.02 s where it is played, "
+                                       f"got {fps} fps (expected at most 50 fps; write .mp4 instead)")
+        assert not out.parent.exists()
+    for fps, centis in ((50, 2), (15, 7)):
+        result = vae("decode", _with_fps(clip_latent, fps), "-o", tmp_path / f"{fps}.gif")
+        assert result.exit_code == 0, result.stderr
+        with Image.open(tmp_path / f"{fps}.gif") as gif:
+            assert gif.info["duration"] == centis * 10
+
+
 def test_video_writer_refuses_an_absurd_fps(tmp_path):
     from vaecli.errors import InputError
 
@@ -679,3 +699,24 @@ def test_roundtrip_leaves_both_outputs_or_neither(vae, real_weights, clip, tmp_p
     assert _error_line(result) == f"Error: {clip}: {failing}: cannot write: no space left on the device"
     assert json.loads(result.stdout)["status"] == "error"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_clip_whose_name_looks_like_a_protocol_is_read_as_named(vae, real_weights, gif, tmp_path, monkeypatch):
+    """ffmpeg takes 'file:' (or any 'name:') at the start of a relative path for a protocol: 'file:x.mp4' read x.mp4
+    instead and 'a:b.mp4' was refused. The file named is the file read."""
+    import subprocess
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([ffmpeg, "-v", "error", "-f", "lavfi", "-i", "testsrc=size=32x16:rate=10", "-frames:v", "2",
+                    "-pix_fmt", "yuv420p", "named.mp4"], check=True)
+    subprocess.run([ffmpeg, "-v", "error", "-i", str(gif), "-frames:v", "3", "-pix_fmt", "yuv420p",
+                    "-vf", "scale=16:24", "x.mp4"], check=True)  # what 'file:x.mp4' read
+    previous = "named.mp4"
+    for name in ("file:x.mp4", "a:b.mp4"):
+        (tmp_path / previous).rename(tmp_path / name)
+        previous = name
+        result = vae("video", name, "-o", "out.latent", "--json")
+        assert result.exit_code == 0, result.stderr
+        record = json.loads(result.stdout)
+        assert (record["input"], record["frames"], record["size"]) == (name, 2, [32, 16])

@@ -32,6 +32,7 @@ CODECS = {".webm": "libvpx-vp9"}  # everything else: H.264
 FPS_MIN, FPS_MAX = 0.001, 1000.0
 FPS_RANGE = f"expected fps between {FPS_MIN:g} and {FPS_MAX:g}"
 GIF_MAX_DELAY_MS = 655350  # a GIF frame delay is a 16-bit count of centiseconds
+GIF_MIN_DELAY_CS = 2  # browsers slow any shorter frame to 10 cs
 FRAME_NAME = re.compile(r"frame_\d{6,}\.png")  # what --as-frames writes
 
 
@@ -59,7 +60,7 @@ def _open(path: Path):
         raise InputError(f"{path}: is a folder, expected a video file")
     if path.suffix.lower() in STILL_EXTS:
         raise InputError(f"{path}: is a still image, not a video (use 'vae encode')")
-    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    gen = imageio_ffmpeg.read_frames(_ffmpeg_input(path), pix_fmt="rgb24")
     try:
         meta = next(gen)
     except (OSError, RuntimeError, StopIteration, ValueError):
@@ -71,12 +72,18 @@ def _open(path: Path):
     return gen, VideoInfo(fps=float(meta["fps"]), size=tuple(meta["size"]), duration=float(meta.get("duration") or 0))
 
 
+def _ffmpeg_input(path: Path) -> str:
+    # ffmpeg takes "name:" at the start of a relative path for a protocol ('file:clip.mp4' reads clip.mp4, 'a:b.mp4'
+    # fails): an absolute path is always the file itself.
+    return os.path.abspath(path)
+
+
 def _decode_error(path: Path) -> str | None:
     """ffmpeg's first error decoding the video stream of `path` to the end (None if there is none)."""
     import imageio_ffmpeg
 
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", str(path), "-map", "0:v:0",
-           "-f", "null", "-"]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", _ffmpeg_input(path),
+           "-map", "0:v:0", "-f", "null", "-"]
     run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     if run.returncode == 0:
         return None
@@ -181,12 +188,16 @@ def _remove_frames(folder: Path) -> None:
 
 
 def _gif_delay(path: Path, fps: float) -> int:
-    """A GIF frame's delay in ms at `fps`, or an OutputError where a GIF cannot hold it."""
-    delay = round(1000 / fps)
-    if delay > GIF_MAX_DELAY_MS:
+    """A GIF frame's delay in ms at `fps` (whole centiseconds, as GIF stores it), or an OutputError where a GIF
+    cannot hold the rate."""
+    centis = round(100 / fps)
+    if centis * 10 > GIF_MAX_DELAY_MS:
         raise OutputError(f"{path}: a GIF frame lasts at most {GIF_MAX_DELAY_MS / 1000:g} s, got {fps:g} fps "
                           f"(expected at least {1000 / GIF_MAX_DELAY_MS:.5f} fps; write .mp4 instead)")
-    return delay
+    if fps > 100 / GIF_MIN_DELAY_CS:  # browsers play shorter delays as 0.1 s: a 60 fps GIF would run at 10 fps
+        raise OutputError(f"{path}: a GIF frame lasts at least {GIF_MIN_DELAY_CS / 100:g} s where it is played, "
+                          f"got {fps:g} fps (expected at most {100 / GIF_MIN_DELAY_CS:g} fps; write .mp4 instead)")
+    return centis * 10
 
 
 _OS_ERRORS = {os.strerror(e): e for e in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EFBIG)}
