@@ -74,8 +74,9 @@ def test_output_parent_is_a_file_single_input(vae, real_weights, small_image, sh
     assert result.exit_code == 1
     assert _error_lines(result) == [f"Error: {src}: {out}: cannot write: {blocker} is a file, not a folder"]
     record = json.loads(result.stdout)
-    assert (record["status"], record["output"]) == ("error", None)
-    assert record["error"] == f"{out}: cannot write: {blocker} is a file, not a folder"
+    # the four fields of every error record, not the results of the compute that preceded the failed write
+    assert record == {"input": str(src), "output": None, "status": "error",
+                      "error": f"{out}: cannot write: {blocker} is a file, not a folder"}
     assert blocker.read_text() == "a file, not a folder"
     _no_partials(tmp_path)
 

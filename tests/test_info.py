@@ -27,7 +27,7 @@ def test_info_json_and_errors(vae, real_weights, small_image, tmp_path):
     good, bad = map(json.loads, result.stdout.splitlines())
     assert good["model"] == "taef2" and good["shape"] == [32, 6, 8] and good["image_size"] == [61, 45]
     assert good["version"] == 1 and good["status"] == "ok"
-    assert bad == {"input": str(tmp_path / "missing.latent"), "status": "error",
+    assert bad == {"input": str(tmp_path / "missing.latent"), "output": None, "status": "error",
                    "error": f"{tmp_path / 'missing.latent'}: no such file"}
     assert result.stderr.strip() == f"Error: {tmp_path / 'missing.latent'}: no such file"
 
@@ -72,7 +72,8 @@ def test_info_on_a_comfyui_latent_that_records_no_model(vae, tmp_path):
     assert result.stdout.strip() == (f"{comfy}: ComfyUI latent [16, 6, 8] float16, image, batch of 2, no model "
                                      f"recorded (decode with --model NAME)")
     result = vae("info", comfy, "--json")
-    assert json.loads(result.stdout) == {"input": str(comfy), "status": "ok", "format": "comfyui", "model": None,
+    assert json.loads(result.stdout) == {"input": str(comfy), "output": None, "status": "ok", "error": None,
+                                         "format": "comfyui", "model": None,
                                          "kind": "image", "batch": 2, "dtype": "float16", "shape": [16, 6, 8]}
     result = vae("decode", comfy)
     assert result.exit_code == 1 and "pass --model" in result.stderr
@@ -105,3 +106,22 @@ def test_info_takes_folders_globs_and_stdin(vae, real_weights, small_image, tmp_
     assert json.loads(result.stdout) == {"input": None, "output": None, "status": "error", "error": message}
     result = vae("info", "-", input="")
     assert (result.exit_code, result.stderr) == (2, "Error: no inputs (stdin was empty)\n")
+
+
+def test_info_records_cannot_be_rewritten_by_a_files_metadata(vae, real_weights, small_image, tmp_path):
+    """A metadata key named input, output, status or error does not replace the command's own fields."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "a.latent"
+    assert vae("encode", small_image, "-o", good).exit_code == 0
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    spoof = tmp_path / "spoof.latent"
+    save_file(load_file(good), spoof, metadata={**meta, "input": "/etc/passwd", "output": "x", "status": "error",
+                                                "error": "spoofed"})
+    result = vae("info", spoof, "--json")
+    assert result.exit_code == 0
+    record = json.loads(result.stdout)
+    assert (record["input"], record["output"], record["status"], record["error"]) == (str(spoof), None, "ok", None)
+    assert list(record)[:4] == ["input", "output", "status", "error"]

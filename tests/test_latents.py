@@ -357,6 +357,13 @@ def test_png_latent_cannot_be_a_video(tmp_path):
                               f"one latent), got 'video'")
 
 
+def _write_header(path: Path, header, data: bytes) -> None:
+    """A safetensors-shaped file of `header` (a dict, or raw JSON bytes) and `data`."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
 # --- through the CLI: one Error line each, a JSON record each, exit 1, nothing written ------------------------
 
 def test_decode_of_hostile_latents(vae, real_weights, tmp_path, monkeypatch):
@@ -372,6 +379,15 @@ def test_decode_of_hostile_latents(vae, real_weights, tmp_path, monkeypatch):
     _write_st(folder / "big.latent", torch.randn(32, 7, 8), _meta(size=(64, 56), padding=(0, 0, 0, 0)))
     latents.save_png(folder / "png.latent.png", good, _meta())
     _hand_png(folder / "trunc.latent.png", folder / "png.latent.png", rows=3)
+    data = good.numpy().tobytes()  # crafted headers: a ComfyUI dtype that is a list, JSON nested 100000 deep
+    _write_header(folder / "listdtype.latent", {"latent_tensor": {"dtype": ["F32"], "shape": [1, 32, 6, 8],
+                                                                  "data_offsets": [0, len(data)]}}, data)
+    _write_header(folder / "deep.latent", b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}", data)
+    _write_header(folder / "deepmeta.latent", {"latent": {"dtype": "F32", "shape": [32, 6, 8],
+                                                          "data_offsets": [0, len(data)]},
+                                               "__metadata__": {**{k: v if isinstance(v, str) else json.dumps(v)
+                                                                   for k, v in _meta().items()},
+                                                                "image_size": "[" * 100000 + "]" * 100000}}, data)
     monkeypatch.setenv("VAE_MAX_PIXELS", "3072")  # good (64x48) decodes, big (64x56) does not
     result = vae("decode", folder, "-o", tmp_path / "out", "--json")
     assert result.exit_code == 1
@@ -385,6 +401,10 @@ def test_decode_of_hostile_latents(vae, real_weights, tmp_path, monkeypatch):
         "big.latent": "it decodes to 64x56 pixels, over the limit of 3072 pixels (set VAE_MAX_PIXELS to allow larger "
                       "images)",
         "trunc.latent.png": "truncated latent PNG: its pixel data holds 387 bytes, its size needs 1548",
+        "listdtype.latent": "expected a float32/float16/bfloat16 latent_tensor, got ['F32']",
+        "deep.latent": "truncated or corrupt safetensors file (Error while deserializing header: invalid JSON in "
+                       "header: recursion limit exceeded at line 1 column 132)",
+        "deepmeta.latent": f"metadata 'image_size' must be [W, H] of positive integers, got {'[' * 40!r}",
     }.items()}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "png.png"]
     assert "Warning" not in result.stderr and "Traceback" not in result.stderr

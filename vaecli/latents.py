@@ -224,7 +224,7 @@ def _decode_meta(raw: dict, source: str) -> dict:
             continue
         try:
             meta[k] = json.loads(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # RecursionError: nested past Python's stack
             meta[k] = v
     if meta.get("format") != FORMAT:
         raise LatentFormatError(f"{source}: not a vaecli latent file (no '{FORMAT}' format metadata)")
@@ -364,7 +364,7 @@ def _png_meta(text: str, source: str) -> dict:
     """The metadata of a PNG latent's text chunk, with its grid and latent shape checked."""
     try:
         raw = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raw = None
     if not isinstance(raw, dict):
         raise LatentFormatError(f"{source}: unreadable vaecli metadata (expected a JSON object)")
@@ -596,7 +596,7 @@ def _st_header(path: Path) -> tuple[dict, int] | None:
             if not 2 <= n <= SAFETENSORS_MAGIC_MAX_HEADER:
                 return None
             header = json.loads(f.read(n))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
         return None
     return (header, 8 + n) if isinstance(header, dict) else None
 
@@ -605,8 +605,8 @@ def comfyui_batch(path: Path) -> int | None:
     """The batch size of a ComfyUI `.latent` file (from its header alone), or None for any other file."""
     try:
         layout = _comfyui_layout(Path(path))
-    except LatentFormatError:
-        return 1  # reported when the file is read
+    except Exception:  # a damaged or hostile file: reported when it is read, as that input's failure
+        return 1
     return None if layout is None else layout[2][0]
 
 
@@ -622,7 +622,7 @@ def _comfyui_layout(path: Path) -> tuple[dict, int, tuple[int, ...], torch.dtype
     if not (isinstance(shape, list) and len(shape) in (4, 5) and _ints(shape, len(shape)) and min(shape) > 0):
         raise LatentFormatError(f"{path}: expected a ComfyUI latent_tensor of shape (B, C, h, w) or (B, C, T, h, w), "
                                 f"got {str(shape)[:60]}")
-    dtype = _ST_NAMES.get(entry.get("dtype"))
+    dtype = _ST_NAMES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         raise LatentFormatError(f"{path}: expected a float32/float16/bfloat16 latent_tensor, got "
                                 f"{str(entry.get('dtype'))[:20]}")

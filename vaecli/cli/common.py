@@ -211,8 +211,10 @@ class Reporter:
         else:
             self._line(job.extra.pop("line"))
         if self.as_json:
+            # An input that failed after its compute (writing its output) has no results: every error record
+            # has the same four fields.
             record = {"input": str(job.src), "output": str(job.dst) if job.dst and job.status != "error" else None,
-                      "status": job.status, "error": job.error, **job.extra}
+                      "status": job.status, "error": job.error, **(job.extra if job.status != "error" else {})}
             typer.echo(json_line(record))
         if self.progress is not None:
             self.progress.advance(self.task)

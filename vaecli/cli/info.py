@@ -41,11 +41,12 @@ def info(
             message = message if message.startswith(str(path)) else f"{path}: {message}"
             say(f"Error: {message}")
             if as_json:
-                typer.echo(json_line({"input": str(path), "status": "error", "error": message}))
+                typer.echo(json_line({"input": str(path), "output": None, "status": "error", "error": message}))
             continue
-        if as_json:
-            typer.echo(json_line({"input": str(path), "status": "ok", **meta,
-                                  "shape": meta.get("shape") or meta.get("latent_shape")}))
+        if as_json:  # the command's own fields last: a file's metadata cannot stand in for them
+            shape = meta.get("shape") or meta.get("latent_shape")
+            record = {"input": str(path), "output": None, "status": "ok", "error": None}
+            typer.echo(json_line({**record, **meta, "shape": shape, **record}))
         else:
             typer.echo(line)
     if failed:
