@@ -289,3 +289,67 @@ def test_interrupt_joins_the_reader_thread(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         batch.run(jobs, read=read, compute=compute, write=lambda job: None, on_done=lambda job: None)
     assert set(threading.enumerate()) == before
+
+
+def test_output_folder_spellings(vae, real_weights, small_image, tmp_path, monkeypatch):
+    """A trailing slash makes -o a folder whatever its name (a Path drops it: -o x.latent/ wrote a file); a glob
+    of several images into a dotted folder name is a folder, as the same files named one by one are."""
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(small_image.read_bytes())
+    for cmd, out, expect in (("encode", "lat.latent/", "lat.latent/a.latent"), ("encode", "lat.v1/", "lat.v1/a.latent"),
+                             ("roundtrip", "rec.d/", "rec.d/a.png")):
+        result = vae(cmd, "a.png", "-o", out)
+        assert result.exit_code == 0, result.stderr
+        assert (tmp_path / expect).is_file()
+    assert vae("decode", "lat.v1/a.latent", "-o", "prev.v2/").exit_code == 0
+    assert (tmp_path / "prev.v2" / "a.png").is_file()
+    result = vae("encode", "*.png", "-o", "out.v1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out.v1").iterdir()) == ["a.latent", "b.latent"]
+
+
+def test_an_output_name_too_long_is_one_line_for_every_command(vae, real_weights, small_image, shared, tmp_path):
+    long = tmp_path / ("y" * 300)
+    gif = shared / "video" / "no_time_for_that_tiny.gif"
+    assert vae("encode", small_image, "-o", tmp_path / "s.latent").exit_code == 0
+    for args, out in ((["encode", small_image], f"{long}.latent"), (["roundtrip", small_image], f"{long}.png"),
+                      (["decode", tmp_path / "s.latent"], f"{long}.png"),
+                      (["video", gif, "--frames", 2], f"{long}.latent")):
+        result = vae(*args, "-o", out, "--json")
+        assert result.exit_code == 1
+        assert result.stderr == f"Error: {out}: cannot write: File name too long\n"
+        assert json.loads(result.stdout)["error"] == f"{out}: cannot write: File name too long"
+
+
+def test_a_rerun_into_an_output_folder_inside_the_inputs_resumes(vae, real_weights, small_image, tmp_path):
+    """The walk leaves out an -o folder inside the walked folder: a rerun's earlier outputs are not inputs (they
+    were, and the rerun failed 'refusing to overwrite input imgs/a.png', naming the wrong file)."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("a.png", "b.png"):
+        (imgs / name).write_bytes(small_image.read_bytes())
+    recon = imgs / "recon"
+    assert vae("roundtrip", imgs, "-r", "-o", recon).exit_code == 0
+    result = vae("roundtrip", imgs, "-r", "-o", recon, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [(r["input"], r["status"]) for r in map(json.loads, result.stdout.splitlines())] == [
+        (str(imgs / "a.png"), "skipped"), (str(imgs / "b.png"), "skipped")]
+    # named outright, an earlier output is an input, and the message names it and whose output it would be
+    result = vae("roundtrip", imgs / "a.png", recon / "a.png", "-o", recon)
+    assert result.exit_code == 1
+    assert result.stderr == (f"Error: refusing to overwrite input {recon / 'a.png'} (the output of "
+                             f"{imgs / 'a.png'}) (choose another -o)\n")
+
+
+def test_manifests_and_stdin_lists_with_a_byte_order_mark(vae, real_weights, small_image, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + small_image.name.encode() + b"\r\n")
+    result = vae("roundtrip", listing, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["input"] == str(small_image)
+    result = vae("roundtrip", "-", "--json", input=f"\ufeff{small_image}\n")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["input"] == str(small_image)

@@ -50,19 +50,21 @@ def _latent_png_among_images(path: Path, exts: tuple[str, ...]) -> bool:
 
 
 def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
-                  stdin: Iterable[str] | None = None) -> list[tuple[Path, Path]]:
+                  stdin: Iterable[str] | None = None, output: Path | None = None) -> list[tuple[Path, Path]]:
     """(path, path relative to its root) for every input: files, folders (`recursive` walks), globs, `-` (stdin),
     manifests (`.txt`: one path per line; `.parquet`: a `path` column; relative entries are relative to the manifest).
 
     Folder entries are filtered by `exts`; named files are taken as given, so a broken file is reported
     rather than silently skipped. The relative path is what an output folder mirrors: for lists, the path
-    below the entries' common folder.
+    below the entries' common folder. A walked folder's files inside `output` (an output folder within it: a
+    rerun's earlier outputs) are not inputs.
     """
     found: list[tuple[Path, Path]] = []
     for arg in args:
         if arg == "-" or arg.lower().endswith(MANIFEST_EXTS) and Path(arg).is_file():
             if arg == "-":
-                paths = [Path(line.strip()) for line in (stdin if stdin is not None else sys.stdin) if line.strip()]
+                lines = [line.strip().lstrip("\ufeff") for line in (stdin if stdin is not None else sys.stdin)]
+                paths = [Path(line) for line in lines if line]
             else:
                 paths = [Path(arg).parent / p for p in read_manifest(Path(arg))]
             if not paths and arg != "-":  # an empty stdin is reported when nothing else gave inputs either
@@ -81,6 +83,9 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             root = Path(arg)
             walker = root.rglob("*") if recursive else root.glob("*")
             files = sorted(p for p in walker if p.is_file() and _matches(p, exts) and not p.name.startswith("."))
+            inner = _inner_folder(root, output)
+            if inner is not None:
+                files = [p for p in files if not p.relative_to(root).is_relative_to(inner)]
             if not files:
                 more = "" if recursive else " (use -r to look in subfolders)"
                 raise UsageError(f"no {'/'.join(exts)} files in folder {root}{more}")
@@ -90,11 +95,22 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
     return found
 
 
+def _inner_folder(root: Path, output: Path | None) -> Path | None:
+    """`output` relative to `root` where it is a folder strictly inside it, else None."""
+    if output is None:
+        return None
+    try:
+        inner = output.resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return None
+    return inner if inner != Path(".") else None
+
+
 def read_manifest(path: Path) -> list[str]:
     """The paths a manifest lists: a text file with one per line, or a parquet file's `path` column."""
     if path.suffix.lower() != ".parquet":
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # the BOM Notepad and PowerShell write is not a path
         except UnicodeDecodeError as exc:
             raise UsageError(f"{path}: expected a UTF-8 text manifest, found byte 0x{exc.object[exc.start]:02x} at "
                              f"offset {exc.start}") from None

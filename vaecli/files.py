@@ -136,11 +136,21 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
             os.close(fd)
 
 
+class FolderPath(type(Path())):
+    """A path given with a trailing slash (`-o out.v1/`): a folder, whatever its name (a Path drops the slash)."""
+
+    @classmethod
+    def parse(cls, text: str) -> Path:
+        """`text` as a Path, a FolderPath where it ends in a separator."""
+        return cls(text) if text.endswith(("/", os.sep)) else Path(text)
+
+
 def is_folder_target(output: Path, n_inputs: int) -> bool:
     """Whether `-o output` names a folder: several inputs, an existing folder, a trailing slash, or no extension."""
-    if n_inputs > 1 or output.is_dir() or str(output).endswith(("/", os.sep)):
+    if n_inputs > 1 or isinstance(output, FolderPath):
         return True
-    return not output.exists() and output.suffix == ""
+    with writing(output):  # a name too long for the file system: its one-line error
+        return output.is_dir() or not output.exists() and output.suffix == ""
 
 
 def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path], str],
@@ -160,12 +170,15 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
     else:
         outs = [output]
     seen: dict[Path, Path] = {}
-    resolved_inputs = {p.resolve() for p in inputs}
+    resolved_inputs = {p.resolve(): p for p in reversed(inputs)}
     holders = {folder: p for p in reversed(inputs) for folder in p.resolve().parents}  # folder -> an input in it
     for src, out in zip(inputs, outs, strict=True):
-        r = out.resolve()
+        with writing(out):
+            r = out.resolve()
         if r in resolved_inputs:
-            raise OutputError(f"refusing to overwrite input {src} (choose another -o)")
+            other = resolved_inputs[r]
+            whose = "" if other.resolve() == src.resolve() else f" (the output of {src})"
+            raise OutputError(f"refusing to overwrite input {other}{whose} (choose another -o)")
         if r in holders:  # a folder output (--as-frames) replaces the folder, and the input with it
             raise OutputError(f"refusing to replace {out}: it is a folder holding input {holders[r]} "
                               f"(choose another -o)")

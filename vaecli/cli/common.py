@@ -93,8 +93,16 @@ class VideoLatentFormat(str, Enum):
 
 LATENT_EXTS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}
 
+def output_path(text: str) -> Path:
+    """An -o value: a Path, which would drop a trailing slash, or a FolderPath where there is one (`-o out.v1/`)."""
+    from vaecli.files import FolderPath
+
+    return FolderPath.parse(text)
+
+
 OutputOpt = Annotated[Optional[Path], typer.Option(
-    "-o", "--output", help="Output file, or a folder for several inputs (default: beside each input).")]
+    "-o", "--output", parser=output_path, metavar="PATH",
+    help="Output file, or a folder for several inputs or with a trailing slash (default: beside each input).")]
 WeightsOpt = Annotated[Optional[list[Path]], typer.Option(
     "-w", "--weights", help="Weights file or folder (original .pth, diffusers folder or .safetensors); "
     "repeat for encoder and decoder files. Default: search VAE_WEIGHTS_DIR, weights/, ~/.cache/vaecli.")]
@@ -274,16 +282,24 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
     raise typer.Exit(code)
 
 
-def plan_jobs(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...],
-          name: Callable[[Path], str], skip_existing: Optional[bool], beside: bool = True):
-    """Expand inputs, plan their outputs (none without -o unless `beside`), and whether existing ones are skipped."""
-    from vaecli import batch, media, video
-    from vaecli.batch import Job, expand_inputs
-    from vaecli.files import is_folder_target, plan_outputs
+def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...]) -> list:
+    """The inputs' (path, relative path) pairs (`vaecli.batch.expand_inputs`), at least one."""
+    from vaecli.batch import expand_inputs
 
-    pairs = expand_inputs(inputs, recursive, exts)
+    pairs = expand_inputs(inputs, recursive, exts, output=output)
     if not pairs:
         raise UsageError("no inputs (stdin was empty)")
+    return pairs
+
+
+def plan_jobs(pairs: list[tuple[Path, Path]], output: Optional[Path], name: Callable[[Path], str],
+              skip_existing: Optional[bool], beside: bool = True):
+    """Jobs for the inputs `expand` gave, their outputs planned (none without -o unless `beside`), and whether
+    existing outputs are skipped."""
+    from vaecli import batch, media, video
+    from vaecli.batch import Job
+    from vaecli.files import is_folder_target, plan_outputs
+
     srcs, rels = [p for p, _ in pairs], [r for _, r in pairs]
     # Several inputs into `-o out.latent` (a name vaecli writes files as): a slip, not a new folder's name.
     file_exts = {*media.OUTPUT_FORMATS, *video.VIDEO_EXTS, *batch.LATENT_EXTS}

@@ -32,6 +32,7 @@ from vaecli.cli.common import (
     UsageError,
     WeightsOpt,
     app,
+    expand,
     fail,
     namer,
     parse_chunk,
@@ -102,7 +103,8 @@ def decode(
         tiling_options = tiling_kwargs(tile, max_memory, scratch)
         frames_per_pass = parse_chunk(chunk)
         media.check_output_extension(Path("x" + image_suffix))
-        jobs, skip = plan_jobs(inputs, output, recursive, batch.LATENT_EXTS, default_name, skip_existing)
+        jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.LATENT_EXTS), output, default_name,
+                               skip_existing)
         jobs = _comfyui_items(jobs, model.value if model else None)
         for job in jobs:
             suffix_ = job.dst.suffix.lower()

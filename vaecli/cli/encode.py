@@ -39,6 +39,7 @@ from vaecli.cli.common import (
     UsageError,
     WeightsOpt,
     app,
+    expand,
     fail,
     namer,
     plan_jobs,
@@ -123,22 +124,20 @@ def encode(
     from vaecli.pipeline import encode_stages
 
     try:
-        n_hint = 2 if len(inputs) > 1 or any(Path(i).is_dir() or i == "-" or i.lower().endswith(
-            batch.MANIFEST_EXTS) for i in inputs) else 1
         ray_opts = {"--ray-address": ray_address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
                     "--gpus-per-worker": gpus_per_worker, "--shard-size": shard_size,
                     "--output-format parquet": output_format == OutputFormat.parquet or None}
         if engine == Engine.local and any(v is not None for v in ray_opts.values()):
             raise UsageError(f"{next(k for k, v in ray_opts.items() if v is not None)} needs --engine ray")
-        kind = _latent_format(output, n_hint, fmt)
+        pairs = expand(inputs, output, recursive, batch.IMAGE_EXTS)
+        kind = _latent_format(output, len(pairs), fmt)
         if kind == "comfyui":
             if space is not None and space != Space.raw:
                 raise UsageError(f"--format comfyui writes raw latents (ComfyUI's VAE applies scale and shift "
                                  f"itself): drop --latent-space {space.value}")
             space = Space.raw
         ext = ".latent.png" if kind == "png" else ".latent"
-        jobs, skip = plan_jobs(inputs, output, recursive, batch.IMAGE_EXTS, namer(name, suffix, ext, model.value),
-                           skip_existing)
+        jobs, skip = plan_jobs(pairs, output, namer(name, suffix, ext, model.value), skip_existing)
         if seed is not None and not sample:
             raise UsageError("--seed only applies with --sample")
         # Ray: the driver loads on CPU only to check the options and verify the weights its workers will load.

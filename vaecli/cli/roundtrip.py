@@ -31,8 +31,10 @@ from vaecli.cli.common import (
     TileOpt,
     WeightsOpt,
     app,
+    expand,
     fail,
     namer,
+    output_path,
     plan_jobs,
     run_batch,
     tiling_kwargs,
@@ -45,8 +47,8 @@ def roundtrip(
     inputs: Annotated[list[str], typer.Argument(
         help="Images to pass through the autoencoder, folders, globs, or - for stdin.")],
     output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", help="Write reconstructions here: a file, or a folder for several inputs "
-        "(default: only report the metrics).")] = None,
+        "-o", "--output", parser=output_path, metavar="PATH", help="Write reconstructions here: a file, or a "
+        "folder for several inputs or with a trailing slash (default: only report the metrics).")] = None,
     model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
     = DEFAULT_MODEL,
     weights: WeightsOpt = None,
@@ -82,8 +84,8 @@ def roundtrip(
     from vaecli.pipeline import encode_group, scratch_fields, scratch_text
 
     try:
-        jobs, skip = plan_jobs(inputs, output, recursive, batch.IMAGE_EXTS,
-                           namer(name, suffix, ".png", model.value), skip_existing, beside=False)
+        jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.IMAGE_EXTS), output,
+                               namer(name, suffix, ".png", model.value), skip_existing, beside=False)
         for job in jobs:
             if job.dst is not None:
                 media.check_output_extension(job.dst)
