@@ -134,10 +134,18 @@ def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
 
 def test_fail_fast_stops_at_first_failure(vae, real_weights, tree, tmp_path):
     (tree / "aaa_broken.png").write_text("broken")
-    result = vae("encode", tree, "-o", tmp_path / "ff", "--fail-fast", "--batch-size", "1", "--json")
+    result = vae("encode", tree, "-r", "-o", tmp_path / "ff", "--fail-fast", "--batch-size", "1", "--json")
     assert result.exit_code == 1
-    statuses = [r["status"] for r in map(json.loads, result.stdout.splitlines())]
+    records = list(map(json.loads, result.stdout.splitlines()))
+    statuses = [r["status"] for r in records]
     assert statuses[0] == "error" and statuses.count("ok") < 2
+    # every input has its record: those the stop left undone are 'cancelled', and the summary counts them
+    inputs = {str(p) for p in tree.rglob("*") if p.suffix in (".png", ".jpg")}
+    assert len(records) == len(inputs) == 9 and {r["input"] for r in records} == inputs
+    cancelled = statuses.count("cancelled")
+    assert cancelled >= 6 and all(r == {"input": r["input"], "output": None, "status": "cancelled", "error": None}
+                                  for r in records if r["status"] == "cancelled")
+    assert f"done: {statuses.count('ok')} ok, 0 skipped, 1 failed, {cancelled} not run (--fail-fast)" in result.stderr
 
 
 def test_batched_equals_one_by_one(vae, real_weights, tmp_path, shared_images):

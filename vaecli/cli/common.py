@@ -234,12 +234,19 @@ class Reporter:
         elif always or not self.quiet:
             say(text)
 
-    def finish(self) -> int:
-        """Print the summary; the exit code: 0 all done, 1 some failed."""
+    def finish(self, not_run: list | None = None, why: str = "") -> int:
+        """Print the summary, and under --json a `cancelled` record for each input of `not_run` (left undone by
+        --fail-fast, an interruption or a failure of the run: `why`); the exit code: 0 all done, 1 some failed."""
         if self.progress is not None:
             self.progress.stop()
+        not_run = not_run or []
+        if self.as_json:
+            for job in not_run:
+                typer.echo(json_line({"input": str(job.src), "output": None, "status": "cancelled", "error": None}))
         if self.total > 1 and not self.quiet:
-            say(f"done: {self.counts['ok']} ok, {self.counts['skipped']} skipped, {self.counts['error']} failed")
+            undone = f", {len(not_run)} not run ({why})" if not_run else ""
+            say(f"done: {self.counts['ok']} ok, {self.counts['skipped']} skipped, {self.counts['error']} failed"
+                f"{undone}")
         if self.total > 1 and self.failures:
             say(f"{len(self.failures)} of {self.total} inputs failed:")
             for msg in self.failures:
@@ -265,19 +272,23 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    def pending() -> list:
+        return [job for job in jobs if job.status == "pending"]
+
     try:
         runner(reporter)
     except KeyboardInterrupt:
-        reporter.finish()
+        reporter.finish(pending(), "interrupted")
         say("Interrupted: finished outputs are complete; rerun to do the rest")
         raise typer.Exit(130) from None
     except Exception as exc:  # a failure of the run itself, not of one input: reported, never a traceback
-        reporter.finish()
+        reporter.finish(pending(), "the run failed")
         raise fail(exc, debug, as_json) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    code = reporter.finish()
-    if any(job.status == "pending" for job in jobs):  # --fail-fast stopped the run: not everything was written
+    not_run = pending()
+    code = reporter.finish(not_run, "--fail-fast")
+    if not_run:  # --fail-fast stopped the run: not everything was written
         code = 1
     raise typer.Exit(code)
 
