@@ -720,3 +720,30 @@ def test_a_clip_whose_name_looks_like_a_protocol_is_read_as_named(vae, real_weig
         assert result.exit_code == 0, result.stderr
         record = json.loads(result.stdout)
         assert (record["input"], record["frames"], record["size"]) == (name, 2, [32, 16])
+
+
+def test_chunk_never_changes_a_bit_of_frame_by_frame_models(vae, real_weights, gif, tmp_path):
+    """On the CPU each frame of a chunk runs its own pass (oneDNN's arithmetic follows the batch size, 3e-6 apart):
+    the latents are the same bytes at any --chunk, each equal to `vae encode` of its frame, and so are the frames
+    decoded from them."""
+    lats = {}
+    for chunk in ("1", "3", "auto"):
+        lat = tmp_path / f"c{chunk}.latent"
+        assert vae("video", gif, "--frames", 5, "-o", lat, "--chunk", chunk).exit_code == 0
+        lats[chunk] = load_latent(lat)[0]
+    assert all(torch.equal(lats[c], lats["1"]) for c in lats)
+    _, frames = video.read_frames(gif, limit=3)
+    frame = [pixels for i, pixels in frames if i == 2][0]
+    png = tmp_path / "frame2.png"
+    from vaecli.media import write_image
+
+    write_image(png, frame[None])
+    assert vae("encode", png, "-o", tmp_path / "frame2.latent").exit_code == 0
+    assert torch.equal(load_latent(tmp_path / "frame2.latent")[0], lats["1"][2])
+    for chunk in ("1", "4"):
+        assert vae("decode", tmp_path / "c1.latent", "--as-frames", "-o", tmp_path / f"f{chunk}", "--chunk",
+                   chunk).exit_code == 0
+    frames1 = sorted((tmp_path / "f1").rglob("*.png"))
+    assert len(frames1) == 5
+    for path in frames1:
+        assert np.array_equal(iio.imread(path), iio.imread(tmp_path / "f4" / path.relative_to(tmp_path / "f1")))

@@ -176,7 +176,8 @@ class Codec:
         padded, padding = media.pad_to_multiple(pixels, self.spec.spatial_factor * patch)
         with torch.inference_mode():
             x = padded.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-            raw = self.encode_raw(x, sample, seed)
+            raw = self.encode_raw(x, sample, seed) if sample else self._per_pass(
+                lambda b: self.encode_raw(b, False, None), x)
             latent = from_network(raw, self.spec, self.network_space, space, self._normalizer()).cpu()
         meta = make_metadata(self.spec, size, padding, self.dtype_name, space, latent.shape[1])
         if sample:
@@ -212,8 +213,16 @@ class Codec:
         for i in range(0, frames, chunk):
             with torch.inference_mode():
                 part = read(i, min(frames, i + chunk))
-                out = self._cropped(self.decode_raw(self._decoder_input(part, meta), part.shape[0]), meta)
+                pixels = self._per_pass(lambda z: self.decode_raw(z, z.shape[0]), self._decoder_input(part, meta))
+                out = self._cropped(pixels, meta)
             yield out
+
+    def _per_pass(self, run, x: torch.Tensor) -> torch.Tensor:
+        """`run` over the (B, ...) batch `x`: at once, or on the CPU an item a pass (`max_batch_pixels`), so that
+        an image's or a frame's result never depends on its batch-mates (a video's on --chunk)."""
+        if self.max_batch_pixels or x.shape[0] == 1:
+            return run(x)
+        return torch.cat([run(x[i:i + 1]) for i in range(x.shape[0])])
 
     def _check_decode(self, chunk: int | None) -> None:
         if self.model.decoder is None:
