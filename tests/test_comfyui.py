@@ -94,8 +94,9 @@ def test_batch_gives_one_output_per_item(vae, raw_latent, tmp_path):
     comfy = save_comfy(tmp_path / "b.latent", batch)
     result = vae("decode", comfy, "--model", "taef2", "--json")
     assert result.exit_code == 0, result.stderr
-    outs = [json.loads(line)["output"] for line in result.stdout.splitlines()]
-    assert outs == [str(tmp_path / f"b_{i}.png") for i in range(3)]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["output"] for r in records] == [str(tmp_path / f"b_{i}.png") for i in range(3)]
+    assert [(r["input"], r["item"]) for r in records] == [(str(comfy), i) for i in range(3)]  # which item each is
     save_vaecli_raw(tmp_path / "one.latent", batch[1])
     assert vae("decode", tmp_path / "one.latent").exit_code == 0
     assert torch.equal(read_image(tmp_path / "b_1.png")[0], read_image(tmp_path / "one.png")[0])

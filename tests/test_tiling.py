@@ -66,6 +66,9 @@ def test_verify_line_and_max_memory_option(vae, real_weights, small_image, tmp_p
     result = vae("decode", lat, "-o", tmp_path / "u.png", "--max-memory", "lots")
     assert result.exit_code == 2
     assert result.stderr.strip() == "Error: --max-memory lots: expected a size like 2GB, 512MB or 1.5GiB"
+    result = vae("decode", lat, "-o", tmp_path / "u.png", "--max-memory", "")  # was taken as the default
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "Error: --max-memory '': expected a size like 2GB, 512MB or 1.5GiB"
 
 
 def test_tile_option_errors(vae, kl_files, small_image, tmp_path):

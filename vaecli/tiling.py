@@ -34,7 +34,8 @@ def parse_size(text: str) -> int:
     """Bytes in a size like `2GB`, `512M` or `1.5GiB` (binary units)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
-        raise UsageError(f"--max-memory {text}: expected a size like 2GB, 512MB or 1.5GiB")
+        shown = text if text.strip() else repr(text)  # an empty value is named, not left blank
+        raise UsageError(f"--max-memory {shown}: expected a size like 2GB, 512MB or 1.5GiB")
     size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if size < 1:  # 0 would read as "no budget given", the default
         raise UsageError(f"--max-memory {text}: expected a size of at least 1 byte, like 2GB, 512MB or 1.5GiB")

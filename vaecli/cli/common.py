@@ -223,6 +223,8 @@ class Reporter:
             # has the same four fields.
             record = {"input": str(job.src), "output": str(job.dst) if job.dst and job.status != "error" else None,
                       "status": job.status, "error": job.error, **(job.extra if job.status != "error" else {})}
+            if getattr(job.src, "index", None) is not None:  # an item of a ComfyUI file: several share its input
+                record["item"] = job.src.index
             typer.echo(json_line(record))
         if self.progress is not None:
             self.progress.advance(self.task)
@@ -327,7 +329,7 @@ def tiling_kwargs(tile: str, max_memory: Optional[str], scratch: Optional[Path] 
     """`load_codec` keyword arguments for --tile, --max-memory and --scratch."""
     from vaecli import tiling
 
-    return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory else 0,
+    return {"tile": tiling.resolve_tile(tile), "budget": tiling.parse_size(max_memory) if max_memory is not None else 0,
             "scratch": str(scratch) if scratch else None}
 
 
