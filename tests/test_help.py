@@ -55,6 +55,19 @@ def test_no_help_text_holds_brackets_rich_would_swallow():
     assert swallowed == []
 
 
+def test_help_paragraphs_are_not_cut_at_the_sources_line_breaks():
+    """Typer's rich help keeps a docstring's line breaks: a paragraph wrapped at 120 columns in the source came out
+    cut mid-sentence ('outlined (the' / '64x64 window ...'); every paragraph is one line for the terminal to wrap."""
+    import re
+
+    import typer
+
+    from vaecli.cli import app
+
+    cut = [text for text in _help_texts(typer.main.get_command(app)) if re.search(r"[^\n]\n[^\n]", text)]
+    assert cut == []
+
+
 def test_no_arguments_shows_help(vae):
     result = vae()
     assert "Usage: vae" in result.stdout + result.stderr

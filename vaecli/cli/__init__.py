@@ -15,9 +15,11 @@ from vaecli.cli import (  # noqa: F401  (registers the commands)
     video_cmd,
     weights_cmd,
 )
-from vaecli.cli.common import app, fail, failure_record, say
+from vaecli.cli.common import app, fail, failure_record, reflow_help, say
 
 __all__ = ["app", "run"]
+
+reflow_help(app)
 
 
 def run() -> None:

@@ -149,6 +149,19 @@ NameOpt = Annotated[Optional[str], typer.Option(
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
 
 
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Join the lines of each paragraph of the commands' docstrings: Typer's rich help keeps a docstring's line
+    breaks, which would cut every wrapped paragraph at the source's line length."""
+    import inspect
+
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in typer_app.registered_groups:
+        reflow_help(group.typer_instance)
+
+
 def say(message: str) -> None:
     typer.echo(message, err=True)
 
