@@ -299,7 +299,7 @@ def test_interrupt_joins_the_reader_thread(tmp_path):
     assert set(threading.enumerate()) == before
 
 
-def test_output_folder_spellings(vae, real_weights, small_image, tmp_path, monkeypatch):
+def test_output_folder_spellings(vae, real_weights, small_image, shared, tmp_path, monkeypatch):
     """A trailing slash makes -o a folder whatever its name (a Path drops it: -o x.latent/ wrote a file); a glob
     of several images into a dotted folder name is a folder, as the same files named one by one are."""
     tmp_path = tmp_path / "work"
@@ -317,6 +317,18 @@ def test_output_folder_spellings(vae, real_weights, small_image, tmp_path, monke
     result = vae("encode", "*.png", "-o", "out.v1", "--json")
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out.v1").iterdir()) == ["a.latent", "b.latent"]
+    result = vae("encode", "a.png", "b.png", "-o", "two.latent/")  # several inputs: the slash still says folder
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "two.latent").iterdir()) == ["a.latent", "b.latent"]
+    gif = shared / "video" / "no_time_for_that_tiny.gif"
+    assert vae("video", gif, "--frames", 2, "-o", "clips/").exit_code == 0
+    assert (tmp_path / "clips" / "no_time_for_that_tiny.latent").is_file()
+    result = vae("video", gif, "--frames", 2, "-o", "v.latent", "--roundtrip", "--recon", "r.mp4/")
+    assert (result.exit_code, result.stderr) == (2, "Error: --recon r.mp4/: expected a video file, not a folder\n")
+    result = vae("compare", "a.png", "-m", "taef2", "-o", "sheet.png/")
+    assert (result.exit_code, result.stderr) == (2, "Error: -o sheet.png/: expected the contact sheet's file name, "
+                                                    "not a folder\n")
+    assert not (tmp_path / "sheet.png").exists() and not (tmp_path / "r.mp4").exists()
 
 
 def test_an_output_name_too_long_is_one_line_for_every_command(vae, real_weights, small_image, shared, tmp_path):
@@ -330,6 +342,14 @@ def test_an_output_name_too_long_is_one_line_for_every_command(vae, real_weights
         assert result.exit_code == 1
         assert result.stderr == f"Error: {out}: cannot write: File name too long\n"
         assert json.loads(result.stdout)["error"] == f"{out}: cannot write: File name too long"
+    for out in (f"{long}.latent", f"{long}/"):  # several inputs; a folder
+        result = vae("encode", small_image, tmp_path / "s.latent", "-o", out)
+        assert result.stderr == f"Error: {out.rstrip('/')}: cannot write: File name too long\n"
+    # ComfyUI output: its intermediate file's name is cut to fit as temp names are
+    near = tmp_path / ("c" * 245 + ".latent")
+    result = vae("video", gif, "--frames", 2, "--format", "comfyui", "-o", near)
+    assert result.exit_code == 0, result.stderr
+    assert near.is_file()
 
 
 def test_a_rerun_into_an_output_folder_inside_the_inputs_resumes(vae, real_weights, small_image, tmp_path):
@@ -343,6 +363,8 @@ def test_a_rerun_into_an_output_folder_inside_the_inputs_resumes(vae, real_weigh
     assert vae("roundtrip", imgs, "-r", "-o", recon).exit_code == 0
     result = vae("roundtrip", imgs, "-r", "-o", recon, "--json")
     assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (f"note: 2 files in the output folder {recon} left out of the inputs "
+                                             f"(name them to include them)")
     assert [(r["input"], r["status"]) for r in map(json.loads, result.stdout.splitlines())] == [
         (str(imgs / "a.png"), "skipped"), (str(imgs / "b.png"), "skipped")]
     # named outright, an earlier output is an input, and the message names it and whose output it would be

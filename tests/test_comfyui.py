@@ -97,6 +97,10 @@ def test_batch_gives_one_output_per_item(vae, raw_latent, tmp_path):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["output"] for r in records] == [str(tmp_path / f"b_{i}.png") for i in range(3)]
     assert [(r["input"], r["item"]) for r in records] == [(str(comfy), i) for i in range(3)]  # which item each is
+    single = save_comfy(tmp_path / "single.latent", batch[:1])
+    result = vae("decode", single, "--model", "taef2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "item" not in json.loads(result.stdout)  # a file of one item: its record is the file's
     save_vaecli_raw(tmp_path / "one.latent", batch[1])
     assert vae("decode", tmp_path / "one.latent").exit_code == 0
     assert torch.equal(read_image(tmp_path / "b_1.png")[0], read_image(tmp_path / "one.png")[0])

@@ -378,7 +378,8 @@ def test_fail_fast_stops_with_exit_1(vae, real_weights, photos, tmp_path, monkey
     assert result.exit_code == 1
     records = _records(result)
     assert records["b.png"]["status"] == "error"
-    assert "c.png" not in records and not (tmp_path / "out" / "sub" / "c.latent").exists()  # the run stopped at b
+    # the run stopped at b: c was not run, and its record says so
+    assert records["c.png"]["status"] == "cancelled" and not (tmp_path / "out" / "sub" / "c.latent").exists()
 
 
 def test_video_exception_inside_compute(vae, real_weights, shared, tmp_path, monkeypatch):

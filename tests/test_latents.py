@@ -458,3 +458,50 @@ def test_atomic_write_removes_abandoned_temp_files_but_not_a_live_writers(tmp_pa
         os.close(fd)
     atomic_write(dest, lambda p: p.write_bytes(b"again"))  # now unlocked: abandoned
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.latent"]
+
+
+def test_temp_names_are_cut_at_whole_characters(tmp_path):
+    """A temp name cut to fit keeps whole UTF-8 characters (some file systems refuse invalid UTF-8 names)."""
+    import os
+
+    from vaecli.files import temp_prefix
+
+    for name in ("é" * 125 + "x.png", "a" + "漢" * 84 + ".png", "b" * 251 + ".png"):
+        prefix = temp_prefix(tmp_path / name)
+        raw = os.fsencode(prefix)
+        assert raw.decode("utf-8") == prefix and len(raw) + len("XXXXXXXX.part") <= 255
+        assert prefix.startswith("." + name[:10]) and prefix.endswith(".")
+
+
+def test_a_writer_holds_its_temp_file_while_another_run_writes_the_same_output(tmp_path):
+    """Two runs writing one output: the second's stale-temp cleanup leaves the first's temp file, which it holds
+    locked while writing; the last rename wins, and nothing is left behind."""
+    dest = tmp_path / "out.latent"
+    seen = {}
+
+    def first(tmp):
+        tmp.write_bytes(b"first")
+        atomic_write(dest, lambda p: p.write_bytes(b"second"))  # meanwhile, another run
+        seen["kept"] = tmp.exists() and tmp.read_bytes() == b"first"
+
+    atomic_write(dest, first)
+    assert seen["kept"]
+    assert dest.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.latent"]
+
+
+def test_stale_temp_cleanup_leaves_what_is_no_regular_file(tmp_path):
+    """A FIFO named like a temp file would block an open() for reading: it is left alone, and the write goes on."""
+    import os
+    import signal
+
+    fifo = tmp_path / ".out.latent.abcd1234.part"
+    os.mkfifo(fifo)
+    previous = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(RuntimeError("blocked")))
+    signal.alarm(10)
+    try:
+        atomic_write(tmp_path / "out.latent", lambda p: p.write_bytes(b"x"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert fifo.exists() and (tmp_path / "out.latent").read_bytes() == b"x"

@@ -66,7 +66,7 @@ def load(model: str = DEFAULT_MODEL, weights: str | Path | list | None = None, d
     if spec is not None and not spec.has_decoder:  # encoder-only models (taesana)
         halves = tuple(h for h in halves if h != "decoder")
     codec = load_codec(model, paths or None, halves, device, dtype, verify,
-                       budget=parse_size(max_memory) if max_memory else 0)
+                       budget=parse_size(max_memory) if max_memory is not None else 0)
     return Model(codec)
 
 

@@ -50,14 +50,15 @@ def _latent_png_among_images(path: Path, exts: tuple[str, ...]) -> bool:
 
 
 def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
-                  stdin: Iterable[str] | None = None, output: Path | None = None) -> list[tuple[Path, Path]]:
+                  stdin: Iterable[str] | None = None, output: Path | None = None,
+                  left_out: list[Path] | None = None) -> list[tuple[Path, Path]]:
     """(path, path relative to its root) for every input: files, folders (`recursive` walks), globs, `-` (stdin),
     manifests (`.txt`: one path per line; `.parquet`: a `path` column; relative entries are relative to the manifest).
 
     Folder entries are filtered by `exts`; named files are taken as given, so a broken file is reported
     rather than silently skipped. The relative path is what an output folder mirrors: for lists, the path
     below the entries' common folder. A walked folder's files inside `output` (an output folder within it: a
-    rerun's earlier outputs) are not inputs.
+    rerun's earlier outputs) are not inputs: they are added to `left_out`.
     """
     found: list[tuple[Path, Path]] = []
     for arg in args:
@@ -85,7 +86,10 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             files = sorted(p for p in walker if p.is_file() and _matches(p, exts) and not p.name.startswith("."))
             inner = _inner_folder(root, output)
             if inner is not None:
+                inside = [p for p in files if p.relative_to(root).is_relative_to(inner)]
                 files = [p for p in files if not p.relative_to(root).is_relative_to(inner)]
+                if left_out is not None:
+                    left_out += inside
             if not files:
                 more = "" if recursive else " (use -r to look in subfolders)"
                 raise UsageError(f"no {'/'.join(exts)} files in folder {root}{more}")

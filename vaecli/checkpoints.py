@@ -68,7 +68,7 @@ def _check_diffusers_config(spec: ModelSpec, config: Path) -> None:
         return
     try:
         cfg = json.loads(config.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise WeightsError(f"cannot read {config}: not valid JSON") from None
     channels = cfg.get("latent_channels")
     if channels is not None and channels != spec.latent_channels:

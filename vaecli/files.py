@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -72,14 +73,18 @@ def temp_prefix(dest: Path, suffix: str = ".part") -> str:
     prefix = f".{dest.name}."
     try:
         name_max = os.pathconf(dest.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
         name_max = 255
     room = name_max - 8 - len(os.fsencode(suffix))  # mkstemp adds 8 random letters
-    raw = os.fsencode(prefix)
-    if len(raw) <= room:
+    if len(os.fsencode(prefix)) <= room:
         return prefix
-    digest = hashlib.sha256(raw).hexdigest()[:12]
-    return os.fsdecode(raw[:room - len(digest) - 2]) + f"~{digest}."
+    digest = hashlib.sha256(os.fsencode(prefix)).hexdigest()[:12]
+    cut = ""
+    for ch in prefix:  # whole characters only: a name cut inside a UTF-8 sequence is refused by some file systems
+        if len(os.fsencode(cut + ch)) > room - len(digest) - 2:
+            break
+        cut += ch
+    return cut + f"~{digest}."
 
 
 def _lock(fd: int) -> bool:
@@ -96,9 +101,12 @@ def _lock(fd: int) -> bool:
 
 
 def _remove_abandoned(tmp: Path) -> None:
-    """Remove a temp file left by a run that was killed outright (SIGKILL), unless a live writer holds its lock."""
+    """Remove a temp file left by a run that was killed outright (SIGKILL), unless a live writer holds its lock (a
+    file this process cannot open, another user's, is left alone)."""
     try:
-        fd = os.open(tmp, os.O_RDONLY)
+        if not stat.S_ISREG(os.lstat(tmp).st_mode):  # only files vaecli could have written (a FIFO would block)
+            return
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return
     try:
@@ -124,8 +132,12 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
         for stale in dest.parent.glob(f"{glob_escape(prefix)}*.part"):
             _remove_abandoned(stale)
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=dest.parent)
+        if fcntl is None:  # no lock to hold; Windows would not rename a file held open
+            os.close(fd)
+            fd = None
         try:
-            _lock(fd)
+            if fd is not None:
+                _lock(fd)
             write(Path(tmp))
             os.chmod(tmp, output_file_mode())
             os.replace(tmp, dest)
@@ -133,7 +145,8 @@ def atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
 
 class FolderPath(type(Path())):
@@ -163,7 +176,7 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
     if output is None:
         outs = [p.parent / name(p) for p in inputs]
     elif is_folder_target(output, len(inputs)):
-        if output.exists() and not output.is_dir():
+        if output_exists(output) and not output.is_dir():
             raise UsageError(f"-o {output}: expected a folder for {len(inputs)} inputs, got a file")
         rels = rels or [Path(p.name) for p in inputs]
         outs = [output / rel.parent / name(p) for p, rel in zip(inputs, rels, strict=True)]

@@ -576,12 +576,13 @@ class LatentItem(type(Path())):
 
     model: str | None = None
     index: int = 0
+    batch: int = 1
 
 
-def latent_item(path: Path, model: str | None = None, index: int = 0) -> LatentItem:
-    """`path` carrying the model and batch item a ComfyUI file is read with (see `LatentItem`)."""
+def latent_item(path: Path, model: str | None = None, index: int = 0, batch: int = 1) -> LatentItem:
+    """`path` carrying the model and batch item (of `batch`) a ComfyUI file is read with (see `LatentItem`)."""
     item = LatentItem(path)
-    item.model, item.index = model, index
+    item.model, item.index, item.batch = model, index, batch
     return item
 
 

@@ -186,6 +186,20 @@ def failure_record(message: str, input: Optional[Path] = None) -> None:
                           "error": message}))
 
 
+def job_record(job, status: str | None = None) -> dict:
+    """An input's `--json` record: input, output, status, error, and its results when it succeeded (an input that
+    failed while writing has none); an item of a batched ComfyUI file also says which (`item`)."""
+    status = status or job.status
+    done = status in ("ok", "skipped")
+    record = {"input": str(job.src), "output": str(job.dst) if job.dst and done else None, "status": status,
+              "error": job.error if status == "error" else None}
+    if getattr(job.src, "batch", 1) > 1:  # several records share the file's path
+        record["item"] = job.src.index
+    if status != "ok":  # where it ran (the Ray node) still helps find out why it failed
+        return {**record, **{k: v for k, v in job.extra.items() if k == "node"}}
+    return {**record, **job.extra}
+
+
 class Reporter:
     """Reports finished inputs: JSON lines on stdout; a rich progress bar on a terminal, else plain lines."""
 
@@ -232,13 +246,7 @@ class Reporter:
         else:
             self._line(job.extra.pop("line"))
         if self.as_json:
-            # An input that failed after its compute (writing its output) has no results: every error record
-            # has the same four fields.
-            record = {"input": str(job.src), "output": str(job.dst) if job.dst and job.status != "error" else None,
-                      "status": job.status, "error": job.error, **(job.extra if job.status != "error" else {})}
-            if getattr(job.src, "index", None) is not None:  # an item of a ComfyUI file: several share its input
-                record["item"] = job.src.index
-            typer.echo(json_line(record))
+            typer.echo(json_line(job_record(job)))
         if self.progress is not None:
             self.progress.advance(self.task)
 
@@ -257,7 +265,7 @@ class Reporter:
         not_run = not_run or []
         if self.as_json:
             for job in not_run:
-                typer.echo(json_line({"input": str(job.src), "output": None, "status": "cancelled", "error": None}))
+                typer.echo(json_line(job_record(job, "cancelled")))
         if self.total > 1 and not self.quiet:
             undone = f", {len(not_run)} not run ({why})" if not_run else ""
             say(f"done: {self.counts['ok']} ok, {self.counts['skipped']} skipped, {self.counts['error']} failed"
@@ -308,11 +316,17 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
     raise typer.Exit(code)
 
 
-def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...]) -> list:
-    """The inputs' (path, relative path) pairs (`vaecli.batch.expand_inputs`), at least one."""
+def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...],
+           quiet: bool = False) -> list:
+    """The inputs' (path, relative path) pairs (`vaecli.batch.expand_inputs`), at least one; a note on stderr
+    names the files of a walked folder left out because they lie in the output folder."""
     from vaecli.batch import expand_inputs
 
-    pairs = expand_inputs(inputs, recursive, exts, output=output)
+    left_out: list[Path] = []
+    pairs = expand_inputs(inputs, recursive, exts, output=output, left_out=left_out)
+    if left_out and not quiet:
+        say(f"note: {len(left_out)} file{'s' if len(left_out) > 1 else ''} in the output folder {output} left out "
+            f"of the inputs (name them to include them)")
     if not pairs:
         raise UsageError("no inputs (stdin was empty)")
     return pairs
@@ -324,12 +338,14 @@ def plan_jobs(pairs: list[tuple[Path, Path]], output: Optional[Path], name: Call
     existing outputs are skipped."""
     from vaecli import batch, media, video
     from vaecli.batch import Job
-    from vaecli.files import is_folder_target, plan_outputs
+    from vaecli.files import FolderPath, is_folder_target, output_exists, plan_outputs
 
     srcs, rels = [p for p, _ in pairs], [r for _, r in pairs]
-    # Several inputs into `-o out.latent` (a name vaecli writes files as): a slip, not a new folder's name.
+    # Several inputs into `-o out.latent` (a name vaecli writes files as): a slip, not a new folder's name, unless
+    # a trailing slash said it is one.
     file_exts = {*media.OUTPUT_FORMATS, *video.VIDEO_EXTS, *batch.LATENT_EXTS}
-    if output is not None and len(srcs) > 1 and not output.exists() and output.suffix.lower() in file_exts:
+    if (output is not None and len(srcs) > 1 and not isinstance(output, FolderPath)
+            and output.suffix.lower() in file_exts and not output_exists(output)):
         raise UsageError(f"-o {output}: names a file, but there are {len(srcs)} inputs (give a folder, e.g. "
                          f"-o {output.with_suffix('')}/, or make {output} one first)")
     outs = plan_outputs(srcs, output, name, rels) if output is not None or beside else [None] * len(srcs)

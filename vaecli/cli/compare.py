@@ -25,6 +25,7 @@ from vaecli.cli.common import (
     app,
     fail,
     json_line,
+    output_path,
     say,
     tiling_kwargs,
 )
@@ -72,7 +73,7 @@ def compare(
         "-m", "--model", metavar="MODEL", show_default=False,
         help="A registry model to compare (see 'vae models'); repeat for each, e.g. -m taef2 -m sd15.")] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", metavar="SHEET", show_default=False,
+        "-o", "--output", metavar="SHEET", show_default=False, parser=output_path,
         help="The contact sheet to write (.png, .jpg, .webp, ...): required.")] = None,
     weights: Annotated[Optional[list[str]], typer.Option(
         "-w", "--weights", metavar="MODEL=PATH", show_default=False,
@@ -104,6 +105,7 @@ def compare(
     from vaecli import batch, media, metrics
     from vaecli.codec import load_codec
     from vaecli.errors import OutputError, UsageError
+    from vaecli.files import FolderPath
     from vaecli.media import write_pillow
     from vaecli.sheet import ContactSheet
 
@@ -111,6 +113,8 @@ def compare(
     try:
         if output is None:
             raise UsageError("missing -o/--output: the contact sheet to write, e.g. -o sheet.png")
+        if isinstance(output, FolderPath):
+            raise UsageError(f"-o {output}/: expected the contact sheet's file name, not a folder")
         fmt = media.check_output_extension(output)
         if not models:
             raise UsageError("missing -m/--model: name the models to compare, e.g. -m taef2 -m sd15")

@@ -103,8 +103,8 @@ def decode(
         tiling_options = tiling_kwargs(tile, max_memory, scratch)
         frames_per_pass = parse_chunk(chunk)
         media.check_output_extension(Path("x" + image_suffix))
-        jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.LATENT_EXTS), output, default_name,
-                               skip_existing)
+        pairs = expand(inputs, output, recursive, batch.LATENT_EXTS, quiet)
+        jobs, skip = plan_jobs(pairs, output, default_name, skip_existing)
         jobs = _comfyui_items(jobs, model.value if model else None)
         for job in jobs:
             suffix_ = job.dst.suffix.lower()
@@ -204,7 +204,7 @@ def _comfyui_items(jobs: list, model: str | None) -> list:
             dst = job.dst
             if n > 1:
                 dst = dst.with_name(f"{dst.stem}_{i}{dst.suffix}" if dst.suffix else f"{dst.name}_{i}")
-            out.append(replace(job, src=latents.latent_item(job.src, model, i), dst=dst))
+            out.append(replace(job, src=latents.latent_item(job.src, model, i, n), dst=dst))
     if len(out) > len(jobs):  # b.latent's item 1 writes b_1.png: so may an input named b_1.latent
         seen: dict[Path, str] = {}
         for job in out:

@@ -129,7 +129,7 @@ def encode(
                     "--output-format parquet": output_format == OutputFormat.parquet or None}
         if engine == Engine.local and any(v is not None for v in ray_opts.values()):
             raise UsageError(f"{next(k for k, v in ray_opts.items() if v is not None)} needs --engine ray")
-        pairs = expand(inputs, output, recursive, batch.IMAGE_EXTS)
+        pairs = expand(inputs, output, recursive, batch.IMAGE_EXTS, quiet)
         kind = _latent_format(output, len(pairs), fmt)
         if kind == "comfyui":
             if space is not None and space != Space.raw:

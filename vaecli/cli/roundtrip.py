@@ -84,7 +84,7 @@ def roundtrip(
     from vaecli.pipeline import encode_group, scratch_fields, scratch_text
 
     try:
-        jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.IMAGE_EXTS), output,
+        jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.IMAGE_EXTS, quiet), output,
                                namer(name, suffix, ".png", model.value), skip_existing, beside=False)
         for job in jobs:
             if job.dst is not None:

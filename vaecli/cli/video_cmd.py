@@ -29,6 +29,7 @@ from vaecli.cli.common import (
     WeightsOpt,
     app,
     fail,
+    output_path,
     parse_chunk,
     run_batch,
     say,
@@ -42,7 +43,9 @@ from vaecli.registry import DEFAULT_MODEL
 def video_cmd(
     source: Annotated[Path, typer.Argument(help="A clip ffmpeg can read: mp4, mov, webm, mkv, gif, ...")],
     output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", help="Latent video file (.latent/.safetensors; default: beside the clip).")] = None,
+        "-o", "--output", parser=output_path, metavar="PATH",
+        help="Latent video file (.latent/.safetensors), or a folder with a trailing slash (default: beside the "
+        "clip).")] = None,
     frames: Annotated[Optional[int], typer.Option(
         "--frames", help="Encode at most this many frames (a clip that ends sooner is encoded to its end).")] = None,
     start: Annotated[int, typer.Option("--start", help="First source frame (0-based).")] = 0,
@@ -62,7 +65,8 @@ def video_cmd(
         "--roundtrip", help="Also decode the latents, write the reconstructed clip and report PSNR per frame.")]
     = False,
     recon: Annotated[Optional[Path], typer.Option(
-        "--recon", help="Where --roundtrip writes the clip (default: <output>.recon.mp4).")] = None,
+        "--recon", parser=output_path, metavar="PATH",
+        help="Where --roundtrip writes the clip (default: <output>.recon.mp4).")] = None,
     skip_existing: SkipOpt = None,
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
@@ -78,15 +82,18 @@ def video_cmd(
     from vaecli import clips, latents, video
     from vaecli.batch import Job
     from vaecli.codec import load_codec
-    from vaecli.files import plan_outputs, strip_suffixes
+    from vaecli.files import FolderPath, plan_outputs, strip_suffixes, temp_prefix
 
     try:
         frames_per_pass = parse_chunk(chunk)
         clips.check_selection(start, frames, stride, fps, frames_per_pass)
-        if output is not None and output.suffix.lower() not in (".latent", ".safetensors"):
+        if output is not None and not isinstance(output, FolderPath) and output.suffix.lower() not in (
+                ".latent", ".safetensors"):
             raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors")
         out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
         if roundtrip:
+            if isinstance(recon, FolderPath):
+                raise UsageError(f"--recon {recon}/: expected a video file, not a folder")
             recon = recon or out.with_name(strip_suffixes(out, ".latent") + ".recon.mp4")
             video.check_video_output(recon)
             plan_outputs([source], recon, lambda p: p.name)
@@ -109,7 +116,8 @@ def video_cmd(
     def compute(group) -> None:
         job = group[0]
         comfy = fmt == VideoLatentFormat.comfyui
-        dst = job.dst.with_name(f".{job.dst.name}-frames.tmp") if comfy else job.dst  # not a .part: see atomic_write
+        # Not a .part name (see atomic_write), cut to fit as temp names are.
+        dst = job.dst.with_name(temp_prefix(job.dst, "frames.tmp") + "frames.tmp") if comfy else job.dst
         try:
             report = clips.encode_clip(codec, job.src, dst, start=start, frames=frames, stride=stride, fps=fps,
                                        chunk=frames_per_pass, recon=recon if roundtrip else None, sample=sample,
