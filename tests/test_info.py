@@ -32,16 +32,25 @@ def test_info_json_and_errors(vae, real_weights, small_image, tmp_path):
     assert result.stderr.strip() == f"Error: {tmp_path / 'missing.latent'}: no such file"
 
 
-def test_info_goes_on_past_any_failure_and_writes_strict_json(vae, real_weights, small_image, tmp_path):
+def _encoded(vae, small_image, tmp_path, name: str = "a.latent", **extra):
+    """`small_image` encoded to `name`, its metadata amended with `extra`; the path and its metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    good = tmp_path / "a.latent"
-    assert vae("encode", small_image, "-o", good).exit_code == 0
-    with safe_open(good, "pt") as f:
+    path, encoded = tmp_path / name, tmp_path / "encoded.latent"
+    if not encoded.exists():
+        assert vae("encode", small_image, "-o", encoded).exit_code == 0
+    with safe_open(encoded, "pt") as f:
         meta = f.metadata()
-    odd = tmp_path / "odd.latent"
-    save_file(load_file(good), odd, metadata={**meta, "note": "Infinity", "source_fps": "NaN"})
+    save_file(load_file(encoded), path, metadata={**meta, **extra})
+    return path, meta
+
+
+def test_info_goes_on_past_any_failure_and_writes_strict_json(vae, real_weights, small_image, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    good, meta = _encoded(vae, small_image, tmp_path)
+    odd, _ = _encoded(vae, small_image, tmp_path, "odd.latent", note="Infinity", source_fps="NaN")
     result = vae("info", odd, "--json", "-q")
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)  # strict: json.loads accepts NaN, so check the text too
@@ -110,16 +119,8 @@ def test_info_takes_folders_globs_and_stdin(vae, real_weights, small_image, tmp_
 
 def test_info_records_cannot_be_rewritten_by_a_files_metadata(vae, real_weights, small_image, tmp_path):
     """A metadata key named input, output, status or error does not replace the command's own fields."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    good = tmp_path / "a.latent"
-    assert vae("encode", small_image, "-o", good).exit_code == 0
-    with safe_open(good, "pt") as f:
-        meta = f.metadata()
-    spoof = tmp_path / "spoof.latent"
-    save_file(load_file(good), spoof, metadata={**meta, "input": "/etc/passwd", "output": "x", "status": "error",
-                                                "error": "spoofed"})
+    spoof, _ = _encoded(vae, small_image, tmp_path, "spoof.latent", input="/etc/passwd", output="x", status="error",
+                        error="spoofed")
     result = vae("info", spoof, "--json")
     assert result.exit_code == 0
     record = json.loads(result.stdout)
