@@ -472,3 +472,21 @@ def test_video_output_options(vae, real_weights, shared, tmp_path):
     redone = vae("video", gif, "--frames", 3, "-o", out, "--overwrite", "--json")
     assert redone.exit_code == 0
     assert json.loads(redone.stdout)["status"] == "ok" and load_latent(out)[0].shape[0] == 3
+
+
+def test_a_file_name_holding_a_line_break_stays_one_line(vae, real_weights, small_image, tmp_path):
+    """Every message is one line, even for a name with a line break in it (escaped as \\n); JSON keeps the name."""
+    good = tmp_path / "new\nline.png"
+    good.write_bytes(small_image.read_bytes())
+    bad = tmp_path / "bad\nname.png"
+    bad.write_text("not an image")
+    result = vae("encode", good, bad, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    shown = str(bad).replace("\n", "\\n")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 5  # the error, the encoded input, the summary and the failure listed again
+    assert lines[0] == lines[-1].replace("  ", "Error: ", 1) == f"Error: {shown}: not an image file Pillow can read"
+    assert lines[1].startswith(str(good).replace("\n", "\\n") + " -> ")
+    records = {r["input"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert records[str(bad)]["error"] == f"{shown}: not an image file Pillow can read"
+    assert records[str(good)]["status"] == "ok"

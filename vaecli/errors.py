@@ -32,10 +32,15 @@ class OutputError(VaeError):
 DEBUG_HINT = "rerun with --debug for the traceback"
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped: a file name may hold one, a message must stay one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def describe(exc: BaseException) -> str:
     """One line for any exception: a VaeError's own message, else its type and message with a --debug hint."""
     if isinstance(exc, VaeError):
-        return str(exc)
+        return one_line(str(exc))
     text = " ".join(str(exc).split()) or "no message"
     if len(text) > 300:
         text = text[:297] + "..."

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from vaecli import __version__
-from vaecli.errors import UsageError, VaeError, describe
+from vaecli.errors import UsageError, VaeError, describe, one_line
 from vaecli.registry import REGISTRY
 
 app = typer.Typer(
@@ -233,7 +233,8 @@ class Reporter:
     def __call__(self, job) -> None:
         self.counts[job.status] += 1
         if job.status == "error":
-            msg = job.error if job.error.startswith(str(job.src)) else f"{job.src}: {job.error}"
+            src = one_line(str(job.src))
+            msg = job.error if job.error.startswith(src) else f"{src}: {job.error}"
             exc = getattr(job, "exc", None)
             if self.debug and exc is not None and not isinstance(exc, VaeError):
                 import traceback
@@ -242,9 +243,9 @@ class Reporter:
             self.failures.append(msg)
             self._line(f"Error: {msg}", always=True)
         elif job.status == "skipped":
-            self._line(f"{job.src} -> {job.dst}  skipped (exists; --overwrite to redo)")
+            self._line(one_line(f"{job.src} -> {job.dst}  skipped (exists; --overwrite to redo)"))
         else:
-            self._line(job.extra.pop("line"))
+            self._line(one_line(job.extra.pop("line")))
         if self.as_json:
             typer.echo(json_line(job_record(job)))
         if self.progress is not None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vaecli.cli.common import QuietOpt, RecursiveOpt, app, fail, json_line, say
-from vaecli.errors import describe
+from vaecli.errors import describe, one_line
 
 
 @app.command()
@@ -38,7 +38,8 @@ def info(
         except Exception as exc:  # a hostile file may fail anywhere: one line and a record, then the next file
             failed += 1
             message = describe(exc)
-            message = message if message.startswith(str(path)) else f"{path}: {message}"
+            name = one_line(str(path))
+            message = message if message.startswith(name) else f"{name}: {message}"
             say(f"Error: {message}")
             if as_json:
                 typer.echo(json_line({"input": str(path), "output": None, "status": "error", "error": message}))
@@ -48,7 +49,7 @@ def info(
             record = {"input": str(path), "output": None, "status": "ok", "error": None}
             typer.echo(json_line({**record, **meta, "shape": shape, **record}))
         else:
-            typer.echo(line)
+            typer.echo(one_line(line))
     if failed:
         raise typer.Exit(1)
 
