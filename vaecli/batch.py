@@ -86,10 +86,10 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             files = sorted(p for p in walker if p.is_file() and _matches(p, exts) and not p.name.startswith("."))
             inner = _inner_folder(root, output)
             if inner is not None:
-                inside = [p for p in files if p.relative_to(root).is_relative_to(inner)]
-                files = [p for p in files if not p.relative_to(root).is_relative_to(inner)]
+                inside = {p for p in files if p.relative_to(root).is_relative_to(inner)}
+                files = [p for p in files if p not in inside]
                 if left_out is not None:
-                    left_out += inside
+                    left_out += sorted(inside)
             if not files:
                 more = "" if recursive else " (use -r to look in subfolders)"
                 raise UsageError(f"no {'/'.join(exts)} files in folder {root}{more}")

@@ -23,6 +23,7 @@ from vaecli.cli.common import (
     ScratchOpt,
     TileOpt,
     app,
+    expand,
     fail,
     json_line,
     output_path,
@@ -120,9 +121,7 @@ def compare(
             raise UsageError("missing -m/--model: name the models to compare, e.g. -m taef2 -m sd15")
         names = list(dict.fromkeys(models))
         paths = parse_weights(weights or [], names)
-        srcs = [src for src, _ in batch.expand_inputs(inputs, recursive, batch.IMAGE_EXTS)]
-        if not srcs:
-            raise UsageError("no inputs (stdin was empty)")
+        srcs = [src for src, _ in expand(inputs, None, recursive, batch.IMAGE_EXTS)]
         if any(src.resolve() == output.resolve() for src in srcs):
             raise OutputError(f"{output}: would overwrite an input")
         codecs = [load_codec(name, paths.get(name), ("encoder", "decoder"), device.value, dtype.value,

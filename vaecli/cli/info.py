@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vaecli.cli.common import QuietOpt, RecursiveOpt, app, fail, json_line, say
+from vaecli.cli.common import QuietOpt, RecursiveOpt, app, expand, fail, json_line, say
 from vaecli.errors import describe, one_line
 
 
@@ -20,14 +20,11 @@ def info(
     quiet: QuietOpt = False,  # noqa: ARG001  (info prints data on stdout only; accepted as every command does)
 ) -> None:
     """Show a latent file's metadata: model, shape, latent space, source size, format version."""
-    from vaecli.batch import LATENT_EXTS, expand_inputs
-    from vaecli.errors import UsageError
+    from vaecli.batch import LATENT_EXTS
     from vaecli.latents import read_metadata
 
     try:
-        paths = [path for path, _ in expand_inputs(inputs, recursive, LATENT_EXTS)]
-        if not paths:
-            raise UsageError("no inputs (stdin was empty)")
+        paths = [path for path, _ in expand(inputs, None, recursive, LATENT_EXTS)]
     except Exception as exc:
         raise fail(exc, as_json=as_json) from None
     failed = 0
