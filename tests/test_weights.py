@@ -157,3 +157,72 @@ def test_taesd_via_cli_with_random_weights(vae, random_taesd, small_image, tmp_p
     result = vae("decode", lat, "-o", tmp_path / "x.png", "--weights", random_taesd / "original")
     assert result.exit_code == 0, result.stderr
     assert result.stderr.strip() == f"{lat} -> {tmp_path / 'x.png'}  taesd 61x45"
+
+
+def test_config_json_that_is_no_object_or_names_channels_as_text(vae, random_taesd, small_image, tmp_path):
+    folder = tmp_path / "diffusers"
+    shutil.copytree(random_taesd / "diffusers", folder)
+    config = folder / "config.json"
+    for text, error in (("[]", f"cannot read {config}: expected a JSON object, got list"),
+                        ('{"latent_channels": "4"}', f"expected 4 latent channels for taesd, got '4' in {config}")):
+        config.write_text(text)
+        result = vae("encode", small_image, "-m", "taesd", "-o", tmp_path / "x.latent", "--weights", folder)
+        assert (result.exit_code, _error_line(result)) == (1, f"Error: {error}")
+    assert not (tmp_path / "x.latent").exists()
+
+
+def test_weights_files_that_would_load_but_compute_garbage_are_refused(vae, shared_weights, small_image, tmp_path):
+    """An empty file was ignored (the search path's weights ran in its place); integer, complex, sparse, meta or
+    NaN weights loaded (cast silently) and gave all-zero or NaN latents at exit 0."""
+    from safetensors.torch import save_file
+
+    sd = torch.load(shared_weights / "taef2_encoder.pth", weights_only=True)
+    first = next(iter(sd))
+    cases = {
+        "empty.pth": ({}, "{p} holds no tensors (expected a state dict of the model's weights)"),
+        "empty_sd.pth": ({"state_dict": {}}, "{p} holds no tensors (expected a state dict of the model's weights)"),
+        "int.pth": ({k: v.to(torch.int32) for k, v in sd.items()},
+                    f"{{p}} as the taef2 encoder: expected floating-point tensors, got int32 for encoder.{first}"),
+        "complex.pth": ({k: v.to(torch.complex64) for k, v in sd.items()},
+                        f"{{p}} as the taef2 encoder: expected floating-point tensors, got complex64 for "
+                        f"encoder.{first}"),
+        "sparse.pth": ({k: v.to_sparse() for k, v in sd.items()},
+                       f"{{p}} as the taef2 encoder: expected floating-point tensors, got torch.sparse_coo for "
+                       f"encoder.{first}"),
+        "meta.pth": ({k: v.to("meta") for k, v in sd.items()},
+                     f"{{p}} as the taef2 encoder: expected floating-point tensors, got meta for encoder.{first}"),
+        "nan.pth": ({k: v * float("nan") if k == first else v for k, v in sd.items()},
+                    f"{{p}} as the taef2 encoder: expected finite weights, found {sd[first].numel()} NaN/Inf in "
+                    f"encoder.{first}"),
+        "key.pth": ({1: torch.zeros(3)}, "{p}: expected a state dict with string keys, found the key '1' (int)"),
+    }
+    for name, (state, error) in cases.items():
+        path = tmp_path / name
+        torch.save(state, path)
+        result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", path)
+        assert (result.exit_code, _error_line(result)) == (1, "Error: " + error.format(p=path)), name
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", tmp_path / "empty.safetensors")
+    assert _error_line(result) == (f"Error: {tmp_path / 'empty.safetensors'} holds no tensors (expected a state "
+                                   f"dict of the model's weights)")
+    assert not (tmp_path / "x.latent").exists()
+
+
+def test_compressed_pytorch_zip_is_refused_before_inflating(vae, shared_weights, small_image, tmp_path):
+    """A re-zipped .pth can hold GBs of zeros in a few MB; torch.load inflated them before the shape check."""
+    import zipfile
+
+    plain, packed = tmp_path / "plain.pth", tmp_path / "packed.pth"
+    torch.save({"0.weight": torch.zeros(64, 3, 3, 3)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with zipfile.ZipFile(packed) as z:
+        first = z.infolist()[0].filename
+        count = len(z.infolist())
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", packed)
+    assert _error_line(result) == (
+        f"Error: cannot load weights from {packed}: expected a PyTorch file as torch.save writes it, with stored "
+        f"entries; {count} are compressed ({first[:60]}...), which would be inflated in full before their shapes "
+        f"could be checked (re-save it with torch.save)")
+    assert "does not fit" in _error_line(vae("encode", small_image, "--weights", plain))  # stored: read as usual

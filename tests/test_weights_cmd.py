@@ -17,6 +17,7 @@ from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError
 
 from vaecli import hub, weights
 from vaecli.errors import WeightsError
+from vaecli.files import output_file_mode
 from vaecli.registry import REGISTRY
 
 SD15 = REGISTRY["sd15"].weights[0]
@@ -230,6 +231,8 @@ def test_github_files_are_checked_against_the_registry(vae, fake_github, shared_
         ("encoder", "downloaded", ["registry"]), ("decoder", "downloaded", ["registry"])]
     for wf in spec.weights:
         assert weights.sha256_of(weights.cache_dir() / wf.name) == wf.sha256
+        # as an ordinary write would make it (the temp file it came from was private)
+        assert (weights.cache_dir() / wf.name).stat().st_mode & 0o777 == output_file_mode()
 
 
 def test_github_file_with_wrong_bytes_is_refused(vae, fake_github):
@@ -242,6 +245,21 @@ def test_github_file_with_wrong_bytes_is_refused(vae, fake_github):
         f"Error: checksum mismatch for taesana_encoder.pth (taesana encoder) from {wf.url}: the registry expects "
         f"sha256 {wf.sha256}, the download has {got}; nothing was written"]
     assert list(weights.cache_dir().iterdir()) == []
+
+
+def test_github_transfer_cut_short_is_refused_and_nothing_is_left(vae, monkeypatch):
+    class Short(io.BytesIO):  # a dropped connection: read() ends early, without an error
+        headers = {"Content-Length": "1000000"}
+
+    monkeypatch.setattr(hub, "_open", lambda url: Short(b"PK" + b"x" * 4998))
+    result = vae("weights", "pull", "taesd")
+    assert result.exit_code == 1
+    assert _error_lines(result)[0] == (
+        "Error: cannot download taesd_encoder.pth (taesd encoder): the transfer ended after 5000 of 1000000 bytes; "
+        "nothing was written; download https://github.com/madebyollin/taesd/raw/main/taesd_encoder.pth by hand and "
+        f"save it as {weights.cache_dir() / 'taesd_encoder.pth'} (or into a folder on $VAE_WEIGHTS_DIR)")
+    assert list(weights.cache_dir().iterdir()) == []
+    assert "missing" in vae("weights", "list", "taesd").stdout
 
 
 def test_github_offline(vae, fake_github):

@@ -70,9 +70,13 @@ def _check_diffusers_config(spec: ModelSpec, config: Path) -> None:
         cfg = json.loads(config.read_text())
     except (OSError, ValueError, RecursionError):
         raise WeightsError(f"cannot read {config}: not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"cannot read {config}: expected a JSON object, got {type(cfg).__name__}")
     channels = cfg.get("latent_channels")
-    if channels is not None and channels != spec.latent_channels:
+    if channels is not None and (type(channels) is not int or channels != spec.latent_channels):
         raise WeightsError(
+            f"expected {spec.latent_channels} latent channels for {spec.name}, got {str(channels)[:20]!r} in {config}"
+            if type(channels) is not int else
             f"expected {spec.latent_channels} latent channels for {spec.name}, got {channels} in {config}"
         )
 
@@ -112,7 +116,26 @@ def load_strict(module, sd: dict, what: str) -> None:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
         raise WeightsError(f"{what} does not fit: {'; '.join(parts)}")
+    _check_values(own, sd, what)
     module.load_state_dict(sd, strict=True)
+
+
+def _check_values(own: dict, sd: dict, what: str) -> None:
+    """Refuse weights that would load but compute garbage: integer, complex, sparse or meta tensors where the model
+    holds floats (load_state_dict casts them silently), or NaN/Inf values."""
+    import torch
+
+    for key, param in own.items():
+        if not param.is_floating_point():
+            continue
+        value = sd[key]
+        if not value.is_floating_point() or value.layout != torch.strided or value.is_meta:
+            kind = f"{value.dtype}".removeprefix("torch.") if value.layout == torch.strided else f"{value.layout}"
+            raise WeightsError(f"{what}: expected floating-point tensors, got {'meta' if value.is_meta else kind} "
+                               f"for {key}")
+        bad = int(value.numel() - torch.isfinite(value).sum())
+        if bad:
+            raise WeightsError(f"{what}: expected finite weights, found {bad} NaN/Inf in {key}")
 
 
 # --- KL family ------------------------------------------------------------------------------------------

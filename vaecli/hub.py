@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vaecli.errors import WeightsError
+from vaecli.files import output_file_mode
 from vaecli.registry import HF, ModelSpec, WeightFile
 from vaecli.weights import ENV_VAR, record_sha256, recorded_sha256, sha256_of, sidecar_of
 
@@ -98,6 +99,7 @@ def _hub_error(exc: Exception, spec: ModelSpec, wf: WeightFile, dest: Path, revi
 def _install(tmp_file: Path, target: Path, digest: str) -> None:
     """Move a checked download into place, then record its checksum; an old record never outlives its file."""
     sidecar_of(target).unlink(missing_ok=True)
+    os.chmod(tmp_file, output_file_mode())  # mkstemp's files are private; weights folders are often shared
     os.replace(tmp_file, target)
     record_sha256(target, digest)
 
@@ -193,7 +195,9 @@ def _open(url: str):
     return urllib.request.urlopen(request, timeout=30)
 
 
-def _copy(response, out, total: int | None, label: str, progress: bool) -> None:
+def _copy(response, out, total: int | None, label: str, progress: bool) -> int:
+    """Copy `response` into `out`; the number of bytes copied."""
+    copied = 0
     advance: Callable[[int], None] = lambda n: None  # noqa: E731
     bar = None
     if progress and sys.stderr.isatty():
@@ -210,10 +214,12 @@ def _copy(response, out, total: int | None, label: str, progress: bool) -> None:
     try:
         for chunk in iter(lambda: response.read(1 << 20), b""):
             out.write(chunk)
+            copied += len(chunk)
             advance(len(chunk))
     finally:
         if bar is not None:
             bar.stop()
+    return copied
 
 
 def _pull_url(spec: ModelSpec, wf: WeightFile, dest: Path, revision: str | None, progress: bool) -> Pulled:
@@ -227,10 +233,14 @@ def _pull_url(spec: ModelSpec, wf: WeightFile, dest: Path, revision: str | None,
         try:
             with os.fdopen(fd, "wb") as out, _open(url) as response:
                 length = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
-                _copy(response, out, int(length) if length and length.isdigit() else None, wf.name, progress)
+                total = int(length) if length and length.isdigit() else None
+                copied = _copy(response, out, total, wf.name, progress)
         except OSError as exc:  # URLError, HTTPError, timeouts and resets are all OSErrors
             raise WeightsError(f"cannot download {wf.name} ({spec.name} {wf.role}) ({_reason(exc)}); "
                                f"{by_hand(wf, dest, revision)}") from None
+        if total is not None and copied != total:  # a dropped connection ends read() early, without an error
+            raise WeightsError(f"cannot download {wf.name} ({spec.name} {wf.role}): the transfer ended after "
+                               f"{copied} of {total} bytes; nothing was written; {by_hand(wf, dest, revision)}")
         digest = sha256_of(tmp)
         checked = _check(spec, wf, digest, url, None)
         _install(tmp, target, digest)

@@ -117,6 +117,7 @@ def load_state_dict(path: Path) -> dict:
         raise WeightsError(f"expected a weights file, got a folder: {path}")
     with open(path, "rb") as f:
         head = f.read(9)
+    _refuse_compressed(path)
     try:
         if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
             from safetensors.torch import load_file
@@ -135,4 +136,28 @@ def load_state_dict(path: Path) -> dict:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
+    if not sd:
+        raise WeightsError(f"{path} holds no tensors (expected a state dict of the model's weights)")
+    odd = next((k for k in sd if not isinstance(k, str)), None)
+    if odd is not None:
+        raise WeightsError(f"{path}: expected a state dict with string keys, found the key {str(odd)[:40]!r} "
+                           f"({type(odd).__name__})")
     return sd
+
+
+def _refuse_compressed(path: Path) -> None:
+    """Refuse a PyTorch zip file with compressed entries: torch.save writes none, and torch.load would inflate each
+    to its full size before any of its shapes could be checked (a few MB on disk can hold GBs of zeros)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            packed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load reports what is wrong with it
+    if packed:
+        raise WeightsError(f"cannot load weights from {path}: expected a PyTorch file as torch.save writes it, "
+                           f"with stored entries; {len(packed)} are compressed ({packed[0][:60]}...), which would be "
+                           f"inflated in full before their shapes could be checked (re-save it with torch.save)")
