@@ -154,8 +154,11 @@ def test_bad_shapes_are_refused(vae, real_weights, tmp_path, shape, message):
 
 @pytest.mark.parametrize("shape, offsets, message", [
     ([1, 32, 60, 80], None, "latent_tensor data does not match its shape [1, 32, 60, 80]"),
-    ([10 ** 9, 32, 6, 8], [0, 10 ** 9 * 32 * 6 * 8 * 4], "truncated ComfyUI latent (file shorter than its "
-                                                         "latent_tensor)"),
+    ([4096, 32, 600, 800], [0, 4096 * 32 * 600 * 800 * 4], "truncated ComfyUI latent (file shorter than its "
+                                                            "latent_tensor)"),
+    # each item is a job and an output: a claimed billion (in a sparse file, or checked items) is refused up front
+    ([10 ** 9, 32, 6, 8], [0, 10 ** 9 * 32 * 6 * 8 * 4], "expected a ComfyUI batch of at most 4096 latents, got "
+                                                         "1000000000"),
 ])
 def test_header_that_lies_about_its_data_is_refused(vae, real_weights, tmp_path, shape, offsets, message):
     """A header claiming more data than the file holds is one error, not a billion outputs planned."""

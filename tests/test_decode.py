@@ -442,3 +442,47 @@ def test_output_dash_is_refused(vae, real_weights, small_image, latent_file, tmp
     assert result.exit_code == 2
     assert _only_error_line(result) == "Error: -o -: writing to stdout is not supported; give a file or folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_decoder_that_overflows_writes_nothing(vae, latent_file, shared_weights, tmp_path):
+    sd = torch.load(shared_weights / "taef2_decoder.pth", weights_only=True)
+    torch.save({k: v * 1e4 for k, v in sd.items()}, tmp_path / "loud.pth")
+    result = vae("decode", latent_file, "-o", tmp_path / "x.png", "-w", tmp_path / "loud.pth")
+    assert result.exit_code == 1
+    assert _only_error_line(result).startswith(f"Error: {latent_file}: expected finite pixels, the model gave ")
+    assert _only_error_line(result).endswith(" NaN/Inf (an overflow: try another --dtype)")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_scale_factors_that_overflow_the_latents_are_refused(vae, latent_file, tmp_path):
+    """Finite stored values and a 'scaled' latent's own factors turned Inf once converted: garbage at exit 0."""
+    z, meta = load_latent(latent_file)
+    for key, value in (("scaling_factor", 1e-300), ("shift_factor", 1e308)):
+        bad = tmp_path / f"{key}.latent"
+        save_safetensors(bad, z, {**meta, "space": "scaled", "scaling_factor": 1.0, "shift_factor": 0.0, key: value})
+        result = vae("decode", bad, "-o", tmp_path / "x.png")
+        scale, shift = (1e-300, 0) if key == "scaling_factor" else (1, 1e308)
+        assert (result.exit_code, _only_error_line(result)) == (1, (
+            f"Error: {bad}: expected finite latents once converted from 'scaled' (scaling_factor {scale:g}, "
+            f"shift_factor {shift:g}), got {z.numel()} NaN/Inf"))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_latent_that_cannot_fit_the_decoding_model_is_refused_before_it_is_read(vae, real_weights, tmp_path,
+                                                                                     monkeypatch):
+    """A latent of a model this vaecli does not know, decoded with --model: its channels and size were checked only
+    after its values were read (a header can claim GBs)."""
+    from vaecli import latents
+
+    meta = {"format": "vaecli-latent", "version": "1", "model": "elsewhere", "space": "raw", "channels": "16"}
+    save_file({"latent": torch.zeros(16, 6, 8)}, str(tmp_path / "a.latent"), meta)
+    monkeypatch.setattr(latents, "load_latent", lambda *a, **k: pytest.fail("the values were read"))
+    result = vae("decode", tmp_path / "a.latent", "--model", "taef2", "-o", tmp_path / "a.png")
+    assert (result.exit_code, _only_error_line(result)) == (
+        1, f"Error: {tmp_path / 'a.latent'}: expected 32 latent channels for taef2, got 16 (made by elsewhere)")
+    save_file({"latent": torch.zeros(32, 6, 8)}, str(tmp_path / "b.latent"), {**meta, "channels": "32"})
+    monkeypatch.setenv("VAE_MAX_PIXELS", "3071")
+    result = vae("decode", tmp_path / "b.latent", "--model", "taef2", "-o", tmp_path / "b.png")
+    assert (result.exit_code, _only_error_line(result)) == (
+        1, f"Error: {tmp_path / 'b.latent'}: it decodes to 64x48 pixels, over the limit of 3071 pixels (set "
+           f"VAE_MAX_PIXELS to allow larger images)")

@@ -399,3 +399,17 @@ def test_encode_bf16_without_onednn_bf16_kernels(vae, real_weights, small_image,
     assert result.exit_code == 0, result.stderr
     fp32, bf16 = load_latent(tmp_path / "f.latent")[0], load_latent(tmp_path / "b.latent")[0].float()
     assert (bf16 - fp32).abs().max().item() <= 0.05 * fp32.abs().max().item()
+
+
+def test_an_encoder_that_overflows_writes_nothing(vae, shared_weights, small_image, tmp_path):
+    """Finite weights can still overflow (fp16's range is small): NaN latents were written at exit 0, and then
+    refused by `decode` (or, in a latent PNG, whose 8 bits clamp them, decoded to garbage)."""
+    sd = torch.load(shared_weights / "taef2_encoder.pth", weights_only=True)
+    torch.save({k: v.float() * 1e9 for k, v in sd.items()}, tmp_path / "loud.pth")
+    for name, extra in (("a.latent", ()), ("a.latent.png", ()), ("c.latent", ("--format", "comfyui"))):
+        result = vae("encode", small_image, "-o", tmp_path / name, "-w", tmp_path / "loud.pth", "--json", *extra)
+        assert result.exit_code == 1
+        (record,) = map(json.loads, result.stdout.splitlines())
+        assert record["error"] == (f"{tmp_path / name}: expected finite latents to write, the model gave 1536 NaN/Inf "
+                                   f"(an overflow: try another --dtype); nothing was written")
+        assert not (tmp_path / name).exists()

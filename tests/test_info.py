@@ -126,3 +126,33 @@ def test_info_records_cannot_be_rewritten_by_a_files_metadata(vae, real_weights,
     record = json.loads(result.stdout)
     assert (record["input"], record["output"], record["status"], record["error"]) == (str(spoof), None, "ok", None)
     assert list(record)[:4] == ["input", "output", "status", "error"]
+
+
+def test_info_refuses_latent_pngs_that_decode_would(vae, real_weights, small_image, tmp_path):
+    """`info` read only a latent PNG's text chunk: ok at exit 0 for files `decode` refuses from their header."""
+    from PIL import Image, PngImagePlugin
+
+    src = tmp_path / "a.latent.png"
+    assert vae("encode", small_image, "-o", src, "-q").exit_code == 0
+    with Image.open(src) as img:
+        text, rgba = img.info["vaecli"], img.copy()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("vaecli", text)
+    rgba.convert("RGB").save(tmp_path / "rgb.latent.png", pnginfo=info)
+    rgba.crop((0, 0, rgba.width - 1, rgba.height)).save(tmp_path / "narrow.latent.png", pnginfo=info)
+    result = vae("info", tmp_path / "rgb.latent.png", tmp_path / "narrow.latent.png")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"Error: {tmp_path / 'rgb.latent.png'}: expected an RGBA latent PNG, got mode RGB",
+        f"Error: {tmp_path / 'narrow.latent.png'}: mosaic is {rgba.width - 1}x{rgba.height}, expected "
+        f"{rgba.width}x{rgba.height} for a 32x6x8 latent"]
+
+
+def test_info_shows_missing_optional_metadata_as_unknown(vae, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"latent": torch.zeros(32, 6, 8)}, str(tmp_path / "a.latent"), {"format": "vaecli-latent"})
+    result = vae("info", tmp_path / "a.latent")
+    assert (result.exit_code, result.stdout) == (
+        0, f"{tmp_path / 'a.latent'}: ? latent [32, 6, 8] ?, image, from ?x?, space ?, format vaecli-latent v?\n")

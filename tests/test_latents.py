@@ -36,7 +36,7 @@ def test_safetensors_roundtrip_exact(tmp_path):
 @pytest.mark.parametrize("channels, grid", [(4, (1, 1)), (16, (2, 2)), (32, (2, 4)), (6, (1, 2))])
 def test_png_mosaic_layout_and_quantization(tmp_path, channels, grid):
     x = torch.randn(channels, 5, 7) * 2
-    meta = {**_meta(size=(53, 37)), "channels": channels}
+    meta = {**_meta(size=(53, 37)), "model": "custom", "channels": channels}  # a model this vaecli does not know
     latents.save_png(tmp_path / "a.png", x, meta)
     with Image.open(tmp_path / "a.png") as img:
         assert img.mode == "RGBA"
@@ -118,7 +118,7 @@ def test_latent_video_frames_are_read_in_flat_memory(tmp_path):
     frame = torch.ones(2, 16, 256, 256)  # 8 MB a pair of frames, 256 MB in all
     for _ in range(16):
         writer.write(frame)
-    writer.close({"format": latents.FORMAT, "version": 1, "model": "taef2", "kind": "video", "fps": 24.0,
+    writer.close({"format": latents.FORMAT, "version": 1, "model": "taef1", "kind": "video", "fps": 24.0,
                   "image_size": [2048, 2048], "channels": 16})
     out = subprocess.run([sys.executable, "-c", _VIDEO_READ_SCRIPT, str(path)], capture_output=True, text=True,
                          check=True)
@@ -158,11 +158,9 @@ def test_non_finite_image_latent_is_refused(tmp_path, dtype):
 def test_non_finite_latent_video_is_refused_chunk_by_chunk(tmp_path):
     """Frames are checked as they are read: frames 0-1 read fine, the NaN in frame 2 stops the read that holds it."""
     path = tmp_path / "v.latent"
-    writer = latents.LatentVideoWriter(path)
     frames = torch.zeros(3, 32, 6, 8)
     frames[2, 1] = float("nan")
-    writer.write(frames)
-    writer.close({**_meta(), "kind": "video", "fps": 24.0})
+    _write_st(path, frames, {**_meta(), "kind": "video", "fps": 24.0})  # vaecli's writer refuses NaN
     meta, shape, read = latents.open_latent_video(path)
     assert shape == [3, 32, 6, 8] and torch.equal(read(0, 2), frames[:2])
     with pytest.raises(LatentFormatError) as err:
@@ -239,7 +237,7 @@ def test_optional_metadata_may_be_missing(tmp_path):
     x = torch.randn(32, 6, 8)
     y, back = latents.load_latent(_write_st(tmp_path / "a.latent", x, meta))
     assert torch.equal(x, y) and back == meta
-    check_latent_fits(REGISTRY["taef2"], y, back)
+    check_latent_fits(REGISTRY["taef2"], y.shape, back)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -253,7 +251,7 @@ def test_what_encode_records_fits_every_model_space_and_size(name):
             _, padding = media.pad_to_multiple(torch.zeros(1, 3, h, w), f)
             meta = latents.make_metadata(spec, (w, h), padding, "fp32", space, channels)
             latents._check_layout([channels, -(-h // f), -(-w // f)], meta, "x")
-            check_latent_fits(spec, torch.zeros(channels, -(-h // f), -(-w // f)), meta)
+            check_latent_fits(spec, [channels, -(-h // f), -(-w // f)], meta)
 
 
 def test_decoding_past_the_pixel_limit_is_refused_before_reading(tmp_path, monkeypatch):
@@ -268,7 +266,7 @@ def test_decoding_past_the_pixel_limit_is_refused_before_reading(tmp_path, monke
         latents.load_latent(tmp_path / "a.latent")
     assert str(err.value) == f"{tmp_path / 'a.latent'}: {message}"
     with pytest.raises(LatentFormatError) as err:
-        check_latent_fits(REGISTRY["taef2"], x, _meta())
+        check_latent_fits(REGISTRY["taef2"], x.shape, _meta())
     assert str(err.value) == message
     monkeypatch.setenv("VAE_MAX_PIXELS", "3072")
     assert torch.equal(latents.load_latent(tmp_path / "a.latent")[0], x)
@@ -303,7 +301,7 @@ def _hand_png(path, src, rows=None, interlace=False, text_last=False):
 def _small_png_latent(tmp_path):
     """A (4, 2, 3) latent PNG: a 3x2 mosaic (26 bytes of pixel data), from a 24x16 image."""
     x = torch.randn(4, 2, 3)
-    meta = latents.make_metadata(REGISTRY["taef2"], (24, 16), (0, 0, 0, 0), "fp32", channels=4)
+    meta = latents.make_metadata(REGISTRY["taesd"], (24, 16), (0, 0, 0, 0), "fp32")
     latents.save_png(tmp_path / "a.latent.png", x, meta)
     return tmp_path / "a.latent.png", latents.quantize_png(x)
 
@@ -505,3 +503,57 @@ def test_stale_temp_cleanup_leaves_what_is_no_regular_file(tmp_path):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert fifo.exists() and (tmp_path / "out.latent").read_bytes() == b"x"
+
+
+def _claiming(path: Path, shape: list[int], meta: dict) -> Path:
+    """A latent whose header claims `shape` in a sparse file: its size on disk is the header's alone."""
+    _write_header(path, {"__metadata__": {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()},
+                         "latent": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4 * int(np.prod(shape))]}},
+                  b"")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size + 4 * int(np.prod(shape)))
+    return path
+
+
+def test_claimed_sizes_are_refused_from_the_header(tmp_path):
+    """A few KB on disk claimed GBs that were read before the checks that needed only the header."""
+    unknown = {"format": latents.FORMAT, "version": 1, "model": "elsewhere", "space": "raw"}
+    cases = [
+        ([4_000_000, 8, 8], {**_meta(size=(64, 64), padding=(0, 0, 0, 0)), "channels": 4_000_000},
+         "expected 32 latent channels for taef2, got 4000000"),
+        ([200, 8, 8], unknown, "expected at most 128 latent channels (the most any model here decodes), got 200"),
+        # whichever model decodes it has a spatial factor of 8 or more
+        ([32, 3000, 3000], unknown, "it decodes to 24000x24000 pixels, over the limit of 268435456 pixels (set "
+                                    "VAE_MAX_PIXELS to allow larger images)"),
+    ]
+    for i, (shape, meta, message) in enumerate(cases):
+        path = _claiming(tmp_path / f"{i}.latent", shape, meta)
+        for read in (latents.load_latent, latents.read_metadata):
+            with pytest.raises(LatentFormatError) as err:
+                read(path)
+            assert str(err.value) == f"{path}: {message}"
+
+
+def test_latent_writers_refuse_nan_and_inf(tmp_path):
+    """What a model gave that overflowed is never written: such a file is refused when read, or decodes to garbage."""
+    from vaecli.errors import ComputeError
+
+    x = torch.zeros(32, 6, 8)
+    x[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for save, name in ((latents.save_safetensors, "a.latent"), (latents.save_png, "a.latent.png"),
+                       (latents.save_comfyui, "c.latent")):
+        with pytest.raises(ComputeError) as err:
+            save(tmp_path / name, x, {**_meta(), "space": "raw"})
+        assert str(err.value) == (f"{tmp_path / name}: expected finite latents to write, the model gave 3 NaN/Inf "
+                                  f"(an overflow: try another --dtype); nothing was written")
+    writer = latents.LatentVideoWriter(tmp_path / "v.latent")
+    writer.write(torch.zeros(2, 32, 6, 8))
+    with pytest.raises(ComputeError) as err:
+        writer.write(x[None])
+    writer.abort()
+    assert str(err.value) == (f"{tmp_path / 'v.latent'}: expected finite latents to write, the model gave 3 NaN/Inf "
+                              f"in latent frames from 2 (an overflow: try another --dtype); nothing was written")
+    with pytest.raises(ComputeError) as err:
+        media.to_uint8(x[:3])
+    assert str(err.value) == "expected finite pixels, the model gave 3 NaN/Inf (an overflow: try another --dtype)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -31,6 +31,12 @@ class CausalFamily:
     posterior = False  # whether the encoder streams give the posterior's moments (mean, then log-variance)
     network_space = "raw"  # the latent space the network produces and consumes
 
+    @staticmethod
+    def lead_frames(model, n_latents: int | None) -> int:
+        """Frames a decode of `n_latents` latent frames (None: a stream, the count unknown) gives before the first
+        frame of the clip: none, unless the model keeps startup frames (taecvx)."""
+        return 0
+
     @classmethod
     def load(cls, spec: ModelSpec, sd: dict, sources: tuple[str, ...], roles: tuple[str, ...],
              device: torch.device, dtype: str, tile: int | str | None, budget: int, scratch: str | None) -> CausalCodec:
@@ -96,6 +102,10 @@ class CausalCodec:
             raise UsageError(f"{self.spec.name} has no decoder loaded")
         return ClipDecoder(self, meta, n_latents)
 
+    def lead_frames(self, n_latents: int | None = None) -> int:
+        """Frames a clip's decode (`n_latents` latent frames; None: a stream) gives before its first source frame."""
+        return self.family.lead_frames(self.model, n_latents)
+
     def clip_tile(self, split: clip_tiles.Split, height: int, width: int) -> int | None:
         """The spatial tile side (in `split`'s units) for frames of `height` x `width` pixels, or None to stream
         whole frames: tiles when one frame's caches and activations would not fit the budget, then sized to what the
@@ -147,7 +157,7 @@ class CausalCodec:
     def _decode_tiled(self, split, tile: int, read, frames: int, meta: dict) -> Iterator[torch.Tensor]:
         def latents(i: int, j: int) -> torch.Tensor:
             z = read(i, j)
-            check_latent_fits(self.spec, z[0], meta)
+            check_latent_fits(self.spec, z.shape[1:], meta)
             return self.from_space(z.to(self.device, torch.float32), meta)
 
         size = tuple(meta.get("image_size") or ())
@@ -336,7 +346,7 @@ class ClipDecoder:
         """(k, C, h, w) latent frames -> the frames (k', 3, H, W) in [0, 1] they complete, on the CPU in fp32."""
         if not latents.shape[0]:
             return torch.zeros(0, 3, 0, 0)
-        check_latent_fits(self.codec.spec, latents[0], self.meta)
+        check_latent_fits(self.codec.spec, latents.shape[1:], self.meta)
         c = self.codec
         with torch.inference_mode():
             z = c.from_space(latents.to(c.device, torch.float32), self.meta).to(c.dtype)

@@ -7,7 +7,7 @@ Knows nothing of the CLI; every user-facing failure is a `VaeError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -18,7 +18,7 @@ from vaecli import media, tiling
 from vaecli.checkpoints import load_strict, model_state_dict, read_weights
 from vaecli.errors import LatentFormatError, UsageError, WeightsError
 from vaecli.families import family
-from vaecli.latents import latent_factor, layout_problem, make_metadata
+from vaecli.latents import latent_channels, latent_factor, layout_problem, make_metadata
 from vaecli.registry import REGISTRY, ModelSpec
 from vaecli.spaces import DTYPES, check_encode_space, dtype_name, from_network, to_network
 from vaecli.weights import find_on_search_path, load_state_dict
@@ -141,6 +141,10 @@ class Codec:
         """Whether latent frames of clips of `size` (W, H) decode as they come (not SVD: its clip decodes whole)."""
         return not self.mixes_frames
 
+    def lead_frames(self, n_latents: int | None = None) -> int:
+        """Frames a clip's decode gives before the frame its first latent stands for: none here, one per latent."""
+        return 0
+
     @property
     def max_batch_pixels(self) -> int:
         """Pixels one forward pass may take at once (0: one image per pass).
@@ -232,7 +236,7 @@ class Codec:
 
     def _decoder_input(self, part: torch.Tensor, meta: dict) -> torch.Tensor:
         """(k, C, h, w) latents in the space `meta` names -> the decoder's input, on its device in its dtype."""
-        check_latent_fits(self.spec, part[0], meta)
+        check_latent_fits(self.spec, part.shape[1:], meta)
         z = to_network(part.to(self.device, torch.float32), self.spec, meta, self.network_space,
                        self._normalizer(inverse=True))
         dec_dtype = next(self.model.decoder.parameters()).dtype  # fp32 when the model forces an upcast
@@ -316,8 +320,9 @@ def check_room(device: torch.device, need: int, what: str) -> None:
                          f"{room / 2**30:.1f} GB are free for it")
 
 
-def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None:
-    """Raise a LatentFormatError when a (C, h, w) latent cannot be decoded by `spec`."""
+def check_latent_fits(spec: ModelSpec, shape: Sequence[int], meta: dict) -> None:
+    """Raise a LatentFormatError when a latent of `shape` (C, h, w) cannot be decoded by `spec` (a file's is checked
+    from its header, before its values are read)."""
     made_by = f" (made by {meta['model']})" if meta.get("model") and meta["model"] != spec.name else ""
     maker = REGISTRY.get(str(meta.get("model")))
     if maker is not None and not spec.shares_latents(maker):
@@ -336,12 +341,11 @@ def check_latent_fits(spec: ModelSpec, latent: torch.Tensor, meta: dict) -> None
                                 f"{spec.name} has none of (models with them: {able})")
     if (space == "native") != (spec.latent_space == "native") or (space == "native" and made_by):
         raise LatentFormatError(f"{spec.name} cannot decode '{space}' latents{made_by}")
-    expected = spec.latent_channels * (spec.normalized_patch ** 2 if space == "normalized" else 1)
-    if latent.shape[0] != expected:
-        raise LatentFormatError(f"expected {expected} latent channels for {spec.name}, "
-                                f"got {latent.shape[0]}{made_by}")
+    expected = latent_channels(spec, space)
+    if shape[-3] != expected:
+        raise LatentFormatError(f"expected {expected} latent channels for {spec.name}, got {shape[-3]}{made_by}")
     # Checked again with the decoding model: the file's own check had only its metadata's model to go by.
-    problem = layout_problem(latent.shape[-2:], meta, latent_factor(spec, space), f"{spec.name} '{space}' latents")
+    problem = layout_problem(shape[-2:], meta, latent_factor(spec, space), f"{spec.name} '{space}' latents")
     if problem:
         raise LatentFormatError(problem)
 

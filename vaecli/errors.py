@@ -25,6 +25,10 @@ class LatentFormatError(InputError):
     """A latent file is truncated, foreign, or for a different model."""
 
 
+class ComputeError(VaeError):
+    """A model gave unusable numbers (NaN or Inf: an overflow in a low-precision dtype)."""
+
+
 class OutputError(VaeError):
     """An output cannot be written (or would overwrite an input)."""
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from vaecli import media
-from vaecli.errors import LatentFormatError
+from vaecli.errors import ComputeError, LatentFormatError
 from vaecli.files import atomic_write, writing
 from vaecli.registry import REGISTRY
 
@@ -52,8 +52,31 @@ def latent_factor(spec, space: str | None = None) -> int:
     return spec.spatial_factor * (spec.normalized_patch if space == "normalized" else 1)
 
 
+def latent_channels(spec, space: str | None = None) -> int:
+    """Channels of `spec`'s latents in `space` (FLUX.2's normalized: 2x2 patches of its 32)."""
+    space = space or spec.latent_space
+    return spec.latent_channels * (spec.normalized_patch ** 2 if space == "normalized" else 1)
+
+
+# What any latent a model here decodes can be: at most this wide, at least this fine.
+_WIDEST = max(latent_channels(s, space) for s in REGISTRY.values() for space in s.spaces)
+_FINEST = min(latent_factor(s, space) for s in REGISTRY.values() for space in s.spaces)
+
+
 def _check_latent(latent: torch.Tensor, meta: dict, source: str) -> None:
+    """Refuse to write a latent whose shape contradicts `meta`, or that holds NaN or Inf."""
     _check_shape(list(latent.shape), meta, source)
+    _check_output_finite(latent, source)
+
+
+def _check_output_finite(latent: torch.Tensor, source: str, first: int | None = None) -> None:
+    # Weights are checked finite when loaded, so this is an overflow (fp16's range is small); such a file would be
+    # refused when read, or (as a PNG, whose 8 bits clamp) decode to garbage.
+    bad = count_non_finite(latent)
+    if bad:
+        where = f" in latent frames from {first}" if first is not None else ""
+        raise ComputeError(f"{source}: expected finite latents to write, the model gave {bad} NaN/Inf{where} (an "
+                           f"overflow: try another --dtype); nothing was written")
 
 
 def _check_shape(shape: list[int], meta: dict, source: str) -> None:
@@ -77,9 +100,19 @@ def _check_layout(shape: list[int], meta: dict, source: str) -> None:
     if maker is not None:
         space = meta.get("space", maker.latent_space)
         factor, owner = latent_factor(maker, space), f"{maker.name} '{space}' latents"
-    else:  # a model this vaecli does not know: its own word, if any (decoding then needs --model, checked again)
-        factor, owner = meta.get("spatial_factor"), ""
-    problem = layout_problem(shape[-2:], meta, factor, owner) if factor else None
+        channels = latent_channels(maker, space)
+        if shape[-3] != channels:
+            raise LatentFormatError(f"{source}: expected {channels} latent channels for {maker.name}, "
+                                    f"got {shape[-3]}")
+        problem = layout_problem(shape[-2:], meta, factor, owner)
+    elif meta.get("spatial_factor"):  # a model this vaecli does not know: its own word (decoding needs --model)
+        problem = layout_problem(shape[-2:], meta, meta["spatial_factor"], "")
+    else:
+        # Whichever model decodes it is one of the registry's: its latents are never wider, nor its factor smaller.
+        if shape[-3] > _WIDEST:
+            raise LatentFormatError(f"{source}: expected at most {_WIDEST} latent channels (the most any model here "
+                                    f"decodes), got {shape[-3]}")
+        problem = _decode_size_problem(shape[-2:], _FINEST)
     if problem:
         raise LatentFormatError(f"{source}: {problem}")
 
@@ -123,7 +156,7 @@ def _decode_size_problem(hw, f: int) -> str | None:
             f"(set VAE_MAX_PIXELS to allow larger images)")
 
 
-def _count_non_finite(latent: torch.Tensor) -> int:
+def count_non_finite(latent: torch.Tensor) -> int:
     """How many NaN or Inf values a float tensor holds."""
     # Counted with numpy: torch's first reductions bring tens of MB of kernels into resident memory, which reading a
     # latent video frame by frame in flat memory would no longer be.
@@ -135,7 +168,7 @@ def _count_non_finite(latent: torch.Tensor) -> int:
 
 def _check_finite(latent: torch.Tensor, source: str, first: int | None = None) -> None:
     """Refuse latents holding NaN or Inf (they decode without any error, to garbage); `first`: latent frames' index."""
-    bad = _count_non_finite(latent)
+    bad = count_non_finite(latent)
     if not bad:
         return
     where = ""
@@ -232,7 +265,7 @@ def _decode_meta(raw: dict, source: str) -> dict:
     if isinstance(version, bool) or not isinstance(version, int):
         raise LatentFormatError(f"{source}: expected an integer latent format version, got {str(version)[:40]!r}")
     if version > VERSION:
-        raise LatentFormatError(f"{source}: latent format version {version} is newer than this vaecli "
+        raise LatentFormatError(f"{source}: latent format version {str(version)[:40]} is newer than this vaecli "
                                 f"understands ({VERSION}); upgrade vaecli")
     _check_fields(meta, source)
     return meta
@@ -433,6 +466,7 @@ class LatentVideoWriter:
     def write(self, latents: torch.Tensor) -> None:
         """Append (n, C, h, w) latents."""
         latents = latents.detach().cpu().contiguous()
+        _check_output_finite(latents, str(self.path), self.shape[0] if self.shape else 0)
         if self.shape is None:
             self.shape, self.dtype = [0, *latents.shape[1:]], latents.dtype
         self.shape[0] += latents.shape[0]
@@ -488,15 +522,16 @@ def read_metadata(path: Path, model: str | None = None, need_model: bool = True)
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
-        try:  # the text chunk precedes the pixel data: no need to decode the mosaic
+        try:  # the header and text chunk say all decode would check first: no need to decode the mosaic
             with media.pixel_limit(path, "latent PNG mosaic", LatentFormatError), Image.open(path) as img:
-                text = img.info[PNG_KEY]
-        except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+                meta, _, (c, h, w) = _png_layout(img, path)
+            _check_png_data(path)
+        except LatentFormatError:
+            raise
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError, zlib.error):
             latent, meta = load_latent(path)  # reports the precise format error
             return {**meta, "shape": list(latent.shape)}
-        meta = _png_meta(text, str(path))
-        meta.pop("grid")
-        shape = meta.pop("latent_shape")
+        shape = [c, h, w]
     elif _is_safetensors(head):
         meta, shape = _st_latent_header(path)
     else:
@@ -567,6 +602,7 @@ COMFYUI_KEY = "latent_tensor"
 COMFYUI_MARKER = "latent_format_version_0"
 COMFYUI_LEGACY_SCALE = 0.18215
 COMFYUI_FPS = 24.0  # ComfyUI records no frame rate
+COMFYUI_MAX_BATCH = 4096  # ComfyUI's own limit (EmptyLatentImage); each item becomes a job and an output file
 _ST_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -627,6 +663,9 @@ def _comfyui_layout(path: Path) -> tuple[dict, int, tuple[int, ...], torch.dtype
     if dtype is None:
         raise LatentFormatError(f"{path}: expected a float32/float16/bfloat16 latent_tensor, got "
                                 f"{str(entry.get('dtype'))[:20]}")
+    if shape[0] > COMFYUI_MAX_BATCH:
+        raise LatentFormatError(f"{path}: expected a ComfyUI batch of at most {COMFYUI_MAX_BATCH} latents, got "
+                                f"{shape[0]}")
     shape5 = tuple(shape) if len(shape) == 5 else (shape[0], shape[1], 1, *shape[2:])
     offsets = entry.get("data_offsets")
     if not (_ints(offsets, 2) and 0 <= offsets[0] and

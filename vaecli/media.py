@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vaecli.errors import InputError, UsageError
+from vaecli.errors import ComputeError, InputError, UsageError
 from vaecli.files import atomic_write
 
 DEFAULT_MAX_PIXELS = 1 << 28  # 16384 x 16384; above this an image is refused as a likely decompression bomb
@@ -177,6 +177,9 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) or (3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded to nearest."""
     if pixels.dim() == 4:
         pixels = pixels[0]
+    bad = pixels.numel() - int(torch.isfinite(pixels).sum())
+    if bad:  # NaN would become black (or any byte): weights are checked finite when loaded, so an overflow
+        raise ComputeError(f"expected finite pixels, the model gave {bad} NaN/Inf (an overflow: try another --dtype)")
     return pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from vaecli.errors import UsageError
+from vaecli.errors import LatentFormatError, UsageError
 from vaecli.registry import ModelSpec
 
 Normalizer = Callable[[torch.Tensor], torch.Tensor]
@@ -58,4 +58,9 @@ def to_network(z: torch.Tensor, spec: ModelSpec, meta: dict, network: str,
         raw = denormalize(z)
     else:
         raw = z
-    return (raw - spec.shift_factor) * spec.scaling_factor if network == "scaled" else raw
+    out = (raw - spec.shift_factor) * spec.scaling_factor if network == "scaled" else raw
+    bad = out.numel() - int(torch.isfinite(out).sum())
+    if bad:  # finite values, read and checked, overflowed: the metadata's factors are the cause
+        raise LatentFormatError(f"expected finite latents once converted from '{space}' (scaling_factor {scale:g}, "
+                                f"shift_factor {shift:g}), got {bad} NaN/Inf")
+    return out

@@ -77,8 +77,6 @@ def decode(
     debug: DebugOpt = False,
 ) -> None:
     """Decode latent files back to images (PNG, JPEG, WebP, BMP, TIFF) or latent videos to clips (by -o extension)."""
-    import torch
-
     from vaecli import batch, clips, latents, media, video
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
     from vaecli.errors import InputError, OutputError
@@ -132,18 +130,17 @@ def decode(
             raise InputError(f"{job.src}: the latent names no model; pass --model")
         if name not in REGISTRY:
             raise InputError(f"{job.src}: made by model '{name}', which this vaecli does not know; pass --model")
-        if meta.get("kind") == "video":
-            if job.dst.suffix.lower() in media.OUTPUT_FORMATS and not as_frames:
-                raise InputError(f"{job.src}: a latent video; write it as .mp4, .mov, .mkv, .webm, .gif "
-                                 f"or use --as-frames")
-            if isinstance(job.src, latents.LatentItem):  # a ComfyUI file: its channels checked before decoding
-                # A frame-shaped view of one element: the check reads the shape only, allocating nothing.
-                check_latent_fits(get_spec(name), torch.empty(1, 1, 1).expand(*meta["shape"][1:]), meta)
-            return name, None, meta
-        if job.dst.suffix.lower() not in media.OUTPUT_FORMATS or as_frames:
+        video = meta.get("kind") == "video"
+        if video and job.dst.suffix.lower() in media.OUTPUT_FORMATS and not as_frames:
+            raise InputError(f"{job.src}: a latent video; write it as .mp4, .mov, .mkv, .webm, .gif "
+                             f"or use --as-frames")
+        if not video and (job.dst.suffix.lower() not in media.OUTPUT_FORMATS or as_frames):
             raise InputError(f"{job.src}: an image latent; write it as {', '.join(media.OUTPUT_FORMATS)}")
+        # From the header, before any value is read: what a hostile file claims to hold is not allocated.
+        check_latent_fits(get_spec(name), meta["shape"][-3:], meta)
+        if video:
+            return name, None, meta
         latent, meta = latents.load_latent(job.src)
-        check_latent_fits(get_spec(name), latent, meta)
         return name, latent, meta
 
     def compute(group) -> None:

@@ -58,11 +58,12 @@ def describe_latent(path: Path, meta: dict) -> str:
         return (f"{path}: ComfyUI latent {shape} {meta['dtype']}, {meta['kind']}, batch of {meta['batch']}, "
                 f"no model recorded (decode with --model NAME)")
     w, h = meta.get("image_size", ["?", "?"])
+    padding = f" (padding {meta['padding']})" if "padding" in meta else ""
     fps = meta.get("fps")
     what = (f"video, {shape[0]} frames @ {fps:g} fps" if isinstance(fps, (int, float)) else
             f"video, {shape[0]} frames") if meta.get("kind") == "video" else "image"
     scale = (f" (scale {meta.get('scaling_factor')}, shift {meta.get('shift_factor')})"
              if meta.get("space") == "scaled" else "")
-    return (f"{path}: {meta.get('model')} latent {shape} {meta.get('dtype')}, {what}, from {w}x{h} "
-            f"(padding {meta.get('padding')}), space {meta.get('space')}{scale}, "
-            f"format {meta.get('format')} v{meta.get('version')}")
+    return (f"{path}: {meta.get('model', '?')} latent {shape} {meta.get('dtype', '?')}, {what}, from {w}x{h}"
+            f"{padding}, space {meta.get('space', '?')}{scale}, "
+            f"format {meta.get('format')} v{meta.get('version', '?')}")
