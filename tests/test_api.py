@@ -93,3 +93,59 @@ def test_readme_diffusers_snippet_runs(vae, kl_files, small_image, tmp_path, mon
     model = vaecli.load("sd15", weights=files["diffusers"], device="cpu")
     ours = model.decode(vaecli.load_latent("photo.latent"))
     assert (scope["pixels"][..., :45, :61] - ours).abs().max().item() <= 1e-4
+
+
+def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, small_image, tmp_path):
+    """A batch gave the first image's latent alone, 8-bit or [-1, 1] pixels encoded to wrong latents, NaN latents
+    decoded to garbage, and the rest raised KeyError/TypeError/AttributeError from deep inside."""
+    from vaecli.errors import InputError
+
+    model = vaecli.load("taef2", device="cpu")
+    pixels = read_image(small_image)[0]
+    latent = model.encode(pixels)
+    nan = vaecli.Latent(latent.tensor.clone(), latent.meta)
+    nan.tensor[0, 0, 0] = float("nan")
+    refused = [
+        (lambda: model.encode(torch.cat([pixels, pixels])), UsageError,
+         "expected one image (encode a batch image by image), got a batch of 2"),
+        (lambda: model.encode((pixels * 255).to(torch.uint8)), UsageError,
+         "expected float pixels in [0, 1], got uint8 (divide 8-bit values by 255)"),
+        (lambda: model.encode(pixels * 2 - 1), UsageError,
+         f"expected pixels in [0, 1], got values from -1 to {float(pixels.max()) * 2 - 1:g}"),
+        (lambda: model.encode(pixels[:, :2]), UsageError,
+         "expected pixels of shape (3, H, W) or (B, 3, H, W), got shape [1, 2, 45, 61]"),
+        (lambda: model.encode(None), UsageError,
+         "expected an image path, a PIL image or a (3, H, W) float tensor in [0, 1], got NoneType"),
+        (lambda: model.decode(nan), InputError, "expected finite latent values, found 1 NaN/Inf"),
+        (lambda: model.decode(latent.tensor), UsageError,
+         "expected an image Latent (vaecli.load_latent, Model.encode), got shape [32, 6, 8]"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor[None], latent.meta)), UsageError,
+         "expected an image Latent of shape (C, h, w), got shape [1, 32, 6, 8]"),
+        (lambda: list(model.decode_video(latent)), UsageError,
+         "expected a clip's Latent of shape (T, C, h, w), got shape [32, 6, 8]"),
+        (lambda: list(model.decode_video(latent, chunk=0)), UsageError,
+         "chunk: expected a number of frames of at least 1, or None, got 0"),
+        (lambda: list(model.encode_video([pixels[0]], chunk=0)), UsageError,
+         "chunk: expected a number of frames of at least 1, or None, got 0"),
+        (lambda: list(model.encode_video([pixels[0], pixels[0, :, :40]])), InputError,
+         "frame 1 is 61x40, frame 0 was 61x45: a clip's frames share one size"),
+        (lambda: latent.save(tmp_path / "a.jpg", format="jpg"), UsageError,
+         "Latent.save: unknown format 'jpg': expected one of safetensors, png"),
+        (lambda: vaecli.Latent(latent.tensor[None], {}).save(tmp_path / "v.latent"), UsageError,
+         "Latent.save writes image latents (C, h, w), got shape [1, 32, 6, 8] (a clip's latents are written by "
+         "'vae video')"),
+        (lambda: vaecli.to_image(torch.zeros(4, 8, 8)), UsageError,
+         "to_image: expected (1, 3, H, W) or (3, H, W) pixels, got shape [4, 8, 8]"),
+        (lambda: vaecli.load("taef2", halves="encoder"), UsageError,
+         "halves: expected a tuple of encoder and/or decoder, got 'encoder'"),
+        (lambda: vaecli.load("taef2", weights=5), UsageError, "weights: expected a path or a list of paths, got 5"),
+        (lambda: vaecli.load("taef2", max_memory=[1]), UsageError,
+         "max_memory: expected a size like '2GB' or a number of bytes, got [1]"),
+    ]
+    for call, error, message in refused:
+        with pytest.raises(error) as err:
+            call()
+        assert str(err.value) == message
+    assert not (tmp_path / "a.jpg").exists() and not (tmp_path / "v.latent").exists()
+    # a budget in bytes is a budget
+    assert vaecli.load("taef2", max_memory=2**30, halves=("encoder",)).codec.budget == 2**30

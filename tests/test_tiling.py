@@ -82,7 +82,7 @@ def test_tile_option_errors(vae, kl_files, small_image, tmp_path):
                                      "or 1.5GiB")
     result = vae("video", small_image, "--chunk", "\u00b2")
     assert result.exit_code == 2
-    assert result.stderr.strip() == "Error: --chunk \u00b2: expected auto or a number of frames (at least 1)"
+    assert result.stderr.strip() == "Error: --chunk \u00b2: expected auto or a number of frames from 1 to 100000"
     svd = kl_files("svd")["diffusers"]
     assert vae("encode", small_image, "-o", tmp_path / "x.latent", "--model", "svd", "--weights", svd,
                "--tile", "32").exit_code == 0  # its encoder is a 2-D one: tiled like the others

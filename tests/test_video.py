@@ -598,16 +598,20 @@ def test_ffmpeg_dying_mid_clip_is_an_output_error(tmp_path, monkeypatch):
 
 
 def test_a_gif_that_cannot_be_written_leaves_no_temp_file(vae, clip_latent, tmp_path, monkeypatch):
-    """A full disk while the GIF is saved (in close()): one error line, and the temp file is removed."""
+    """A full disk while the GIF is written (its second frame): one error line, and the temp file is removed."""
     import errno
 
-    from PIL import Image
+    from PIL import GifImagePlugin
 
-    def full(self, fp, *args, **kwargs):
-        fp.write(b"GIF89a")  # the temp file, seen through media.save_pillow's writer
-        raise OSError(errno.ENOSPC, "No space left on device")
+    getdata, calls = GifImagePlugin.getdata, []
 
-    monkeypatch.setattr(Image.Image, "save", full)
+    def full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return getdata(*args, **kwargs)
+
+    monkeypatch.setattr(GifImagePlugin, "getdata", full)
     out = tmp_path / "out" / "x.gif"
     result = vae("decode", clip_latent, "-o", out)
     assert result.exit_code == 1
@@ -747,3 +751,117 @@ def test_chunk_never_changes_a_bit_of_frame_by_frame_models(vae, real_weights, g
     assert len(frames1) == 5
     for path in frames1:
         assert np.array_equal(iio.imread(path), iio.imread(tmp_path / "f4" / path.relative_to(tmp_path / "f1")))
+
+
+def test_taecvx_roundtrip_leaves_out_the_startup_frames_it_decodes(vae, gif, tmp_path):
+    """taecvx decodes startup frames before the clip (for even or, streaming, unknown latent counts): the round
+    trip paired them with source frames and ran out of them (IndexError, StopIteration). The recon is the clip."""
+    from PIL import Image
+
+    from vaecli.models.taehv import TAEHV
+    from vaecli.models.taehv_keys import variant_config
+
+    model = TAEHV(variant_config("taecvx"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1))
+    torch.save(model.state_dict(), tmp_path / "taecvx.pth")
+    for frames, extra in ((1, ()), (5, ()), (5, ("--max-memory", "1"))):  # streamed; odd and even latent counts
+        stem = tmp_path / f"c{frames}{len(extra)}"
+        result = vae("video", gif, "-o", f"{stem}.latent", "--frames", frames, "-m", "taecvx", "-w",
+                     tmp_path / "taecvx.pth", "--roundtrip", "--recon", f"{stem}.gif", "--json", *extra)
+        assert result.exit_code == 0, result.stderr
+        (record,) = map(json.loads, result.stdout.splitlines())
+        assert record["frames"] == frames and len(record["psnr"]) == frames
+        assert iio.imread(f"{stem}.gif", index=None).shape[0] == frames
+        # the PSNRs are those of the decode's frames, the startup frames left out
+        assert vae("decode", f"{stem}.latent", "-o", f"{stem}.frames", "--as-frames", "-q", "-w",
+                   tmp_path / "taecvx.pth").exit_code == 0
+        decoded = sorted((tmp_path / f"{stem.name}.frames").iterdir())
+        assert len(decoded) == {1: 1, 5: 8}[frames]  # the reference's frame rule: 2 latents keep the startup frames
+        _, source = video.read_frames(gif, limit=frames)
+        for psnr, path, (_, original) in zip(record["psnr"], decoded[len(decoded) - frames:], source, strict=True):
+            pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1) / 255
+            assert psnr == pytest.approx(metrics.psnr(pixels[None], original[None]), abs=0.01)
+
+
+def test_gif_frames_are_written_as_they_come_with_pillows_pixels(clip, tmp_path):
+    """GIFs went through Pillow's save_all, which holds every frame until it writes the file: memory grew with the
+    clip. Frames now go to the file as they come, each quantized as save_all does it."""
+    from PIL import Image
+
+    _, stream = video.read_frames(clip, limit=4)
+    frames = [pixels for _, pixels in stream]
+    writer = video.VideoWriter(tmp_path / "a.gif", 10.0, (frames[0].shape[-1], frames[0].shape[-2]))
+    sizes = []
+    for frame in frames:
+        writer.write(frame)
+        sizes.append(next(tmp_path.glob(".a.gif*")).stat().st_size)
+    assert sizes == sorted(set(sizes))  # each frame lands in the temp file when written
+    writer.close()
+    rgb = [Image.fromarray((f.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for f in frames]
+    rgb[0].save(tmp_path / "pillow.gif", save_all=True, append_images=rgb[1:], duration=100, loop=0)
+    got, want = Image.open(tmp_path / "a.gif"), Image.open(tmp_path / "pillow.gif")
+    assert got.n_frames == want.n_frames == 4 and got.info["loop"] == 0
+    for i in range(4):
+        got.seek(i)
+        want.seek(i)
+        assert got.info["duration"] == 100
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want.convert("RGB")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "pillow.gif"]
+
+
+def _small_clip(tmp_path, clip, frames: int = 3):
+    """The first `frames` frames of `clip` at 64x40."""
+    import subprocess
+
+    out = tmp_path / "small.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(clip), "-frames:v", str(frames),
+                    "-vf", "scale=64:40", str(out)], check=True)
+    return out
+
+
+def test_video_options_that_cannot_be_met_are_refused(vae, real_weights, clip, tmp_path, monkeypatch):
+    """--fps above the clip's rate kept every frame and recorded the higher rate (the clip played faster); frames
+    past VAE_MAX_PIXELS were encoded (only images were checked); a --chunk past Python's integers was an
+    'unexpected ValueError'."""
+    small = _small_clip(tmp_path, clip)
+    result = vae("video", small, "-o", tmp_path / "a.latent", "--fps", 48)
+    assert (result.exit_code, _error_line(result)) == (1, (
+        f"Error: {small}: --fps 48 is above the clip's 24 fps: frames are dropped to lower the rate, never repeated "
+        f"(leave --fps out to keep every frame)"))
+    monkeypatch.setenv("VAE_MAX_PIXELS", "2559")
+    result = vae("video", small, "-o", tmp_path / "a.latent")
+    assert (result.exit_code, _error_line(result)) == (1, (
+        f"Error: {small}: video frames have 2560 pixels (64x40), over the limit of 2559 pixels (set VAE_MAX_PIXELS "
+        f"to allow larger frames)"))
+    monkeypatch.delenv("VAE_MAX_PIXELS")
+    result = vae("video", small, "-o", tmp_path / "a.latent", "--chunk", "9" * 25)
+    assert (result.exit_code, _error_line(result)) == (
+        2, f"Error: --chunk {'9' * 25}: expected auto or a number of frames from 1 to 100000")
+    assert not (tmp_path / "a.latent").exists()
+
+
+def test_video_output_folders_and_quiet_runs(vae, real_weights, clip, tmp_path):
+    """-o naming an existing folder was refused for want of a .latent suffix; a rerun into a folder re-encoded
+    (the help says it skips); --recon's clash named -o; a rotated clip printed imageio-ffmpeg's warning under -q."""
+    small = _small_clip(tmp_path, clip)
+    (tmp_path / "out").mkdir()
+    result = vae("video", small, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output"] == str(tmp_path / "out" / "small.latent")
+    result = vae("video", small, "-o", tmp_path / "out", "--json")
+    assert json.loads(result.stdout)["status"] == "skipped"
+    assert json.loads(vae("video", small, "-o", tmp_path / "out", "--json", "--overwrite").stdout)["status"] == "ok"
+    result = vae("video", small, "--roundtrip", "--recon", small)
+    assert (result.exit_code, _error_line(result)) == (1, f"Error: refusing to overwrite input {small} (choose "
+                                                          f"another --recon)")
+    import subprocess
+
+    rotated = tmp_path / "rot.mp4"  # as phones record portrait clips
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-display_rotation", "90", "-i",
+                    str(small), "-c", "copy", str(rotated)], check=True)
+    result = vae("video", rotated, "-o", tmp_path / "rot.latent", "-q")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert read_metadata(tmp_path / "rot.latent")["image_size"] == [40, 64]

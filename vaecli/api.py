@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from vaecli import latents, media, video
+from vaecli.errors import InputError, UsageError
 from vaecli.registry import DEFAULT_MODEL
+
+SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png}
+HALVES = ("encoder", "decoder")
 
 
 @dataclass
@@ -41,9 +45,11 @@ class Latent:
     def save(self, path: str | Path, format: str = "safetensors") -> None:
         """Write an image latent to `path` as `.safetensors` (default) or an RGBA `png`, atomically."""
         if self.tensor.dim() != 3:
-            raise ValueError(f"Latent.save writes image latents (C, h, w); got shape {list(self.tensor.shape)}")
-        saver = {"safetensors": latents.save_safetensors, "png": latents.save_png}[format]
-        saver(Path(path), self.tensor, self.meta)
+            raise UsageError(f"Latent.save writes image latents (C, h, w), got shape {list(self.tensor.shape)} (a "
+                             f"clip's latents are written by 'vae video')")
+        if format not in SAVERS:
+            raise UsageError(f"Latent.save: unknown format {format!r}: expected one of {', '.join(SAVERS)}")
+        SAVERS[format](Path(path), self.tensor, self.meta)
 
 
 def load_latent(path: str | Path) -> Latent:
@@ -61,7 +67,16 @@ def load(model: str = DEFAULT_MODEL, weights: str | Path | list | None = None, d
     from vaecli.registry import REGISTRY
     from vaecli.tiling import parse_size
 
-    paths = [Path(w) for w in ([weights] if isinstance(weights, (str, Path)) else weights or [])]
+    given = [weights] if isinstance(weights, (str, Path)) else weights or []
+    if not isinstance(given, (list, tuple)) or not all(isinstance(w, (str, Path)) for w in given):
+        raise UsageError(f"weights: expected a path or a list of paths, got {weights!r:.60}")
+    paths = [Path(w) for w in given]
+    if isinstance(halves, str) or not halves or not all(h in HALVES for h in halves):
+        raise UsageError(f"halves: expected a tuple of {' and/or '.join(HALVES)}, got {halves!r:.60}")
+    if isinstance(max_memory, int) and not isinstance(max_memory, bool):
+        max_memory = f"{max_memory}B"  # bytes
+    elif max_memory is not None and not isinstance(max_memory, str):
+        raise UsageError(f"max_memory: expected a size like '2GB' or a number of bytes, got {max_memory!r:.60}")
     spec = REGISTRY.get(model)
     if spec is not None and not spec.has_decoder:  # encoder-only models (taesana)
         halves = tuple(h for h in halves if h != "decoder")
@@ -83,17 +98,19 @@ class Model:
 
     def encode(self, image, space: str | None = None) -> Latent:
         """An image (path, PIL image, or (3, H, W) / (1, 3, H, W) float tensor in [0, 1]) -> its Latent."""
-        pixels = _pixels(image)
+        pixels = _one(_pixels(image), "one image (encode a batch image by image)")[None]
         tensor, meta = self.codec.encode_image(pixels, (pixels.shape[-1], pixels.shape[-2]), space)
         return Latent(tensor, meta)
 
     def decode(self, latent: Latent) -> torch.Tensor:
         """An image Latent -> (1, 3, H, W) float pixels in [0, 1], at the source image's size."""
+        _check_latent(latent, "(C, h, w)", "an image Latent")
         return self.codec.decode_latent(latent.tensor, latent.meta)
 
     def encode_video(self, clip, chunk: int | None = None, space: str | None = None) -> Iterator[Latent]:
         """A clip (a video path, or an iterable of (3, H, W) frames in [0, 1]) -> Latents of (k, C, h, w) latent
         frames as they are ready, `chunk` frames at a time; causal models encode the first 1 + f * k frames."""
+        _check_chunk(chunk)
         frames = _frames(clip)
         first = next(frames, None)
         if first is None:
@@ -102,7 +119,10 @@ class Model:
         enc = self.codec.clip_encoder(size, space)
         step = chunk or self.codec.frames_per_pass(size)
         batch = [first]
-        for frame in frames:
+        for i, frame in enumerate(frames, 1):
+            if frame.shape != first.shape:
+                raise InputError(f"frame {i} is {_size(frame)}, frame 0 was {_size(first)}: a clip's frames "
+                                 f"share one size")
             batch.append(frame)
             if len(batch) == step:
                 out = enc.push(torch.stack(batch))
@@ -119,6 +139,8 @@ class Model:
 
     def decode_video(self, latent: Latent, chunk: int | None = None) -> Iterator[torch.Tensor]:
         """A clip's Latent ((T, C, h, w) latent frames) -> its frames as (k, 3, H, W) float tensors in [0, 1]."""
+        _check_chunk(chunk)
+        _check_latent(latent, "(T, C, h, w)", "a clip's Latent")
         z = latent.tensor
         yield from self.codec.decode_stream(lambda i, j: z[i:j], z.shape[0], latent.meta, chunk)
 
@@ -127,21 +149,71 @@ def to_image(pixels: torch.Tensor):
     """(1, 3, H, W) or (3, H, W) float pixels in [0, 1] -> a PIL RGB image."""
     from PIL import Image
 
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() not in (3, 4) or pixels.shape[-3] != 3 or (
+            pixels.dim() == 4 and pixels.shape[0] != 1):
+        raise UsageError(f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got {_described(pixels)}")
     return Image.fromarray(media.to_uint8(pixels), "RGB")
 
 
+def _described(x) -> str:
+    return f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _size(frame: torch.Tensor) -> str:
+    return f"{frame.shape[-1]}x{frame.shape[-2]}"
+
+
 def _pixels(image) -> torch.Tensor:
+    """An image as (B, 3, H, W) float in [0, 1], checked: a wrong layout or range would encode to wrong latents."""
+    from PIL import Image
+
     if isinstance(image, (str, Path)):
         return media.read_image(Path(image))[0]
-    if isinstance(image, torch.Tensor):
-        return (image[None] if image.dim() == 3 else image).float()
-    import numpy as np
+    if isinstance(image, Image.Image):
+        import numpy as np
 
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    if not isinstance(image, torch.Tensor):
+        raise UsageError(f"expected an image path, a PIL image or a (3, H, W) float tensor in [0, 1], "
+                         f"got {type(image).__name__}")
+    if image.dim() not in (3, 4) or image.shape[-3] != 3 or min(image.shape[-2:]) < 1:
+        raise UsageError(f"expected pixels of shape (3, H, W) or (B, 3, H, W), got shape {list(image.shape)}")
+    if not image.is_floating_point():
+        raise UsageError(f"expected float pixels in [0, 1], got {str(image.dtype).removeprefix('torch.')} "
+                         f"(divide 8-bit values by 255)")
+    low, high = float(image.min()), float(image.max())
+    if not 0 <= low <= high <= 1:  # NaN fails too
+        raise UsageError(f"expected pixels in [0, 1], got values from {low:g} to {high:g}")
+    return (image[None] if image.dim() == 3 else image).float()
 
 
 def _frames(clip) -> Iterator[torch.Tensor]:
     if isinstance(clip, (str, Path)):
         _, stream = video.read_frames(Path(clip))
         return (pixels for _, pixels in stream)
-    return iter(clip) if isinstance(clip, Iterable) else iter([clip])
+    frames = iter(clip) if isinstance(clip, Iterable) else iter([clip])
+    return (_one(_pixels(frame), "a clip's frames, one at a time") for frame in frames)
+
+
+def _one(pixels: torch.Tensor, what: str) -> torch.Tensor:
+    """(1, 3, H, W) -> (3, H, W); a batch is refused (only its first image would be used)."""
+    if pixels.shape[0] != 1:
+        raise UsageError(f"expected {what}, got a batch of {pixels.shape[0]}")
+    return pixels[0]
+
+
+def _check_chunk(chunk) -> None:
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise UsageError(f"chunk: expected a number of frames of at least 1, or None, got {chunk!r:.40}")
+
+
+def _check_latent(latent, layout: str, what: str) -> None:
+    """A UsageError unless `latent` is a Latent of `layout` (a CLI latent file is checked as it is read; this one was
+    made in memory, so its values are checked here)."""
+    if not isinstance(latent, Latent):
+        raise UsageError(f"expected {what} (vaecli.load_latent, Model.encode), got {_described(latent)}")
+    if latent.tensor.dim() != layout.count(",") + 1:
+        raise UsageError(f"expected {what} of shape {layout}, got shape {list(latent.tensor.shape)}")
+    bad = latents.count_non_finite(latent.tensor)
+    if bad:
+        raise InputError(f"expected finite latent values, found {bad} NaN/Inf")

@@ -81,16 +81,21 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     originals: deque[torch.Tensor] = deque()  # source frames waiting for their reconstruction
     dec = None
     n_latents, shape = 0, []
+    lead = 0  # decoded frames still to leave out: startup frames some models keep precede the clip (taecvx)
 
     def reconstruct(decoded: torch.Tensor, source: Iterator[torch.Tensor] | None = None) -> None:
+        nonlocal lead
         for frame in decoded:
+            if lead:
+                lead -= 1
+                continue
             frame = quantize8(frame)
             recon_writer.write(frame)
             original = next(source) if source is not None else originals.popleft()
             report.psnr.append(metrics.psnr(frame[None], original[None]))
 
     def emit(lat: torch.Tensor) -> None:
-        nonlocal dec, n_latents, shape
+        nonlocal dec, n_latents, shape, lead
         if not lat.shape[0]:
             return
         writer.write(lat)
@@ -98,7 +103,8 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
         if whole:
             kept.append(lat)
         elif recon_writer is not None:
-            dec = dec or codec.clip_decoder(enc.meta)
+            if dec is None:
+                dec, lead = codec.clip_decoder(enc.meta), codec.lead_frames(None)
             reconstruct(dec.push(lat))
 
     try:
@@ -126,6 +132,7 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
         if whole:  # the source frames again, for the PSNRs, rather than all of them held
             _, again = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
             lat = torch.cat(kept)
+            lead = codec.lead_frames(lat.shape[0])
             for decoded in codec.decode_stream(lambda i, j: lat[i:j], lat.shape[0], meta, chunk):
                 reconstruct(decoded, (pixels for _, pixels in again))
         if recon_writer is not None:

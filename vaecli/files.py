@@ -167,17 +167,18 @@ def is_folder_target(output: Path, n_inputs: int) -> bool:
 
 
 def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path], str],
-                 rels: list[Path] | None = None) -> list[Path]:
+                 rels: list[Path] | None = None, option: str = "-o") -> list[Path]:
     """One output path per input: beside it, at `output` (a file), or inside `output` (a folder), where
     each input's relative path in `rels` (from a walked folder) is mirrored; none may be an input or a folder
-    holding one."""
+    holding one. `option` names `output` in messages."""
     if output is not None and str(output) == "-":
-        raise UsageError("-o -: writing to stdout is not supported; give a file or folder")
+        raise UsageError(f"{option} -: writing to stdout is not supported; give a file or folder")
     if output is None:
         outs = [p.parent / name(p) for p in inputs]
     elif is_folder_target(output, len(inputs)):
         if output_exists(output) and not output.is_dir():
-            raise UsageError(f"-o {output}: expected a folder for {len(inputs)} inputs, got a file")
+            many = f" for {len(inputs)} inputs" if len(inputs) > 1 else ""
+            raise UsageError(f"{option} {output}: expected a folder{many}, got a file")
         rels = rels or [Path(p.name) for p in inputs]
         outs = [output / rel.parent / name(p) for p, rel in zip(inputs, rels, strict=True)]
     else:
@@ -191,10 +192,10 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
         if r in resolved_inputs:
             other = resolved_inputs[r]
             whose = "" if other.resolve() == src.resolve() else f" (the output of {src})"
-            raise OutputError(f"refusing to overwrite input {other}{whose} (choose another -o)")
+            raise OutputError(f"refusing to overwrite input {other}{whose} (choose another {option})")
         if r in holders:  # a folder output (--as-frames) replaces the folder, and the input with it
             raise OutputError(f"refusing to replace {out}: it is a folder holding input {holders[r]} "
-                              f"(choose another -o)")
+                              f"(choose another {option})")
         if r in seen:
             raise UsageError(f"inputs {seen[r]} and {src} would both write {out}")
         seen[r] = src

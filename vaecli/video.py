@@ -6,6 +6,7 @@ Frames inside the library are (3, H, W) float32 tensors in [0, 1]; nothing here 
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import re
@@ -22,6 +23,12 @@ import torch
 
 from vaecli.errors import InputError, OutputError, UsageError
 from vaecli.files import output_error, output_file_mode, temp_prefix, writing
+from vaecli.media import max_pixels
+
+# imageio-ffmpeg warns through logging (a rotated clip's swapped size, a reader it had to kill): with no handler set
+# up, Python prints those on stderr, through -q. What matters reaches the user as an error.
+logging.getLogger("imageio_ffmpeg").addHandler(logging.NullHandler())
+logging.getLogger("imageio_ffmpeg").propagate = False
 
 FFMPEG_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 VIDEO_EXTS = FFMPEG_EXTS | {".gif"}
@@ -69,6 +76,11 @@ def _open(path: Path):
     if not meta.get("fps") or not meta.get("size"):
         gen.close()
         raise InputError(f"{path}: not a video ffmpeg can read (no video stream)")
+    (w, h), limit = meta["size"], max_pixels()
+    if w * h > limit:  # as for images: a decompression bomb, or more than this machine is set up to take
+        gen.close()
+        raise InputError(f"{path}: video frames have {w * h} pixels ({w}x{h}), over the limit of {limit} pixels "
+                         f"(set VAE_MAX_PIXELS to allow larger frames)")
     return gen, VideoInfo(fps=float(meta["fps"]), size=tuple(meta["size"]), duration=float(meta.get("duration") or 0))
 
 
@@ -116,6 +128,10 @@ def read_frames(path: Path, start: int = 0, stride: int = 1, fps: float | None =
     """The clip's info and a lazy iterator of (source index, (3, H, W) float frame in [0, 1]) for selected frames."""
     gen, info = _open(path)
     w, h = info.size
+    if fps is not None and fps > info.fps * (1 + 1e-9):
+        gen.close()
+        raise InputError(f"{path}: --fps {fps:g} is above the clip's {info.fps:g} fps: frames are dropped to lower "
+                         f"the rate, never repeated (leave --fps out to keep every frame)")
 
     def frames() -> Iterator[tuple[int, torch.Tensor]]:
         taken, count = 0, 0
@@ -283,6 +299,7 @@ class VideoWriter:
         self.path, self.fps, self.size = Path(path), fps, size
         self._tmp: Path | None = None
         self._ffmpeg: _Ffmpeg | None = None
+        self._gif = None  # the GIF temp file, written frame by frame
         if not fps_ok(fps):
             raise InputError(f"{self.path}: {FPS_RANGE}, got {float(fps):g}")
         try:
@@ -297,7 +314,6 @@ class VideoWriter:
         self.count = 0
         w, h = self.size
         self.written_size = (w + w % 2, h + h % 2) if self.kind == "ffmpeg" else self.size
-        self._gif_frames: list = []
         if self.kind == "gif":
             self._gif_delay = _gif_delay(self.path, self.fps)
         if self.kind == "frames":
@@ -313,6 +329,8 @@ class VideoWriter:
         if self.kind == "ffmpeg":
             codec = CODECS.get(self.path.suffix.lower(), "libx264")
             self._ffmpeg = _Ffmpeg(self._tmp, self.path, self.written_size, self.fps, codec)
+        elif self.kind == "gif":
+            self._gif = open(self._tmp, "wb")
 
     def write(self, frame: torch.Tensor) -> None:
         """Append one (3, H, W) frame in [0, 1]."""
@@ -328,15 +346,25 @@ class VideoWriter:
 
             write_image(self._tmp / f"frame_{self.count:06d}.png", frame[None])
         elif self.kind == "gif":
-            from PIL import Image
-
-            self._gif_frames.append(Image.fromarray(arr, "RGB"))
+            self._write_gif(arr)
         else:
             pad_w, pad_h = self.written_size[0] - arr.shape[1], self.written_size[1] - arr.shape[0]
             if pad_w or pad_h:
                 arr = np.pad(arr, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
             self._ffmpeg.send(np.ascontiguousarray(arr))
         self.count += 1
+
+    def _write_gif(self, arr: np.ndarray) -> None:
+        # Frame by frame, each with its own palette as Pillow's save_all makes them (the same pixels), rather than
+        # through save_all, which holds every frame of the clip until it writes the file.
+        from PIL import GifImagePlugin, Image
+
+        frame = Image.fromarray(arr, "RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+        if self.count == 0:
+            header, _ = GifImagePlugin.getheader(frame, None, {"loop": 0})
+            self._gif.write(b"".join(header))
+        data = GifImagePlugin.getdata(frame, (0, 0), duration=self._gif_delay, include_color_table=self.count > 0)
+        self._gif.write(b"".join(data))
 
     def close(self) -> None:
         """Finish the file and move it into place; on any failure nothing of it remains."""
@@ -354,12 +382,11 @@ class VideoWriter:
             self._tmp = None
             return
         if self.kind == "gif":
-            if not self._gif_frames:
+            if not self.count:
                 raise UsageError("no frames to write")
-            from vaecli.media import save_pillow
-
-            save_pillow(self._gif_frames[0], self._tmp, format="GIF", save_all=True,
-                        append_images=self._gif_frames[1:], duration=self._gif_delay, loop=0)
+            gif, self._gif = self._gif, None
+            with gif:
+                gif.write(b";")  # the trailer
         else:
             self._ffmpeg.close()
             self._ffmpeg = None  # finished: kept until then so that abort() can stop it (Ctrl-C while it ends)
@@ -389,6 +416,9 @@ class VideoWriter:
         if self._ffmpeg is not None:
             ffmpeg, self._ffmpeg = self._ffmpeg, None
             ffmpeg.kill()
+        if self._gif is not None:
+            gif, self._gif = self._gif, None
+            gif.close()
         if self._tmp is not None and self._tmp.is_dir():
             shutil.rmtree(self._tmp, ignore_errors=True)
         elif self._tmp is not None:

@@ -92,6 +92,7 @@ class VideoLatentFormat(str, Enum):
 
 
 LATENT_EXTS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}
+MAX_CHUNK = 100_000  # frames a pass; a larger --chunk runs whole clips the same way
 
 def output_path(text: str) -> Path:
     """An -o value: a Path, which would drop a trailing slash, or a FolderPath where there is one (`-o out.v1/`)."""
@@ -367,8 +368,8 @@ def parse_chunk(option: str) -> int | None:
     """`--chunk` as given: None for "auto", else a positive frame count."""
     if option == "auto":
         return None
-    if not (option.isascii() and option.isdigit()) or int(option) < 1:  # not '²', which isdigit() accepts
-        raise UsageError(f"--chunk {option}: expected auto or a number of frames (at least 1)")
+    if not (option.isascii() and option.isdigit()) or not 1 <= int(option) <= MAX_CHUNK:  # isdigit() takes '²'
+        raise UsageError(f"--chunk {option}: expected auto or a number of frames from 1 to {MAX_CHUNK}")
     return int(option)
 
 

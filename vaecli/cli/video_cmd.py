@@ -82,27 +82,29 @@ def video_cmd(
     from vaecli import clips, latents, video
     from vaecli.batch import Job
     from vaecli.codec import load_codec
-    from vaecli.files import FolderPath, plan_outputs, strip_suffixes, temp_prefix
+    from vaecli.files import FolderPath, is_folder_target, plan_outputs, strip_suffixes, temp_prefix
 
     try:
         frames_per_pass = parse_chunk(chunk)
         clips.check_selection(start, frames, stride, fps, frames_per_pass)
-        if output is not None and not isinstance(output, FolderPath) and output.suffix.lower() not in (
-                ".latent", ".safetensors"):
-            raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors")
+        folder = output is not None and is_folder_target(output, 1)
+        if output is not None and not folder and output.suffix.lower() not in (".latent", ".safetensors"):
+            raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors, or a folder")
         out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
         if roundtrip:
             if isinstance(recon, FolderPath):
                 raise UsageError(f"--recon {recon}/: expected a video file, not a folder")
             recon = recon or out.with_name(strip_suffixes(out, ".latent") + ".recon.mp4")
             video.check_video_output(recon)
-            plan_outputs([source], recon, lambda p: p.name)
+            plan_outputs([source], recon, lambda p: p.name, option="--recon")
         elif recon is not None:
             raise UsageError("--recon needs --roundtrip")
         if seed is not None and not sample:
             raise UsageError("--seed only applies with --sample")
         job = Job(source, out)
-        skip = bool(skip_existing) and out.exists() and (recon is None or recon.exists())
+        # As for the other commands: by default an output in an -o FOLDER is kept (a rerun resumes), others replaced.
+        skip = (folder if skip_existing is None else skip_existing) and out.exists() and (
+            recon is None or recon.exists())
         if not skip:
             roles = ("encoder", "decoder") if roundtrip else ("encoder",)
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,

@@ -151,6 +151,11 @@ class Family(CausalFamily):
         return step_chunks(frames, model.config.t_downscale)
 
     @staticmethod
+    def lead_frames(model: TAEHV, n_latents: int | None) -> int:
+        """The startup frames a decode keeps (taecvx for even or unknown latent counts): they precede the clip."""
+        return model.config.t_upscale - 1 - model.config.frames_to_trim(n_latents)
+
+    @staticmethod
     def frame_counts(model: TAEHV, n_latents: int) -> list[int]:
         """Frames each of a clip's `n_latents` latent frames decodes to (the first loses the startup frames)."""
         t, trim = model.config.t_upscale, model.config.frames_to_trim(n_latents)
