@@ -247,6 +247,12 @@ def test_github_file_with_wrong_bytes_is_refused(vae, fake_github):
     assert list(weights.cache_dir().iterdir()) == []
 
 
+def _taesd_by_hand() -> str:
+    """The end of a failed pull's message: how to do it by hand."""
+    return ("download https://github.com/madebyollin/taesd/raw/main/taesd_encoder.pth by hand and save it as "
+            f"{weights.cache_dir() / 'taesd_encoder.pth'} (or into a folder on $VAE_WEIGHTS_DIR)")
+
+
 def test_github_transfer_cut_short_is_refused_and_nothing_is_left(vae, monkeypatch):
     class Short(io.BytesIO):  # a dropped connection: read() ends early, without an error
         headers = {"Content-Length": "1000000"}
@@ -256,8 +262,7 @@ def test_github_transfer_cut_short_is_refused_and_nothing_is_left(vae, monkeypat
     assert result.exit_code == 1
     assert _error_lines(result)[0] == (
         "Error: cannot download taesd_encoder.pth (taesd encoder): the transfer ended after 5000 of 1000000 bytes; "
-        "nothing was written; download https://github.com/madebyollin/taesd/raw/main/taesd_encoder.pth by hand and "
-        f"save it as {weights.cache_dir() / 'taesd_encoder.pth'} (or into a folder on $VAE_WEIGHTS_DIR)")
+        f"nothing was written; {_taesd_by_hand()}")
     assert list(weights.cache_dir().iterdir()) == []
     assert "missing" in vae("weights", "list", "taesd").stdout
 
@@ -267,8 +272,7 @@ def test_github_offline(vae, fake_github):
     assert result.exit_code == 1
     assert _error_lines(result)[0] == (
         "Error: cannot download taesd_encoder.pth (taesd encoder) (<urlopen error [Errno -3] Temporary failure in "
-        "name resolution>); download https://github.com/madebyollin/taesd/raw/main/taesd_encoder.pth by hand and "
-        f"save it as {weights.cache_dir() / 'taesd_encoder.pth'} (or into a folder on $VAE_WEIGHTS_DIR)")
+        f"name resolution>); {_taesd_by_hand()}")
     assert len(_error_lines(result)) == 2
 
 
