@@ -226,3 +226,12 @@ def test_compressed_pytorch_zip_is_refused_before_inflating(vae, shared_weights,
         f"entries; {count} are compressed ({first[:60]}...), which would be inflated in full before their shapes "
         f"could be checked (re-save it with torch.save)")
     assert "does not fit" in _error_line(vae("encode", small_image, "--weights", plain))  # stored: read as usual
+
+
+def test_truncated_checkpoint_is_one_whole_sentence(vae, shared_weights, small_image, tmp_path):
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((shared_weights / "taef2_encoder.pth").read_bytes()[:100000])
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", cut)
+    assert _error_line(result) == (f"Error: cannot load weights from {cut}: expected a .pth or .safetensors state "
+                                   f"dict of tensors; PytorchStreamReader failed reading zip archive: failed finding "
+                                   f"central directory")

@@ -129,7 +129,9 @@ def load_state_dict(path: Path) -> dict:
         if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
             msg = "it holds objects other than tensors, or is not a PyTorch file (loaded with weights_only=True)"
         else:
-            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # torch's first sentence says what is wrong; the rest is advice for its own developers
+            msg = msg.split(". ")[0] if ". " in msg[:200] else msg[:200]
         raise WeightsError(f"cannot load weights from {path}: expected a .pth or .safetensors state dict of "
                            f"tensors; {msg}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
