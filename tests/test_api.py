@@ -111,7 +111,10 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
         (lambda: model.encode((pixels * 255).to(torch.uint8)), UsageError,
          "expected float pixels in [0, 1], got uint8 (divide 8-bit values by 255)"),
         (lambda: model.encode(pixels * 2 - 1), UsageError,
-         f"expected pixels in [0, 1], got values from -1 to {float(pixels.max()) * 2 - 1:g}"),
+         f"expected pixels in [0, 1], got values from -1 to {float(pixels.max()) * 2 - 1:g} (a resize can "
+         f"overshoot: .clamp(0, 1) them)"),
+        (lambda: model.encode(torch.where(pixels == pixels.max(), float("nan"), pixels)), UsageError,
+         f"expected finite pixels in [0, 1], found {int((pixels == pixels.max()).sum())} NaN/Inf"),
         (lambda: model.encode(pixels[:, :2]), UsageError,
          "expected pixels of shape (3, H, W) or (B, 3, H, W), got shape [1, 2, 45, 61]"),
         (lambda: model.encode(None), UsageError,
@@ -136,6 +139,10 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
          "'vae video')"),
         (lambda: vaecli.to_image(torch.zeros(4, 8, 8)), UsageError,
          "to_image: expected (1, 3, H, W) or (3, H, W) pixels, got shape [4, 8, 8]"),
+        (lambda: vaecli.to_image(torch.full((3, 2, 2), float("nan"))), UsageError,
+         "to_image: expected finite pixels, found 12 NaN/Inf"),
+        (lambda: list(model.encode_video([pixels[0]], chunk=True)), UsageError,
+         "chunk: expected a number of frames of at least 1, or None, got True"),
         (lambda: vaecli.load("taef2", halves="encoder"), UsageError,
          "halves: expected a tuple of encoder and/or decoder, got 'encoder'"),
         (lambda: vaecli.load("taef2", weights=5), UsageError, "weights: expected a path or a list of paths, got 5"),
@@ -147,5 +154,8 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
             call()
         assert str(err.value) == message
     assert not (tmp_path / "a.jpg").exists() and not (tmp_path / "v.latent").exists()
+    import numpy as np
+
+    assert len(list(model.encode_video([pixels[0]], chunk=np.int64(2)))) == 1  # numpy integers are integers
     # a budget in bytes is a budget
     assert vaecli.load("taef2", max_memory=2**30, halves=("encoder",)).codec.budget == 2**30

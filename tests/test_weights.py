@@ -235,3 +235,13 @@ def test_truncated_checkpoint_is_one_whole_sentence(vae, shared_weights, small_i
     assert _error_line(result) == (f"Error: cannot load weights from {cut}: expected a .pth or .safetensors state "
                                    f"dict of tensors; PytorchStreamReader failed reading zip archive: failed finding "
                                    f"central directory")
+
+
+def test_float8_weights_load_as_before(vae, shared_weights, small_image, tmp_path):
+    """fp8 repackagings are floats (torch has no isfinite for them: the finite check goes through float32)."""
+    from safetensors.torch import save_file
+
+    sd = torch.load(shared_weights / "taef2_encoder.pth", weights_only=True)
+    save_file({k: v.to(torch.float8_e4m3fn).contiguous() for k, v in sd.items()}, str(tmp_path / "fp8.safetensors"))
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", tmp_path / "fp8.safetensors")
+    assert result.exit_code == 0, result.stderr

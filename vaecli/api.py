@@ -11,6 +11,7 @@ Errors are `vaecli.errors.VaeError` subclasses with the same one-line messages t
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,8 @@ def to_image(pixels: torch.Tensor):
     if not isinstance(pixels, torch.Tensor) or pixels.dim() not in (3, 4) or pixels.shape[-3] != 3 or (
             pixels.dim() == 4 and pixels.shape[0] != 1):
         raise UsageError(f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got {_described(pixels)}")
+    if bad := latents.count_non_finite(pixels):
+        raise UsageError(f"to_image: expected finite pixels, found {bad} NaN/Inf")
     return Image.fromarray(media.to_uint8(pixels), "RGB")
 
 
@@ -181,9 +184,13 @@ def _pixels(image) -> torch.Tensor:
     if not image.is_floating_point():
         raise UsageError(f"expected float pixels in [0, 1], got {str(image.dtype).removeprefix('torch.')} "
                          f"(divide 8-bit values by 255)")
+    bad = latents.count_non_finite(image)
+    if bad:
+        raise UsageError(f"expected finite pixels in [0, 1], found {bad} NaN/Inf")
     low, high = float(image.min()), float(image.max())
-    if not 0 <= low <= high <= 1:  # NaN fails too
-        raise UsageError(f"expected pixels in [0, 1], got values from {low:g} to {high:g}")
+    if not 0 <= low <= high <= 1:
+        raise UsageError(f"expected pixels in [0, 1], got values from {low:g} to {high:g} (a resize can overshoot: "
+                         f".clamp(0, 1) them)")
     return (image[None] if image.dim() == 3 else image).float()
 
 
@@ -203,7 +210,13 @@ def _one(pixels: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _check_chunk(chunk) -> None:
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+    if chunk is None:
+        return
+    try:
+        n = None if isinstance(chunk, bool) else operator.index(chunk)  # numpy integers too
+    except TypeError:
+        n = None
+    if n is None or n < 1:
         raise UsageError(f"chunk: expected a number of frames of at least 1, or None, got {chunk!r:.40}")
 
 

@@ -133,6 +133,8 @@ def _check_values(own: dict, sd: dict, what: str) -> None:
             kind = f"{value.dtype}".removeprefix("torch.") if value.layout == torch.strided else f"{value.layout}"
             raise WeightsError(f"{what}: expected floating-point tensors, got {'meta' if value.is_meta else kind} "
                                f"for {key}")
+        if value.element_size() == 1:  # float8: torch has no isfinite for it
+            value = value.float()
         bad = int(value.numel() - torch.isfinite(value).sum())
         if bad:
             raise WeightsError(f"{what}: expected finite weights, found {bad} NaN/Inf in {key}")
