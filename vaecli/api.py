@@ -153,7 +153,7 @@ def to_image(pixels: torch.Tensor):
     if not isinstance(pixels, torch.Tensor) or pixels.dim() not in (3, 4) or pixels.shape[-3] != 3 or (
             pixels.dim() == 4 and pixels.shape[0] != 1):
         raise UsageError(f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got {_described(pixels)}")
-    if bad := latents.count_non_finite(pixels):
+    if bad := media.count_non_finite(pixels):
         raise UsageError(f"to_image: expected finite pixels, found {bad} NaN/Inf")
     return Image.fromarray(media.to_uint8(pixels), "RGB")
 
@@ -184,7 +184,7 @@ def _pixels(image) -> torch.Tensor:
     if not image.is_floating_point():
         raise UsageError(f"expected float pixels in [0, 1], got {str(image.dtype).removeprefix('torch.')} "
                          f"(divide 8-bit values by 255)")
-    bad = latents.count_non_finite(image)
+    bad = media.count_non_finite(image)
     if bad:
         raise UsageError(f"expected finite pixels in [0, 1], found {bad} NaN/Inf")
     low, high = float(image.min()), float(image.max())
@@ -227,6 +227,6 @@ def _check_latent(latent, layout: str, what: str) -> None:
         raise UsageError(f"expected {what} (vaecli.load_latent, Model.encode), got {_described(latent)}")
     if latent.tensor.dim() != layout.count(",") + 1:
         raise UsageError(f"expected {what} of shape {layout}, got shape {list(latent.tensor.shape)}")
-    bad = latents.count_non_finite(latent.tensor)
+    bad = media.count_non_finite(latent.tensor)
     if bad:
         raise InputError(f"expected finite latent values, found {bad} NaN/Inf")

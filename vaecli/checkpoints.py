@@ -74,11 +74,8 @@ def _check_diffusers_config(spec: ModelSpec, config: Path) -> None:
         raise WeightsError(f"cannot read {config}: expected a JSON object, got {type(cfg).__name__}")
     channels = cfg.get("latent_channels")
     if channels is not None and (type(channels) is not int or channels != spec.latent_channels):
-        raise WeightsError(
-            f"expected {spec.latent_channels} latent channels for {spec.name}, got {str(channels)[:20]!r} in {config}"
-            if type(channels) is not int else
-            f"expected {spec.latent_channels} latent channels for {spec.name}, got {channels} in {config}"
-        )
+        shown = channels if type(channels) is int else repr(str(channels)[:20])  # "32" (text) is not 32
+        raise WeightsError(f"expected {spec.latent_channels} latent channels for {spec.name}, got {shown} in {config}")
 
 
 def model_state_dict(spec: ModelSpec, sd: dict, source: str) -> dict:
@@ -125,6 +122,8 @@ def _check_values(own: dict, sd: dict, what: str) -> None:
     holds floats (load_state_dict casts them silently), or NaN/Inf values."""
     import torch
 
+    from vaecli.media import count_non_finite
+
     for key, param in own.items():
         if not param.is_floating_point():
             continue
@@ -133,9 +132,7 @@ def _check_values(own: dict, sd: dict, what: str) -> None:
             kind = f"{value.dtype}".removeprefix("torch.") if value.layout == torch.strided else f"{value.layout}"
             raise WeightsError(f"{what}: expected floating-point tensors, got {'meta' if value.is_meta else kind} "
                                f"for {key}")
-        if value.element_size() == 1:  # float8: torch has no isfinite for it
-            value = value.float()
-        bad = int(value.numel() - torch.isfinite(value).sum())
+        bad = count_non_finite(value)
         if bad:
             raise WeightsError(f"{what}: expected finite weights, found {bad} NaN/Inf in {key}")
 

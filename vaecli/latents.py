@@ -72,7 +72,7 @@ def _check_latent(latent: torch.Tensor, meta: dict, source: str) -> None:
 def _check_output_finite(latent: torch.Tensor, source: str, first: int | None = None) -> None:
     # Weights are checked finite when loaded, so this is an overflow (fp16's range is small); such a file would be
     # refused when read, or (as a PNG, whose 8 bits clamp) decode to garbage.
-    bad = count_non_finite(latent)
+    bad = media.count_non_finite(latent)
     if bad:
         where = f" in latent frames from {first}" if first is not None else ""
         raise ComputeError(f"{source}: expected finite latents to write, the model gave {bad} NaN/Inf{where} (an "
@@ -156,19 +156,9 @@ def _decode_size_problem(hw, f: int) -> str | None:
             f"(set VAE_MAX_PIXELS to allow larger images)")
 
 
-def count_non_finite(latent: torch.Tensor) -> int:
-    """How many NaN or Inf values a float tensor holds."""
-    # Counted with numpy: torch's first reductions bring tens of MB of kernels into resident memory, which reading a
-    # latent video frame by frame in flat memory would no longer be.
-    latent = latent.detach().cpu().contiguous()
-    if latent.dtype == torch.bfloat16:  # numpy has no bfloat16: every exponent bit set is NaN or Inf
-        return int(np.count_nonzero((latent.view(torch.int16).numpy() & 0x7F80) == 0x7F80))
-    return latent.numel() - int(np.count_nonzero(np.isfinite(latent.numpy())))
-
-
 def _check_finite(latent: torch.Tensor, source: str, first: int | None = None) -> None:
     """Refuse latents holding NaN or Inf (they decode without any error, to garbage); `first`: latent frames' index."""
-    bad = count_non_finite(latent)
+    bad = media.count_non_finite(latent)
     if not bad:
         return
     where = ""

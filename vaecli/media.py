@@ -173,11 +173,23 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
     return pixels, ImageInfo(size=(arr.shape[1], arr.shape[0]), mode=mode, had_alpha=had_alpha)
 
 
+def count_non_finite(x: torch.Tensor) -> int:
+    """How many NaN or Inf values a float tensor (any shape, device and float dtype) holds."""
+    # Counted with numpy: torch's first reductions bring tens of MB of kernels into resident memory, which reading a
+    # latent video frame by frame in flat memory would no longer be.
+    x = x.detach().cpu().contiguous()
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: every exponent bit set is NaN or Inf
+        return int(np.count_nonzero((x.view(torch.int16).numpy() & 0x7F80) == 0x7F80))
+    if x.element_size() == 1:  # float8: numpy has none either
+        x = x.float()
+    return x.numel() - int(np.count_nonzero(np.isfinite(x.numpy())))
+
+
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) or (3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded to nearest."""
     if pixels.dim() == 4:
         pixels = pixels[0]
-    bad = pixels.numel() - int(torch.isfinite(pixels).sum())
+    bad = count_non_finite(pixels)
     if bad:  # NaN would become black (or any byte): weights are checked finite when loaded, so an overflow
         raise ComputeError(f"expected finite pixels, the model gave {bad} NaN/Inf (an overflow: try another --dtype)")
     return pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from vaecli.errors import LatentFormatError, UsageError
+from vaecli.media import count_non_finite
 from vaecli.registry import ModelSpec
 
 Normalizer = Callable[[torch.Tensor], torch.Tensor]
@@ -59,7 +60,7 @@ def to_network(z: torch.Tensor, spec: ModelSpec, meta: dict, network: str,
     else:
         raw = z
     out = (raw - spec.shift_factor) * spec.scaling_factor if network == "scaled" else raw
-    bad = out.numel() - int(torch.isfinite(out).sum())
+    bad = count_non_finite(out)
     if bad:  # finite values, read and checked, overflowed: the metadata's factors are the cause
         raise LatentFormatError(f"expected finite latents once converted from '{space}' (scaling_factor {scale:g}, "
                                 f"shift_factor {shift:g}), got {bad} NaN/Inf")
