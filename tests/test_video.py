@@ -67,6 +67,8 @@ def test_roundtrip_reports_psnr_per_frame(vae, real_weights, clip, tmp_path):
     (["--start", 10, "--frames", 3], [10, 11, 12], 24.0),
     (["--fps", 8, "--frames", 4], [0, 3, 6, 9], 8.0),
     (["--start", 45], [45, 46, 47], 24.0),
+    (["--fps", 24.024, "--frames", 3], [0, 1, 2], 24.0),  # 30 for a 29.97 fps clip: the clip's rate, every frame
+    (["--fps", 23.976, "--frames", 3], [0, 1, 2], 24.0),
 ])
 def test_frame_selection(vae, real_weights, clip, tmp_path, args, indices, fps):
     result = vae("video", clip, "-o", tmp_path / "s.latent", *args)
@@ -827,9 +829,9 @@ def test_video_options_that_cannot_be_met_are_refused(vae, real_weights, clip, t
     past VAE_MAX_PIXELS were encoded (only images were checked); a --chunk past Python's integers was an
     'unexpected ValueError'."""
     small = _small_clip(tmp_path, clip)
-    result = vae("video", small, "-o", tmp_path / "a.latent", "--fps", 48)
+    result = vae("video", small, "-o", tmp_path / "a.latent", "--fps", 24.03)
     assert (result.exit_code, _error_line(result)) == (1, (
-        f"Error: {small}: --fps 48 is above the clip's 24 fps: frames are dropped to lower the rate, never repeated "
+        f"Error: {small}: --fps 24.03 is above the clip's 24 fps: frames are dropped to lower the rate, never repeated "
         f"(leave --fps out to keep every frame)"))
     monkeypatch.setenv("VAE_MAX_PIXELS", "2559")
     result = vae("video", small, "-o", tmp_path / "a.latent")

@@ -67,6 +67,8 @@ def encode_clip(codec: Codec, src: Path, out: Path, *, start: int = 0, frames: i
     check_selection(start, frames, stride, fps, chunk)
     info, stream = video.read_frames(src, start=start, stride=stride, fps=fps, limit=frames)
     chunk = chunk or codec.frames_per_pass(info.size)
+    if fps is not None and video.same_rate(fps, info.fps):
+        fps = None  # the clip's own rate, as read_frames takes it: every frame, recorded at the clip's rate
     out_fps = fps or info.fps / stride
     if not video.fps_ok(out_fps):  # recorded in the latent: refused now rather than when it is decoded
         raise InputError(f"{src}: {info.fps:g} fps / --stride {stride} is {out_fps:g} fps: {video.FPS_RANGE} "

@@ -37,6 +37,8 @@ CODECS = {".webm": "libvpx-vp9"}  # everything else: H.264
 # Frame rates every writer here stores (latents.py's metadata check uses the same bounds): beyond them ffmpeg
 # refuses the rate or a GIF's frame delay overflows.
 FPS_MIN, FPS_MAX = 0.001, 1000.0
+# 30 and 29.97 (30000/1001, or typed as 29.97), 24 and 23.976 name the same rate: 1001/1000 and the typed rounding.
+SAME_RATE = 1.0011
 FPS_RANGE = f"expected fps between {FPS_MIN:g} and {FPS_MAX:g}"
 GIF_MAX_DELAY_MS = 655350  # a GIF frame delay is a 16-bit count of centiseconds
 GIF_MIN_DELAY_CS = 2  # browsers slow any shorter frame to 10 cs
@@ -112,6 +114,11 @@ def probe(path: Path) -> VideoInfo:
     return info
 
 
+def same_rate(fps: float, clip_fps: float) -> bool:
+    """Whether a requested `fps` is the clip's rate to within NTSC's 1000/1001 (30 for a 29.97 fps clip)."""
+    return max(fps, clip_fps) <= min(fps, clip_fps) * SAME_RATE
+
+
 def select(index: int, start: int, stride: int, fps_in: float, fps_out: float | None) -> bool:
     """Whether source frame `index` is kept: from `start`, every `stride`-th, or resampled to `fps_out`."""
     if index < start:
@@ -128,7 +135,9 @@ def read_frames(path: Path, start: int = 0, stride: int = 1, fps: float | None =
     """The clip's info and a lazy iterator of (source index, (3, H, W) float frame in [0, 1]) for selected frames."""
     gen, info = _open(path)
     w, h = info.size
-    if fps is not None and fps > info.fps * (1 + 1e-9):
+    if fps is not None and same_rate(fps, info.fps):
+        fps = None  # every frame: resampling by a thousandth would only drop one frame in a thousand
+    if fps is not None and fps > info.fps:
         gen.close()
         raise InputError(f"{path}: --fps {fps:g} is above the clip's {info.fps:g} fps: frames are dropped to lower "
                          f"the rate, never repeated (leave --fps out to keep every frame)")

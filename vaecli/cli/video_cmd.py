@@ -51,7 +51,8 @@ def video_cmd(
     start: Annotated[int, typer.Option("--start", help="First source frame (0-based).")] = 0,
     stride: Annotated[int, typer.Option("--stride", help="Keep every K-th frame.")] = 1,
     fps: Annotated[Optional[float], typer.Option(
-        "--fps", help="Resample to this frame rate instead of --stride.")] = None,
+        "--fps", help="Lower the frame rate to this (frames are dropped, never repeated) instead of --stride.")] \
+        = None,
     model: Annotated[ModelName, typer.Option("-m", "--model", help="Registry model (see 'vae models').")]
     = DEFAULT_MODEL,
     weights: WeightsOpt = None,
