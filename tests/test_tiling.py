@@ -48,11 +48,12 @@ def test_memory_budget_chooses_tiles(real_weights, shared_images):
     assert tile is not None and tile % 8 == 0 and tile < 300
     latent, meta = whole.encode_image(x, info.size)
     tiled_latent, _ = small.encode_image(x, info.size)
-    assert (latent - tiled_latent).abs().max().item() <= 1e-4
+    assert (latent - tiled_latent).abs().max().item() <= 1e-5
     y, y_tiled = whole.decode_latent(latent, meta), small.decode_latent(latent, meta)
-    assert (y - y_tiled).abs().max().item() <= 1 / 255
+    # 1e-5, not 1/255: a decoder halo two latent cells short is 7.6e-4 off here, well within 1/255.
+    assert (y - y_tiled).abs().max().item() <= 1e-5
     check = small.verify_tiling(latent, meta, y_tiled)
-    assert check["tiled"] and check["max_abs_diff"] <= 1 / 255 and check["psnr"] > 60
+    assert check["tiled"] and check["max_abs_diff"] <= 1e-5 and check["psnr"] > 60
 
 
 def test_verify_line_and_max_memory_option(vae, real_weights, small_image, tmp_path):
@@ -192,7 +193,7 @@ def test_past_the_budget_tiny_models_stream_rows_and_tile_only_when_asked(real_w
     # the decoder's at the latent's, 8x8 pixels each.
     (w_enc, b_enc), (w_dec, b_dec) = bands
     assert b_enc == (1 << 20) // (256 * w_enc) and b_dec == max(1, (1 << 20) // (256 * w_dec * 64))
-    assert (forced.decode_latent(latent, meta) - y).abs().max().item() <= 1 / 255 and calls == [1]
+    assert (forced.decode_latent(latent, meta) - y).abs().max().item() <= 1e-5 and calls == [1]
 
 
 def test_row_bands_take_16_mb_or_a_64th_of_the_budget():
@@ -265,7 +266,8 @@ class SpanSpy:
 
 
 def test_kl_decode_in_tiles_equals_untiled(sd15, monkeypatch):
-    """sd15 configuration, 512x512 decoded in 2x2 tiles of 256 pixels at every level: <= 1e-3 from untiled."""
+    """sd15 configuration, 512x512 decoded in 2x2 tiles of 256 pixels at every level: <= 1e-4 from untiled (1.5e-5
+    measured: the tiles' direct convolutions against the whole image's Winograd ones)."""
     torch.manual_seed(0)
     z = torch.randn(1, 4, 64, 64).contiguous(memory_format=torch.channels_last)
     spy = SpanSpy(monkeypatch)
@@ -273,7 +275,7 @@ def test_kl_decode_in_tiles_equals_untiled(sd15, monkeypatch):
         whole = codec_for(sd15, tile=None).decode_raw(z)
         tiled = codec_for(sd15, tile=256).decode_raw(z)
     assert tiled.shape == whole.shape == (1, 3, 512, 512)
-    assert (tiled - whole).abs().max().item() <= 1e-3
+    assert (tiled - whole).abs().max().item() <= 1e-4
     assert spy.tiles and min(spy.tiles) >= 2  # every tiled pass cut each axis at least in two: 4+ tiles
 
 
