@@ -114,3 +114,13 @@ def test_diff_and_output_must_differ_and_fail_together(vae, real_weights, small_
     assert result.exit_code == 1
     assert not heat.exists() and not recon.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [small_image.name]
+
+
+@pytest.mark.parametrize("option", [["--suffix", "_x"], ["--name", "{stem}.jpg"], ["--overwrite"],
+                                    ["--skip-existing"]])
+def test_output_options_without_output_are_refused(vae, small_image, option):
+    """Without -o nothing is written: an option about the written files would be silently ignored."""
+    result = vae("roundtrip", small_image, *option)
+    assert result.exit_code == 2
+    assert result.stderr == (f"Error: {option[0]} only applies with -o: without it roundtrip writes no "
+                             f"reconstructions, it only reports the metrics\n")

@@ -84,6 +84,13 @@ def roundtrip(
     from vaecli.pipeline import encode_group, scratch_fields, scratch_text
 
     try:
+        if output is None:  # nothing is written, so options about the written files would be silently ignored
+            given = {"--name": name is not None, "--suffix": bool(suffix),
+                     "--skip-existing" if skip_existing else "--overwrite": skip_existing is not None}
+            unused = [option for option, on in given.items() if on]
+            if unused:
+                raise UsageError(f"{unused[0]} only applies with -o: without it roundtrip writes no reconstructions, "
+                                 f"it only reports the metrics")
         jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.IMAGE_EXTS, quiet), output,
                                namer(name, suffix, ".png", model.value), skip_existing, beside=False)
         for job in jobs:
