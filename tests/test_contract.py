@@ -133,6 +133,38 @@ def test_read_only_output_folder(vae, real_weights, photos, latents_dir, tmp_pat
     assert list((out / "sub").iterdir()) == []
 
 
+def _deny_reads_of(path: Path, monkeypatch) -> None:
+    """Make `path` unreadable: chmod for an ordinary user; as root (who ignores modes) refuse opening it."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    import builtins
+
+    real = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == path.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+
+
+@pytest.mark.parametrize("cmd", ["encode", "decode"])
+def test_an_unreadable_input_says_so(vae, real_weights, photos, latents_dir, tmp_path, monkeypatch, cmd):
+    """An input the user may not read: 'permission denied', not a corrupt image or an unexpected PermissionError."""
+    args, _ = _command(cmd, photos, latents_dir)
+    src = (latents_dir if cmd == "decode" else photos) / "sub" / ("b.latent" if cmd == "decode" else "b.png")
+    _deny_reads_of(src, monkeypatch)
+    result = vae(*args, "-o", tmp_path / "out", "--json")
+    src.chmod(0o644)
+    assert result.exit_code == 1
+    assert _error_lines(result) == [f"Error: {src}: cannot read: permission denied"]
+    records = _records(result)
+    assert [r["status"] for _, r in sorted(records.items())] == ["ok", "error"]
+    assert records[src.name]["error"] == f"{src}: cannot read: permission denied"
+
+
 @pytest.mark.parametrize("cmd", ["encode", "roundtrip"])
 def test_disk_full_while_writing(vae, real_weights, photos, tmp_path, monkeypatch, cmd):
     """ENOSPC half-way through a file: that input fails, the partial temp file is removed, the others are written."""

@@ -12,7 +12,7 @@ from contextlib import contextmanager, suppress
 from glob import escape as glob_escape
 from pathlib import Path
 
-from vaecli.errors import OutputError, UsageError
+from vaecli.errors import InputError, OutputError, UsageError
 
 try:
     import fcntl
@@ -48,6 +48,26 @@ def output_error(dest: Path, exc: OSError) -> OutputError:
         lines = [line for line in (exc.strerror or str(exc)).splitlines() if line.strip()]
         why = " ".join(lines[0].split()) if lines else f"error {exc.errno}"
     return OutputError(f"{dest}: cannot write: {why}")
+
+
+def read_error(src: Path, exc: OSError) -> InputError:
+    """A one-line InputError saying why input `src` could not be read (no permission, an I/O error), not what is
+    wrong with its content."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+    else:
+        lines = [line for line in (exc.strerror or str(exc)).splitlines() if line.strip()]
+        why = " ".join(lines[0].split()) if lines else f"error {exc.errno}"
+    return InputError(f"{src}: cannot read: {why}")
+
+
+@contextmanager
+def reading(src: Path) -> Iterator[None]:
+    """Turn an OSError raised while opening or reading input `src` into a one-line InputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise read_error(src, exc) from None
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from vaecli import media
 from vaecli.errors import ComputeError, LatentFormatError
-from vaecli.files import atomic_write, writing
+from vaecli.files import atomic_write, reading, writing
 from vaecli.registry import REGISTRY
 
 FORMAT = "vaecli-latent"
@@ -423,7 +423,7 @@ def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dic
         raise LatentFormatError(f"{path}: no such file")
     if path.is_dir():
         raise LatentFormatError(f"{path}: is a folder, expected a latent file")
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
         return _load_png(path)
@@ -509,7 +509,7 @@ def read_metadata(path: Path, model: str | None = None, need_model: bool = True)
     path = Path(path)
     if not path.is_file():
         return load_latent(path)[1]  # raises the right "no such file" / "is a folder" error
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
         try:  # the header and text chunk say all decode would check first: no need to decode the mosaic

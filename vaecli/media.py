@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vaecli.errors import ComputeError, InputError, UsageError
-from vaecli.files import atomic_write
+from vaecli.files import atomic_write, read_error
 
 DEFAULT_MAX_PIXELS = 1 << 28  # 16384 x 16384; above this an image is refused as a likely decompression bomb
 ALPHA_MODES = ("white", "black", "drop")
@@ -165,6 +165,8 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
         hint = " (a video? use 'vae video')" if path.suffix.lower() in VIDEO_EXTS else ""
         raise InputError(f"{path}: not an image file Pillow can read{hint}") from None
     except (OSError, SyntaxError, ValueError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's refusal (Pillow's own have none)
+            raise read_error(path, exc) from None
         raise InputError(f"{path}: truncated or corrupt image ({exc})") from None
     # uint8 pixels convert once, straight into the float tensor (no float64 or second float copy of a large image).
     pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
