@@ -225,3 +225,22 @@ def test_kl_model_past_the_budget_compares_with_the_untiled_numbers(vae, kl_file
     expected = json.loads(rt.stdout)
     assert abs(got["psnr"] - expected["psnr"]) <= 0.05 and list(scratch.iterdir()) == []
     assert made and {str(d) for d in made} == {str(scratch)}
+
+
+def test_nan_reconstruction_names_the_image_and_model(vae, real_weights, photos, tmp_path, monkeypatch, one_thread):
+    """An overflow is reported with the image and model it came from, and no sheet is written."""
+    a, _ = photos
+    decode = Codec.decode_latent
+
+    def overflowing(self, latent, meta):
+        pixels = decode(self, latent, meta)
+        pixels[..., 0, 0] = float("nan")
+        return pixels
+
+    monkeypatch.setattr(Codec, "decode_latent", overflowing)
+    out = tmp_path / "sheet.png"
+    result = vae("compare", a, "-m", "taef2", "-o", out)
+    assert result.exit_code == 1
+    assert result.stderr == (f"Error: {a} (taef2): expected finite pixels, the model gave 3 NaN/Inf (an overflow: "
+                             f"try another --dtype)\n")
+    assert not out.exists()

@@ -124,3 +124,23 @@ def test_output_options_without_output_are_refused(vae, small_image, option):
     assert result.exit_code == 2
     assert result.stderr == (f"Error: {option[0]} only applies with -o: without it roundtrip writes no "
                              f"reconstructions, it only reports the metrics\n")
+
+
+def test_nan_reconstruction_fails_without_output(vae, real_weights, small_image, monkeypatch):
+    """Only the image writer checked for NaN: without -o an overflow was reported "ok" with PSNR null."""
+    from vaecli.codec import Codec
+
+    decode = Codec.decode_latent
+
+    def overflowing(self, latent, meta):
+        pixels = decode(self, latent, meta)
+        pixels[..., 0, 0] = float("nan")
+        return pixels
+
+    monkeypatch.setattr(Codec, "decode_latent", overflowing)
+    result = vae("roundtrip", small_image, "--json")
+    assert result.exit_code == 1
+    message = "expected finite pixels, the model gave 3 NaN/Inf (an overflow: try another --dtype)"
+    assert result.stderr == f"Error: {small_image}: {message}\n"
+    assert json.loads(result.stdout) == {"input": str(small_image), "output": None, "status": "error",
+                                         "error": message}

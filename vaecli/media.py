@@ -187,18 +187,27 @@ def count_non_finite(x: torch.Tensor) -> int:
     return x.numel() - int(np.count_nonzero(np.isfinite(x.numpy())))
 
 
+def check_finite(pixels: torch.Tensor, source: str = "") -> torch.Tensor:
+    """`pixels` a model gave, or a ComputeError (prefixed with `source`, if any) where some are NaN or Inf."""
+    bad = count_non_finite(pixels)
+    if bad:  # NaN would become black (or any byte): weights are checked finite when loaded, so an overflow
+        where = f"{source}: " if source else ""
+        raise ComputeError(f"{where}expected finite pixels, the model gave {bad} NaN/Inf (an overflow: try another "
+                           f"--dtype)")
+    return pixels
+
+
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) or (3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded to nearest."""
     if pixels.dim() == 4:
         pixels = pixels[0]
-    bad = count_non_finite(pixels)
-    if bad:  # NaN would become black (or any byte): weights are checked finite when loaded, so an overflow
-        raise ComputeError(f"expected finite pixels, the model gave {bad} NaN/Inf (an overflow: try another --dtype)")
+    check_finite(pixels)
     return pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def quantize8(pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels as an 8-bit file will hold them: same shape, float in [0, 1], multiples of 1/255."""
+    """Pixels as an 8-bit file will hold them: same shape, float in [0, 1], multiples of 1/255 (NaN stays NaN: see
+    `check_finite`)."""
     return pixels.float().clamp(0, 1).mul_(255).round_().div_(255)
 
 

@@ -137,7 +137,7 @@ def compare(
                       "size": list(info.size), "models": {}}
             for name, codec in zip(names, codecs, strict=True):
                 latent, meta = codec.encode_batch(pixels, info.size)
-                recon = media.quantize8(codec.decode_latent(latent[0], meta))
+                recon = media.quantize8(media.check_finite(codec.decode_latent(latent[0], meta), f"{src} ({name})"))
                 del latent
                 p, s = metrics.psnr_ssim(recon, pixels)
                 region = sheet.add(name, recon, p, s)

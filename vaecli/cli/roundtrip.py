@@ -114,7 +114,8 @@ def roundtrip(
         for job, latent, meta in encode_group(group, codec):
             if via == LatentFormat.png:
                 latent = latents.quantize_png(latent)
-            recon = media.quantize8(codec.decode_latent(latent, meta))
+            # checked here, not only by the writer: without -o a NaN reconstruction would report PSNR null as "ok"
+            recon = media.quantize8(media.check_finite(codec.decode_latent(latent, meta)))
             heat = None
             if diff is not None:
                 from vaecli import sheet
