@@ -445,3 +445,22 @@ def test_parquet_manifest_lists_inputs(tmp_path, vae, small_image, real_weights)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["output"] == str(tmp_path / "out" / "small.latent")
     assert torch.isfinite(latents.load_latent(tmp_path / "out" / "small.latent")[0]).all()
+
+
+def test_workers_get_absolute_weight_paths(vae, small_image, shared_weights, tmp_path, monkeypatch):
+    """`-w` relative to the driver's folder: a worker started elsewhere (another node) loads the same files."""
+    from vaecli import ray_engine
+
+    sent = []
+
+    def encode(jobs, settings, on_done, **kw):
+        sent.append(settings)
+        for job in jobs:
+            job.status = "skipped"
+            on_done(job)
+
+    monkeypatch.setattr(ray_engine, "encode", encode)
+    monkeypatch.chdir(shared_weights)
+    result = vae("encode", small_image, "-o", tmp_path / "out", "--engine", "ray", "-w", "taef2_encoder.pth")
+    assert result.exit_code == 0, result.stderr
+    assert sent[0].weights == (str(shared_weights / "taef2_encoder.pth"),)

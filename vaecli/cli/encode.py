@@ -185,8 +185,10 @@ def _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, d
         kind = "parquet"
         if not skip and (output / ray_engine.DONE_FILE).exists():
             (output / ray_engine.DONE_FILE).unlink()  # --overwrite: redo every shard
+    # Absolute, as the inputs are: a worker on another node (or started elsewhere) has another working folder.
+    weights = tuple(str(Path(p).absolute()) for p in codec.sources)
     settings = ray_engine.Settings(
-        model=codec.spec.name, weights=codec.sources, dtype=dtype.value, device="cuda" if gpus else "cpu",
+        model=codec.spec.name, weights=weights, dtype=dtype.value, device="cuda" if gpus else "cpu",
         threads=max(1, int(cpus)), tile=tiling["tile"], budget=tiling["budget"], fmt=kind, space=space,
         sample=sample, seed=seed, alpha=alpha, batch_size=batch_size, skip_existing=skip,
         out=str(output.absolute()))
