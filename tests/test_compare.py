@@ -227,6 +227,21 @@ def test_kl_model_past_the_budget_compares_with_the_untiled_numbers(vae, kl_file
     assert made and {str(d) for d in made} == {str(scratch)}
 
 
+def test_a_rerun_over_a_folder_holding_the_sheet(vae, real_weights, photos, tmp_path, one_thread):
+    """The sheet written into the compared folder is left out on the next run (which failed 'would overwrite an
+    input'); named outright, it is still refused."""
+    a, _ = photos
+    out = tmp_path / "sheet.png"
+    assert vae("compare", tmp_path, "-m", "taef2", "-o", out, "-q").exit_code == 0
+    result = vae("compare", tmp_path, "-m", "taef2", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[0] == f"note: {out} left out of the inputs: it is the output"
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [str(a), str(tmp_path / "b.png")]
+    result = vae("compare", out, "-m", "taef2", "-o", out)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {out}: would overwrite an input\n"
+
+
 def test_nan_reconstruction_names_the_image_and_model(vae, real_weights, photos, tmp_path, monkeypatch, one_thread):
     """An overflow is reported with the image and model it came from, and no sheet is written."""
     a, _ = photos

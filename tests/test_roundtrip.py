@@ -144,3 +144,14 @@ def test_nan_reconstruction_fails_without_output(vae, real_weights, small_image,
     assert result.stderr == f"Error: {small_image}: {message}\n"
     assert json.loads(result.stdout) == {"input": str(small_image), "output": None, "status": "error",
                                          "error": message}
+
+
+def test_a_rerun_with_the_output_file_inside_the_walked_folder(vae, real_weights, small_image):
+    """A walked folder's earlier reconstruction is left out of the inputs, and the note calls it the output
+    (it said 'in the output folder small_rt.png', a file)."""
+    out = small_image.parent / "small_rt.png"
+    assert vae("roundtrip", small_image.parent, "-o", out).exit_code == 0
+    result = vae("roundtrip", small_image.parent, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[0] == f"note: {out} left out of the inputs: it is the output"
+    assert json.loads(result.stdout)["input"] == str(small_image)

@@ -327,8 +327,11 @@ def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tup
     left_out: list[Path] = []
     pairs = expand_inputs(inputs, recursive, exts, output=output, left_out=left_out)
     if left_out and not quiet:
-        say(f"note: {len(left_out)} file{'s' if len(left_out) > 1 else ''} in the output folder {output} left out "
-            f"of the inputs (name them to include them)")
+        if [p.resolve() for p in left_out] == [output.resolve()]:  # the output file itself, an earlier run's
+            say(f"note: {output} left out of the inputs: it is the output")
+        else:
+            say(f"note: {len(left_out)} file{'s' if len(left_out) > 1 else ''} in the output folder {output} left "
+                f"out of the inputs (name them to include them)")
     if not pairs:
         raise UsageError("no inputs (stdin was empty)")
     return pairs

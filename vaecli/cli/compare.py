@@ -121,7 +121,8 @@ def compare(
             raise UsageError("missing -m/--model: name the models to compare, e.g. -m taef2 -m sd15")
         names = list(dict.fromkeys(models))
         paths = parse_weights(weights or [], names)
-        srcs = [src for src, _ in expand(inputs, None, recursive, batch.IMAGE_EXTS)]
+        # a walked folder's earlier sheet (-o photos/sheet.png) is left out, as roundtrip leaves out its outputs
+        srcs = [src for src, _ in expand(inputs, output, recursive, batch.IMAGE_EXTS, quiet)]
         if any(src.resolve() == output.resolve() for src in srcs):
             raise OutputError(f"{output}: would overwrite an input")
         codecs = [load_codec(name, paths.get(name), ("encoder", "decoder"), device.value, dtype.value,
