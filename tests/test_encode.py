@@ -362,6 +362,17 @@ def test_encode_option_errors(vae, kl_files, real_weights, small_image, tmp_path
     assert not (tmp_path / "x.latent").exists()
 
 
+def test_a_bad_batch_size_is_a_usage_error_before_any_input(vae, real_weights, small_image, tmp_path):
+    """Refused like the other options: one line and exit 2, not 'done: ..., 2 not run (the run failed)'."""
+    other = tmp_path / "other.png"
+    other.write_bytes(small_image.read_bytes())
+    result = vae("encode", small_image, other, "-o", tmp_path / "out", "--batch-size", "0", "--json")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --batch-size must be at least 1, got 0\n"
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"input": None, "output": None, "status": "error", "error": "--batch-size must be at least 1, got 0"}]
+
+
 def test_kl_checkpoint_for_another_model(vae, kl_files, small_image, tmp_path):
     result = vae("encode", small_image, "--model", "flux1", "--weights", kl_files("sd15")["ldm"])
     assert result.exit_code == 1

@@ -418,6 +418,9 @@ def test_engine_ray_without_ray_is_one_line(vae, small_image, tmp_path, monkeypa
     (["--engine", "ray", "--device", "cuda"], "--device cuda with --engine ray needs --gpus-per-worker"),
     (["--engine", "ray", "--output-format", "parquet", "--format", "png"],
      "--format applies to --output-format files; parquet holds safetensors bytes"),
+    # usage errors before a cluster starts, as locally: not one error record per input from the workers
+    (["--engine", "ray", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--engine", "ray", "--shard-size", "-1"], "--shard-size must be at least 1, got -1"),
 ])
 def test_engine_option_errors(vae, small_image, tmp_path, real_weights, args, message):
     result = vae("encode", small_image, "-o", tmp_path / "out", *args)
