@@ -257,6 +257,23 @@ def test_a_write_cut_short_fails_the_input(real_weights, shared_images, clip_lat
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_gif_the_disk_refuses_from_the_start_leaves_nothing(vae, real_weights, gif, tmp_path):
+    """Not a byte can be written: the GIF's buffered frames (past the 8 kB buffer: 12 frames) fail again when its temp
+    file is dropped, which must neither turn the error line into 'unexpected OSError' nor leave the temp file."""
+    import subprocess
+    import sys
+
+    clip_latent = tmp_path / "clip.latent"
+    assert vae("video", gif, "-o", clip_latent, "--frames", 12).exit_code == 0
+    out = tmp_path / "out" / "recon.gif"
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vaecli", "decode", str(clip_latent), "-o", str(out), "-q"], env=env,
+                          capture_output=True, text=True, preexec_fn=_file_size_limit(0), timeout=120)
+    assert (proc.returncode, proc.stderr) == (1, f"Error: {clip_latent}: {out}: cannot write: File too large\n")
+    assert list(out.parent.iterdir()) == []
+
+
 # --- hostile or damaged latents -----------------------------------------------------------------------------
 
 def _png_latent_with_text(vae, small_image, path: Path, text) -> Path:

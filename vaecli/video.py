@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -427,7 +428,8 @@ class VideoWriter:
             ffmpeg.kill()
         if self._gif is not None:
             gif, self._gif = self._gif, None
-            gif.close()
+            with suppress(OSError):  # what it still buffers cannot be written either (a full disk): dropped anyway
+                gif.close()
         if self._tmp is not None and self._tmp.is_dir():
             shutil.rmtree(self._tmp, ignore_errors=True)
         elif self._tmp is not None:
