@@ -274,6 +274,21 @@ def test_a_gif_the_disk_refuses_from_the_start_leaves_nothing(vae, real_weights,
     assert list(out.parent.iterdir()) == []
 
 
+def test_frames_the_disk_refuses_name_the_output_folder(clip_latent, tmp_path):
+    """--as-frames on a full disk: the error names the frames folder asked for, not a hidden temp file inside the
+    temp folder (gone with it)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out" / "frames"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vaecli", "decode", str(clip_latent), "-o", str(out), "--as-frames",
+                           "-q"], env=env, capture_output=True, text=True, preexec_fn=_file_size_limit(0), timeout=120)
+    assert (proc.returncode, proc.stderr) == (1, f"Error: {clip_latent}: {out / 'clip'}: cannot write: File too "
+                                                 f"large\n")
+    assert list(out.iterdir()) == []
+
+
 # --- hostile or damaged latents -----------------------------------------------------------------------------
 
 def _png_latent_with_text(vae, small_image, path: Path, text) -> Path:

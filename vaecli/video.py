@@ -351,10 +351,12 @@ class VideoWriter:
         from vaecli.media import to_uint8
 
         arr = to_uint8(frame)
-        if self.kind == "frames":
-            from vaecli.media import write_image
+        if self.kind == "frames":  # straight into the temp folder, itself renamed into place when complete: an
+            from PIL import Image  # error names the output folder, not a temp file inside it
 
-            write_image(self._tmp / f"frame_{self.count:06d}.png", frame[None])
+            from vaecli.media import save_pillow
+
+            save_pillow(Image.fromarray(arr, "RGB"), self._tmp / f"frame_{self.count:06d}.png", format="PNG")
         elif self.kind == "gif":
             self._write_gif(arr)
         else:
