@@ -44,6 +44,15 @@ def test_manifest_file_matches_registry(vae):
     assert vae("models", "--manifest").stdout.splitlines() == manifest_lines()
 
 
+def test_manifest_with_json_is_refused(vae):
+    """--manifest printed its TSV under --json, which a script then failed to parse."""
+    result = vae("models", "--manifest", "--json")
+    message = "--json does not apply to --manifest, which prints the TSV of weights/manifest.tsv"
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {message}\n"
+    assert json.loads(result.stdout) == {"input": None, "output": None, "status": "error", "error": message}
+
+
 def test_manifest_checksums_match_shared_files(shared_weights):
     sums = dict(line.split()[::-1] for line in (shared_weights / "SHA256SUMS").read_text().splitlines())
     for spec in REGISTRY.values():

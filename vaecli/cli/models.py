@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from vaecli.cli.common import QuietOpt, app
-from vaecli.errors import VaeError
+from vaecli.cli.common import QuietOpt, app, fail
+from vaecli.errors import UsageError, VaeError
 from vaecli.registry import DEFAULT_MODEL, REGISTRY
 
 
@@ -24,6 +24,9 @@ def models(
     from vaecli.weights import find_on_search_path
 
     if manifest:
+        if as_json:  # the manifest is TSV: under --json a script would parse it as JSON
+            raise fail(UsageError("--json does not apply to --manifest, which prints the TSV of "
+                                  "weights/manifest.tsv"), as_json=True)
         typer.echo("\n".join(manifest_lines()))
         return
     width = max(len(name) for name in REGISTRY)
