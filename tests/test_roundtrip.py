@@ -126,6 +126,14 @@ def test_output_options_without_output_are_refused(vae, small_image, option):
                              f"reconstructions, it only reports the metrics\n")
 
 
+def test_a_bad_batch_size_is_a_usage_error_before_any_input(vae, small_image):
+    """It was found only once the batch ran: a 'cancelled' record, then the error."""
+    result = vae("roundtrip", small_image, "--batch-size", "-3", "--json")
+    assert (result.exit_code, result.stderr) == (2, "Error: --batch-size must be at least 1, got -3\n")
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"input": None, "output": None, "status": "error", "error": "--batch-size must be at least 1, got -3"}]
+
+
 def test_nan_reconstruction_fails_without_output(vae, real_weights, small_image, monkeypatch):
     """Only the image writer checked for NaN: without -o an overflow was reported "ok" with PSNR null."""
     from vaecli.codec import Codec

@@ -39,6 +39,7 @@ from vaecli.cli.common import (
     UsageError,
     WeightsOpt,
     app,
+    check_at_least_one,
     expand,
     fail,
     namer,
@@ -129,9 +130,7 @@ def encode(
                     "--output-format parquet": output_format == OutputFormat.parquet or None}
         if engine == Engine.local and any(v is not None for v in ray_opts.values()):
             raise UsageError(f"{next(k for k, v in ray_opts.items() if v is not None)} needs --engine ray")
-        for option, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
-            if value is not None and value < 1:  # before any input is read, or a Ray cluster started
-                raise UsageError(f"{option} must be at least 1, got {value}")
+        check_at_least_one({"--batch-size": batch_size, "--shard-size": shard_size})  # before a Ray cluster starts
         pairs = expand(inputs, output, recursive, batch.IMAGE_EXTS, quiet)
         kind = _latent_format(output, len(pairs), fmt)
         if kind == "comfyui":

@@ -31,6 +31,7 @@ from vaecli.cli.common import (
     TileOpt,
     WeightsOpt,
     app,
+    check_at_least_one,
     expand,
     fail,
     namer,
@@ -91,6 +92,7 @@ def roundtrip(
             if unused:
                 raise UsageError(f"{unused[0]} only applies with -o: without it roundtrip writes no reconstructions, "
                                  f"it only reports the metrics")
+        check_at_least_one({"--batch-size": batch_size})
         jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.IMAGE_EXTS, quiet), output,
                                namer(name, suffix, ".png", model.value), skip_existing, beside=False)
         for job in jobs:
