@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -369,7 +370,7 @@ def test_driver_reports_every_input_whatever_the_pipeline_does(tmp_path, fault):
     jobs = [Job(tmp_path / f"{n}.png", tmp_path / "out" / f"{n}.latent") for n in range(5)]
     settings = Settings(model="taef2", weights=(), dtype="fp32", device="cpu", threads=1, tile=None, budget=0,
                         fmt="safetensors", space=None, sample=False, seed=None, alpha="white", batch_size=8,
-                        skip_existing=True, out=str(tmp_path / "out"))
+                        skip_existing=True, out=str(tmp_path / "out"), max_pixels=1 << 28)
     seen = []
     shards = [[0, 1], [2, 3], [4]]
     _run(_FakeRay(rows), jobs, settings, seen.append, shards, 2, [0, 1, 2], set(), 2, 1.0, 0.0)
@@ -399,7 +400,7 @@ def test_shards_carry_each_inputs_relative_path(tmp_path):
             Job(tmp_path / "y.png", tmp_path / "out" / "y.latent")]
     settings = Settings(model="flux1", weights=(), dtype="fp32", device="cpu", threads=1, tile=None, budget=0,
                         fmt="safetensors", space=None, sample=True, seed=3, alpha="white", batch_size=8,
-                        skip_existing=True, out=str(tmp_path / "out"))
+                        skip_existing=True, out=str(tmp_path / "out"), max_pixels=1 << 28)
     _run(_FakeRay(rows), jobs, settings, lambda job: None, [[0, 1]], 2, [0], set(), 1, 1.0, 0.0)
     assert [(Path(src).name, rel) for _, src, _, rel in sent] == [("x.png", "a/x.png"), ("y.png", "y.png")]
 
@@ -463,7 +464,31 @@ def test_workers_get_absolute_weight_paths(vae, small_image, shared_weights, tmp
             on_done(job)
 
     monkeypatch.setattr(ray_engine, "encode", encode)
+    monkeypatch.setenv("VAE_MAX_PIXELS", "123456")
     monkeypatch.chdir(shared_weights)
     result = vae("encode", small_image, "-o", tmp_path / "out", "--engine", "ray", "-w", "taef2_encoder.pth")
     assert result.exit_code == 0, result.stderr
     assert sent[0].weights == (str(shared_weights / "taef2_encoder.pth"),)
+    assert sent[0].max_pixels == 123456  # the driver's pixel limit goes with the settings
+
+
+def test_workers_refuse_what_the_driver_refuses(shared_weights, tmp_path, monkeypatch):
+    """A worker on another node does not have the driver's VAE_MAX_PIXELS: it applies the one sent to it."""
+    from dataclasses import asdict
+
+    from vaecli import ray_engine
+
+    context = SimpleNamespace(get_node_id=lambda: "node0001")
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(get_runtime_context=lambda: context))
+    monkeypatch.setenv("VAE_MAX_PIXELS", str(1 << 28))  # the worker's own environment, restored afterwards
+    settings = ray_engine.Settings(model="taef2", weights=(str(shared_weights / "taef2_encoder.pth"),), dtype="fp32",
+                                   device="cpu", threads=1, tile=None, budget=1 << 30, fmt="safetensors",
+                                   space=None, sample=False, seed=None, alpha="white", batch_size=8,
+                                   skip_existing=True, out=str(tmp_path / "out"), max_pixels=1000)
+    monkeypatch.setattr(ray_engine.ShardEncoder, "settings", asdict(settings))
+    src = _image(tmp_path / "in" / "x.png", 40)
+    ((index, job),) = ray_engine.ShardEncoder().encode_shard(0, [(0, str(src), str(tmp_path / "out" / "x.latent"),
+                                                                  "x.png")])
+    assert (index, job.status) == (0, "error")
+    assert job.error == (f"{src}: image has 1280 pixels, over the limit of 1000 pixels (set VAE_MAX_PIXELS to "
+                         f"allow larger images)")

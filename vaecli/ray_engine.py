@@ -63,6 +63,7 @@ class Settings:
     batch_size: int
     skip_existing: bool
     out: str
+    max_pixels: int  # the driver's VAE_MAX_PIXELS: a worker on another node does not share its environment
 
 
 def shard_file(out: Path, shard: int) -> Path:
@@ -86,6 +87,7 @@ class ShardEncoder:
         import ray
 
         self.s = Settings(**self.settings)
+        os.environ["VAE_MAX_PIXELS"] = str(self.s.max_pixels)  # refuse the inputs the local engine refuses
         self.node = ray.get_runtime_context().get_node_id()
         self.codec, self.load_error, self.load_exc = None, None, None
         try:

@@ -164,7 +164,7 @@ def encode(
 def _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, device, dtype, space, sample, seed,
                 alpha, batch_size, fail_fast, quiet, tiling):
     """Check the Ray engine's options; a runner for `run_batch` that encodes `jobs` on the cluster."""
-    from vaecli import ray_engine
+    from vaecli import media, ray_engine
     from vaecli.files import is_folder_target
 
     ray_engine.require_ray()
@@ -193,7 +193,7 @@ def _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, d
         model=codec.spec.name, weights=weights, dtype=dtype.value, device="cuda" if gpus else "cpu",
         threads=max(1, int(cpus)), tile=tiling["tile"], budget=tiling["budget"], fmt=kind, space=space,
         sample=sample, seed=seed, alpha=alpha, batch_size=batch_size, skip_existing=skip,
-        out=str(output.absolute()))
+        out=str(output.absolute()), max_pixels=media.max_pixels())
 
     def runner(on_done):
         ray_engine.encode(jobs, settings, on_done, address=ray_opts["--ray-address"], workers=ray_opts["--workers"],
