@@ -209,6 +209,24 @@ def test_sigint_leaves_only_complete_files_and_rerun_finishes(real_weights, tmp_
     assert len(list(out.glob("*.latent"))) == 40
 
 
+def test_an_interrupt_before_the_batch_says_so(real_weights, small_image, tmp_path, monkeypatch, capsys):
+    """Typer turned a Ctrl-C while the model loaded into a silent exit 130: no line, no --json record."""
+    from vaecli import cli, codec
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(codec, "load_codec", interrupted)
+    monkeypatch.setattr(sys, "argv", ["vae", "encode", str(small_image), "-o", str(tmp_path / "x.latent"), "--json"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    out, err = capsys.readouterr()
+    assert (exit_.value.code, err) == (130, "Interrupted\n")
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"input": None, "output": None, "status": "error", "error": "interrupted"}]
+    assert not list(tmp_path.glob("*.latent")) and not list(tmp_path.glob(".*"))
+
+
 def test_sigterm_is_handled_like_sigint(real_weights, tmp_path, shared_images):
     src = tmp_path / "many"
     src.mkdir()

@@ -15,7 +15,7 @@ from vaecli.cli import (  # noqa: F401  (registers the commands)
     video_cmd,
     weights_cmd,
 )
-from vaecli.cli.common import app, fail, failure_record, reflow_help, say
+from vaecli.cli.common import Interrupt, app, fail, failure_record, reflow_help, say
 
 __all__ = ["app", "run"]
 
@@ -26,6 +26,7 @@ def run() -> None:
     """Console-script entry point: exit 0 on success, 1 when an input or the run failed, 2 for a usage error, 130
     when interrupted; every failure one `Error:` line (and a JSON record under --json)."""
     allocator.huge_pages()  # before torch's first allocation, which the commands make
+    Interrupt.reported = False
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as exc:  # `vae`, `vae weights`: the help, as Typer prints it
@@ -34,10 +35,13 @@ def run() -> None:
     except ClickException as exc:  # a usage error found while parsing: one line, not Typer's framed box
         code = usage_error(exc)
     except KeyboardInterrupt:
-        say("Interrupted")
         code = 130
     except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback only with --debug
         code = fail(exc, "--debug" in sys.argv, "--json" in sys.argv).exit_code
+    if code == 130 and not Interrupt.reported:  # before any input (loading the model): nothing was written
+        say("Interrupted")
+        if "--json" in sys.argv:
+            failure_record("interrupted")
     sys.exit(code or 0)
 
 

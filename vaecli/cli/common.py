@@ -181,6 +181,12 @@ def fail(exc: BaseException, debug: bool = False, as_json: bool = False,
     return typer.Exit(exc.exit_code if isinstance(exc, VaeError) else 1)
 
 
+class Interrupt:
+    """Whether a batch already said it was interrupted: Typer turns any other KeyboardInterrupt into a silent 130."""
+
+    reported = False
+
+
 def failure_record(message: str, input: Optional[Path] = None) -> None:
     """The `--json` record of a failure of the whole command (before or beside any input's own record)."""
     typer.echo(json_line({"input": str(input) if input is not None else None, "output": None, "status": "error",
@@ -305,6 +311,7 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
     except KeyboardInterrupt:
         reporter.finish(pending(), "interrupted")
         say("Interrupted: finished outputs are complete; rerun to do the rest")
+        Interrupt.reported = True
         raise typer.Exit(130) from None
     except Exception as exc:  # a failure of the run itself, not of one input: reported, never a traceback
         reporter.finish(pending(), "the run failed")
