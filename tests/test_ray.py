@@ -451,6 +451,19 @@ def test_parquet_manifest_lists_inputs(tmp_path, vae, small_image, real_weights)
     assert torch.isfinite(latents.load_latent(tmp_path / "out" / "small.latent")[0]).all()
 
 
+def test_an_address_nobody_answers_fails_at_once(vae, small_image, tmp_path, real_weights):
+    """Ray retried a wrong --ray-address for many minutes, its log lines scrolling, before giving up."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = vae("encode", small_image, "-o", tmp_path / "out", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == (f"Error: cannot reach the Ray cluster at 127.0.0.1:{port}: connection "
+                                             f"refused (expected a running cluster's address, as 'ray start --head' "
+                                             f"prints it)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_workers_get_absolute_weight_paths(vae, small_image, shared_weights, tmp_path, monkeypatch):
     """`-w` relative to the driver's folder: a worker started elsewhere (another node) loads the same files."""
     from vaecli import ray_engine

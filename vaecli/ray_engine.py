@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import traceback
 import warnings
@@ -31,6 +32,7 @@ from vaecli.errors import UsageError, VaeError, describe
 INSTALL = "pip install 'vaecli[ray]'"
 DONE_FILE = "_shards.json"
 TASK_RETRIES = 2  # a shard whose worker dies (crash, out of memory) is retried this often, then reported failed
+CONNECT_TIMEOUT = 10.0  # seconds for a --ray-address to accept a connection: Ray itself retries for many minutes
 RECORD = ("index", "status", "error", "output", "model", "shape", "node", "traceback")
 
 
@@ -64,6 +66,21 @@ class Settings:
     skip_existing: bool
     out: str
     max_pixels: int  # the driver's VAE_MAX_PIXELS: a worker on another node does not share its environment
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A VaeError where a `host:port` (or `ray://host:port`) address accepts no TCP connection within `timeout`
+    seconds; other addresses ("auto", "local") are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise VaeError(f"cannot reach the Ray cluster at {address}: {why.lower()} (expected a running cluster's "
+                       f"address, as 'ray start --head' prints it)") from None
 
 
 def shard_file(out: Path, shard: int) -> Path:
@@ -283,6 +300,8 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
         # No --ray-address: a new local instance, not whatever cluster `ray start` last left on this machine (which
         # Ray's default would join), unless RAY_ADDRESS names one, as it does inside a Ray job.
         target = address or (None if os.environ.get("RAY_ADDRESS") else "local")
+        if address:  # a wrong address would keep Ray retrying for minutes before it gives up
+            check_reachable(address)
         try:
             # Its warnings while starting are chatter ("Token authentication is enabled for this Ray cluster").
             ray.init(address=target, include_dashboard=False, log_to_driver=False, configure_logging=True,
