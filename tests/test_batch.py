@@ -119,6 +119,20 @@ def test_latent_pngs_beside_photos_are_not_taken_as_photos(vae, real_weights, sm
                                                     f"found byte 0xff at offset 6\n")
 
 
+def test_a_link_to_nothing_in_a_folder_is_a_failed_input(vae, real_weights, small_image, tmp_path):
+    """A dangling symlink (a dataset's unfetched file) was left out of a folder or glob without a word, exit 0."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "a.png").write_bytes(small_image.read_bytes())
+    (work / "b.png").symlink_to(tmp_path / "gone.png")
+    for args in ([work], [str(work / "*.png")]):
+        result = vae("encode", *args, "-o", tmp_path / "out", "--json", "-q")
+        assert result.exit_code == 1
+        assert {Path(r["input"]).name: r["status"] for r in map(json.loads, result.stdout.splitlines())} == {
+            "a.png": "skipped" if args == [str(work / "*.png")] else "ok", "b.png": "error"}
+        assert result.stderr.splitlines()[0] == f"Error: {work / 'b.png'}: no such file"
+
+
 def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
     result = vae("encode", tree / "top.png", tree / "misc" / "brick.png", "-o", tmp_path / "n",
                  "--name", "{stem}.{model}{ext}")

@@ -76,14 +76,14 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
                 raise UsageError(f"no files match {arg}")
-            files = [Path(m) for m in matches if Path(m).is_file() and not _latent_png_among_images(Path(m), exts)]
+            files = [Path(m) for m in matches if _is_file(Path(m)) and not _latent_png_among_images(Path(m), exts)]
             if not files:
                 raise UsageError(f"no input files match {arg} ({len(matches)} matches: folders or latent PNGs)")
             found += [(p, Path(p.name)) for p in files]
         elif Path(arg).is_dir():
             root = Path(arg)
             walker = root.rglob("*") if recursive else root.glob("*")
-            files = sorted(p for p in walker if p.is_file() and _matches(p, exts) and not p.name.startswith("."))
+            files = sorted(p for p in walker if _is_file(p) and _matches(p, exts) and not p.name.startswith("."))
             inner = _inner_folder(root, output)
             if inner is not None:
                 inside = {p for p in files if p.relative_to(root).is_relative_to(inner)}
@@ -97,6 +97,11 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
         else:
             found.append((Path(arg), Path(Path(arg).name)))
     return found
+
+
+def _is_file(path: Path) -> bool:
+    """A file, or a link to nothing: an input that fails ('no such file') rather than one silently left out."""
+    return path.is_file() or path.is_symlink() and not path.exists()
 
 
 def _inner_folder(root: Path, output: Path | None) -> Path | None:
