@@ -109,7 +109,7 @@ def test_human_output_and_table(vae, real_weights, photos, tmp_path, one_thread)
     assert len(lines) == 3 and lines[2].startswith("| taef2 | ")
     err = result.stderr.splitlines()
     assert err[0].startswith(f"{a}  taef2 ") and err[1].startswith(f"{b}  taef2 ")
-    assert err[2].startswith(f"wrote {out}: ") and err[2].endswith(", 2 rows x 1 models")
+    assert err[2].startswith(f"wrote {out}: ") and err[2].endswith(", 2 rows x 1 model")
     with Image.open(out) as img:
         assert img.format == "JPEG"
 

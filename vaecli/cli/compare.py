@@ -164,6 +164,7 @@ def compare(
     if not quiet:
         shown = len(sheet.rows)
         more = f" ({shown} of {len(srcs)} images: the lowest PSNR)" if shown < len(srcs) else ""
-        say(f"wrote {output}: {image.width}x{image.height}, {shown} rows x {len(names)} models{more}")
+        rows, cols = (f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((shown, "row"), (len(names), "model")))
+        say(f"wrote {output}: {image.width}x{image.height}, {rows} x {cols}{more}")
     if not as_json:  # the table is the command's data, on stdout: -q silences stderr only
         typer.echo(summary_table(names, records))
