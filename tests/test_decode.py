@@ -202,6 +202,16 @@ def test_decode_unsupported_output_extension(vae, latent_file, tmp_path):
                                         ".mkv, .mov, .mp4, .webm)")
 
 
+def test_an_image_latent_to_a_video_output_is_refused(vae, latent_file, tmp_path):
+    result = vae("decode", latent_file, "-o", tmp_path / "x.mp4")
+    assert (result.exit_code, _only_error_line(result)) == (1, (
+        f"Error: {latent_file}: an image latent; write it as .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff"))
+    result = vae("decode", latent_file, "--as-frames", "-o", tmp_path / "frames")  # named the option it did not take
+    assert (result.exit_code, _only_error_line(result)) == (1, (
+        f"Error: {latent_file}: an image latent: --as-frames writes the frames of a latent video"))
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "frames").exists()
+
+
 def test_newer_format_version_is_refused(vae, latent_file, tmp_path):
     latent, meta = load_latent(latent_file)
     from vaecli.latents import save_safetensors

@@ -134,7 +134,9 @@ def decode(
         if video and job.dst.suffix.lower() in media.OUTPUT_FORMATS and not as_frames:
             raise InputError(f"{job.src}: a latent video; write it as .mp4, .mov, .mkv, .webm, .gif "
                              f"or use --as-frames")
-        if not video and (job.dst.suffix.lower() not in media.OUTPUT_FORMATS or as_frames):
+        if not video and as_frames:
+            raise InputError(f"{job.src}: an image latent: --as-frames writes the frames of a latent video")
+        if not video and job.dst.suffix.lower() not in media.OUTPUT_FORMATS:
             raise InputError(f"{job.src}: an image latent; write it as {', '.join(media.OUTPUT_FORMATS)}")
         # From the header, before any value is read: what a hostile file claims to hold is not allocated.
         check_latent_fits(get_spec(name), meta["shape"][-3:], meta)
