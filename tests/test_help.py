@@ -68,6 +68,19 @@ def test_help_paragraphs_are_not_cut_at_the_sources_line_breaks():
     assert cut == []
 
 
+@pytest.mark.parametrize("name", [*(c for c in COMMANDS if c != "weights"), "weights pull", "weights list"])
+def test_options_show_plain_value_names(vae, name):
+    """Typer 0.29 showed '<bool>' beside every flag, '<str>', '<list[Path]>', and the 22 model names wrapped in a
+    narrow column: options show nothing for a flag, TEXT, PATH, MODEL (Typer's own --help keeps its '<bool>')."""
+    result = vae(*name.split(), "--help")
+    assert result.exit_code == 0
+    options = result.stdout.split("Options ─")[1]  # after the Arguments panel, whose types Typer always shows
+    options = "\n".join(line for line in options.splitlines() if "--help" not in line)
+    assert "--quiet" in options
+    for typer_type in ("<bool>", "<str>", "<int>", "<float>", "<Path>", "<list[Path]>", "|taesdxl|"):
+        assert typer_type not in options, options
+
+
 def test_no_arguments_shows_help(vae):
     result = vae()
     assert "Usage: vae" in result.stdout + result.stderr

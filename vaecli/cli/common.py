@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
+import typing
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -152,15 +154,43 @@ SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's
 
 def reflow_help(typer_app: typer.Typer) -> None:
     """Join the lines of each paragraph of the commands' docstrings: Typer's rich help keeps a docstring's line
-    breaks, which would cut every wrapped paragraph at the source's line length."""
+    breaks, which would cut every wrapped paragraph at the source's line length. Options get plain value names."""
     import inspect
 
-    for info in typer_app.registered_commands:
-        if info.help is None and info.callback is not None and info.callback.__doc__:
+    main = typer_app.registered_callback
+    for info in [*typer_app.registered_commands, *([main] if main else [])]:
+        if info.callback is None:
+            continue
+        if info.help is None and info.callback.__doc__ and info is not main:
             paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
             info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+        # Evaluated once and kept: string annotations (PEP 563) would give Typer fresh, unchanged options.
+        hints = typing.get_type_hints(info.callback, include_extras=True)
+        for hint in hints.values():
+            _plain_metavar(hint)
+        info.callback.__annotations__ = hints
     for group in typer_app.registered_groups:
         reflow_help(group.typer_instance)
+
+
+# Typer 0.29 shows an option's Python type ('<bool>' beside every flag, '<list[Path]>', '<str>') and every model
+# name in a narrow column: the names click always showed read better.
+_METAVARS = {bool: "", str: "TEXT", int: "INTEGER", float: "FLOAT", Path: "PATH", ModelName: "MODEL"}
+
+
+def _plain_metavar(hint) -> None:
+    if typing.get_origin(hint) is not Annotated:
+        return
+    base, *extras = typing.get_args(hint)
+    option = next((e for e in extras if isinstance(e, typer.models.OptionInfo)), None)
+    if option is None or option.metavar is not None:
+        return
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # Optional[X]
+        base = next(arg for arg in typing.get_args(base) if arg is not type(None))
+    if typing.get_origin(base) is list:
+        (base,) = typing.get_args(base)
+    if base in _METAVARS:
+        option.metavar = _METAVARS[base]
 
 
 def say(message: str) -> None:
