@@ -71,7 +71,8 @@ def test_help_paragraphs_are_not_cut_at_the_sources_line_breaks():
 @pytest.mark.parametrize("name", [*(c for c in COMMANDS if c != "weights"), "weights pull", "weights list"])
 def test_options_show_plain_value_names(vae, name):
     """Typer 0.29 showed '<bool>' beside every flag, '<str>', '<list[Path]>', and the 22 model names wrapped in a
-    narrow column: options show nothing for a flag, TEXT, PATH, MODEL (Typer's own --help keeps its '<bool>')."""
+    narrow column: options show nothing for a flag, TEXT, PATH, MODEL (Typer's own --help keeps its '<bool>',
+    arguments their type)."""
     result = vae(*name.split(), "--help")
     assert result.exit_code == 0
     options = result.stdout.split("Options ─")[1]  # after the Arguments panel, whose types Typer always shows
@@ -79,6 +80,7 @@ def test_options_show_plain_value_names(vae, name):
     assert "--quiet" in options
     for typer_type in ("<bool>", "<str>", "<int>", "<float>", "<Path>", "<list[Path]>", "|taesdxl|"):
         assert typer_type not in options, options
+    assert "|taesdxl|" not in result.stdout  # nor in the Arguments panel ('vae weights pull MODEL...')
 
 
 def test_no_arguments_shows_help(vae):

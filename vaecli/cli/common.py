@@ -182,15 +182,18 @@ def _plain_metavar(hint) -> None:
     if typing.get_origin(hint) is not Annotated:
         return
     base, *extras = typing.get_args(hint)
-    option = next((e for e in extras if isinstance(e, typer.models.OptionInfo)), None)
-    if option is None or option.metavar is not None:
+    info = next((e for e in extras if isinstance(e, typer.models.ParameterInfo)), None)
+    if info is None or info.metavar is not None:
         return
     if typing.get_origin(base) in (typing.Union, types.UnionType):  # Optional[X]
         base = next(arg for arg in typing.get_args(base) if arg is not type(None))
     if typing.get_origin(base) is list:
         (base,) = typing.get_args(base)
-    if base in _METAVARS:
-        option.metavar = _METAVARS[base]
+    if isinstance(info, typer.models.ArgumentInfo):  # an argument's type column ignores its metavar
+        if base is ModelName:
+            info.show_choices = False
+    elif base in _METAVARS:
+        info.metavar = _METAVARS[base]
 
 
 def say(message: str) -> None:
