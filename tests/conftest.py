@@ -209,3 +209,18 @@ def clip_latent(vae, real_weights, gif, tmp_path):
     result = vae("video", gif, "-o", lat, "--frames", 2)
     assert result.exit_code == 0, result.stderr
     return lat
+
+
+@pytest.fixture
+def nan_decoder(monkeypatch):
+    """Every codec's decode gives one NaN pixel (3 values), as an overflow would, whatever the weights."""
+    from vaecli.codec import Codec
+
+    decode = Codec.decode_latent
+
+    def overflowing(self, latent, meta):
+        pixels = decode(self, latent, meta)
+        pixels[..., 0, 0] = float("nan")
+        return pixels
+
+    monkeypatch.setattr(Codec, "decode_latent", overflowing)

@@ -134,18 +134,8 @@ def test_a_bad_batch_size_is_a_usage_error_before_any_input(vae, small_image):
         {"input": None, "output": None, "status": "error", "error": "--batch-size must be at least 1, got -3"}]
 
 
-def test_nan_reconstruction_fails_without_output(vae, real_weights, small_image, monkeypatch):
+def test_nan_reconstruction_fails_without_output(vae, real_weights, small_image, nan_decoder):
     """Only the image writer checked for NaN: without -o an overflow was reported "ok" with PSNR null."""
-    from vaecli.codec import Codec
-
-    decode = Codec.decode_latent
-
-    def overflowing(self, latent, meta):
-        pixels = decode(self, latent, meta)
-        pixels[..., 0, 0] = float("nan")
-        return pixels
-
-    monkeypatch.setattr(Codec, "decode_latent", overflowing)
     result = vae("roundtrip", small_image, "--json")
     assert result.exit_code == 1
     message = "expected finite pixels, the model gave 3 NaN/Inf (an overflow: try another --dtype)"
