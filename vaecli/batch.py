@@ -99,6 +99,13 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
     return found
 
 
+def check_at_least_one(options: dict[str, int | None]) -> None:
+    """A UsageError for the first count option (name -> value, None: not given) below 1."""
+    for option, value in options.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+
+
 def _is_file(path: Path) -> bool:
     """A file, or a link to nothing: an input that fails ('no such file') rather than one silently left out."""
     return path.is_file() or path.is_symlink() and not path.exists()
@@ -197,8 +204,7 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
     exception is kept on `job.exc`. Payloads waiting between stages are bounded in bytes, not only in
     count, so large images do not pile up. On KeyboardInterrupt only the write in progress is finished.
     """
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_at_least_one({"--batch-size": batch_size})
     stop, failed = threading.Event(), threading.Event()
     read_q, write_q = _Stage(2 * batch_size + 2), _Stage(2 * batch_size + 2)
     done_lock = threading.Lock()

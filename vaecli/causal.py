@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vaecli import clip_tiles, media, scratch, tiling
+from vaecli.batch import check_at_least_one
 from vaecli.checkpoints import load_strict
 from vaecli.codec import check_latent_fits, check_room
 from vaecli.errors import UsageError
@@ -137,8 +138,7 @@ class CausalCodec:
         """The `frames` latent frames of one clip, `read(i, j)` giving frames i .. j -> its pixels as (k, 3, H, W)
         chunks in [0, 1], `chunk` latent frames at a time (or, past the budget, tile by tile: see
         `vaecli.clip_tiles`)."""
-        if chunk is not None and chunk < 1:
-            raise UsageError(f"--chunk must be at least 1, got {chunk}")
+        check_at_least_one({"--chunk": chunk})
         if self.model.decoder is None:
             raise UsageError(f"{self.spec.name} has no decoder loaded")
         split = self._split("decoder", frames)

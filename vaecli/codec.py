@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from vaecli import media, tiling
+from vaecli.batch import check_at_least_one
 from vaecli.checkpoints import load_strict, model_state_dict, read_weights
 from vaecli.errors import LatentFormatError, UsageError, WeightsError
 from vaecli.families import family
@@ -231,8 +232,7 @@ class Codec:
     def _check_decode(self, chunk: int | None) -> None:
         if self.model.decoder is None:
             raise UsageError(f"{self.spec.name} has no decoder" + (f" ({self.spec.notes})" if self.spec.notes else ""))
-        if chunk is not None and chunk < 1:
-            raise UsageError(f"--chunk must be at least 1, got {chunk}")
+        check_at_least_one({"--chunk": chunk})
 
     def _decoder_input(self, part: torch.Tensor, meta: dict) -> torch.Tensor:
         """(k, C, h, w) latents in the space `meta` names -> the decoder's input, on its device in its dtype."""

@@ -27,6 +27,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vaecli.batch import check_at_least_one
 from vaecli.errors import UsageError, VaeError, describe
 
 INSTALL = "pip install 'vaecli[ray]'"
@@ -278,8 +279,7 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
     pipeline) are reported as errors at the end. `progress` False (--quiet, --json) silences Ray's own warnings too.
     """
     ray = require_ray()
-    if shard_size < 1:
-        raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
+    check_at_least_one({"--shard-size": shard_size})
     out = Path(settings.out)
     parquet = settings.fmt == "parquet"
     shards = [list(range(i, min(i + shard_size, len(jobs)))) for i in range(0, len(jobs), shard_size)]

@@ -399,13 +399,6 @@ def plan_jobs(pairs: list[tuple[Path, Path]], output: Optional[Path], name: Call
     return [Job(src, dst, rel=rel) for src, dst, rel in zip(srcs, outs, rels, strict=True)], skip
 
 
-def check_at_least_one(options: dict[str, int | None]) -> None:
-    """A UsageError for the first count option (name -> value) below 1: refused before any input is read."""
-    for option, value in options.items():
-        if value is not None and value < 1:
-            raise UsageError(f"{option} must be at least 1, got {value}")
-
-
 def tiling_kwargs(tile: str, max_memory: Optional[str], scratch: Optional[Path] = None) -> dict:
     """`load_codec` keyword arguments for --tile, --max-memory and --scratch."""
     from vaecli import tiling

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vaecli.batch import check_at_least_one
 from vaecli.cli.common import (
     LATENT_EXTS,
     Alpha,
@@ -39,7 +40,6 @@ from vaecli.cli.common import (
     UsageError,
     WeightsOpt,
     app,
-    check_at_least_one,
     expand,
     fail,
     namer,

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vaecli.batch import check_at_least_one
 from vaecli.cli.common import (
     Alpha,
     AlphaOpt,
@@ -31,7 +32,6 @@ from vaecli.cli.common import (
     TileOpt,
     WeightsOpt,
     app,
-    check_at_least_one,
     expand,
     fail,
     namer,
