@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from vaecli import latents, metrics, video
+from vaecli.batch import check_at_least_one
 from vaecli.codec import Codec
 from vaecli.errors import InputError, UsageError
 from vaecli.media import quantize8
@@ -44,10 +45,9 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
 
 def check_selection(start: int, frames: int | None, stride: int, fps: float | None, chunk: int | None) -> None:
     """Raise a UsageError for a frame selection or chunk size that cannot mean anything."""
-    for option, value, least in (("--chunk", chunk, 1), ("--stride", stride, 1), ("--frames", frames, 1),
-                                 ("--start", start, 0)):
-        if value is not None and value < least:
-            raise UsageError(f"{option} must be at least {least}, got {value}")
+    check_at_least_one({"--chunk": chunk, "--stride": stride, "--frames": frames})
+    if start < 0:
+        raise UsageError(f"--start must be at least 0, got {start}")
     if fps is not None and not video.fps_ok(fps):
         raise UsageError(f"--fps {fps:g}: {video.FPS_RANGE}")
     if stride != 1 and fps is not None:
