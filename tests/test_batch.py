@@ -146,6 +146,20 @@ def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
     assert result.stderr.strip() == "Error: --name {nope}: use only {stem}, {ext}, {model} and {suffix}"
 
 
+def test_name_template_stays_inside_the_output_folder(vae, real_weights, tree, tmp_path):
+    result = vae("encode", tree / "top.png", "-o", tmp_path / "m/", "--name", "{model}/{stem}{ext}")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "m" / "taef2" / "top.latent").is_file()
+    for template, out in [("../{stem}{ext}", "../top.latent"), (f"{tmp_path}/{{stem}}{{ext}}", f"{tmp_path}/top.latent"),
+                          ("{suffix}", ""), ("{stem}/", "top/")]:
+        for where in (["-o", tmp_path / "o/"], []):  # into a folder, and beside the input
+            result = vae("encode", tree / "top.png", *where, "--name", template)
+            assert result.exit_code == 2
+            assert result.stderr.strip() == f"Error: --name {template}: expected a file name inside the output " \
+                                            f"folder, got {out!r}"
+    assert not (tmp_path / "top.latent").exists() and not (tmp_path / "o").exists()
+
+
 def test_fail_fast_stops_at_first_failure(vae, real_weights, tree, tmp_path):
     (tree / "aaa_broken.png").write_text("broken")
     result = vae("encode", tree, "-r", "-o", tmp_path / "ff", "--fail-fast", "--batch-size", "1", "--json")

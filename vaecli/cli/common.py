@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -424,9 +425,15 @@ def namer(template: Optional[str], suffix: str, ext: str, model: str = "") -> Ca
     def name(p: Path) -> str:
         stem = strip_suffixes(p, ".latent")
         try:
-            return template.format(stem=stem, ext=ext, model=model, suffix=suffix)
+            out = template.format(stem=stem, ext=ext, model=model, suffix=suffix)
         except (KeyError, IndexError, ValueError):
             raise UsageError(f"--name {template}: use only {{stem}}, {{ext}}, {{model}} and {{suffix}}") from None
+        parts = Path(out).parts
+        # A subfolder below the output folder is a layout (`{model}/{stem}{ext}`); a way out of it, a slip that
+        # would write where nobody looks (or over something).
+        if not parts or Path(out).is_absolute() or Path(out).drive or ".." in parts or out.endswith(("/", os.sep)):
+            raise UsageError(f"--name {template}: expected a file name inside the output folder, got {out!r}")
+        return out
 
     return name
 
