@@ -150,7 +150,8 @@ def test_name_template_stays_inside_the_output_folder(vae, real_weights, tree, t
     result = vae("encode", tree / "top.png", "-o", tmp_path / "m/", "--name", "{model}/{stem}{ext}")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "m" / "taef2" / "top.latent").is_file()
-    for template, out in [("../{stem}{ext}", "../top.latent"), (f"{tmp_path}/{{stem}}{{ext}}", f"{tmp_path}/top.latent"),
+    absolute = f"{tmp_path}/{{stem}}{{ext}}"
+    for template, out in [("../{stem}{ext}", "../top.latent"), (absolute, f"{tmp_path}/top.latent"),
                           ("{suffix}", ""), ("{stem}/", "top/")]:
         for where in (["-o", tmp_path / "o/"], []):  # into a folder, and beside the input
             result = vae("encode", tree / "top.png", *where, "--name", template)

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +82,8 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             found += [(p, Path(p.name)) for p in files]
         elif Path(arg).is_dir():
             root = Path(arg)
-            walker = root.rglob("*") if recursive else root.glob("*")
-            files = sorted(p for p in walker if _is_file(p) and _matches(p, exts) and not p.name.startswith("."))
+            files = sorted(p for p in _walk(root, recursive)
+                           if (p.is_dir() or _matches(p, exts)) and not p.name.startswith("."))
             inner = _inner_folder(root, output)
             if inner is not None:
                 inside = {p for p in files if p.relative_to(root).is_relative_to(inner)}
@@ -104,6 +104,17 @@ def check_at_least_one(options: dict[str, int | None]) -> None:
     for option, value in options.items():
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
+
+
+def _walk(root: Path, recursive: bool) -> Iterator[Path]:
+    """The files in folder `root` (and, `recursive`, its subfolders; links to folders are not followed), and each
+    folder that could not be listed (no permission): an input that fails rather than files silently left out."""
+    unreadable: list[Path] = []
+    for folder, subfolders, names in os.walk(root, onerror=lambda exc: unreadable.append(Path(exc.filename))):
+        yield from (p for p in map(Path(folder).joinpath, names) if _is_file(p))
+        if not recursive:
+            subfolders.clear()
+    yield from unreadable
 
 
 def _is_file(path: Path) -> bool:

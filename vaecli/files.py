@@ -61,6 +61,16 @@ def read_error(src: Path, exc: OSError) -> InputError:
     return InputError(f"{src}: cannot read: {why}")
 
 
+def folder_error(src: Path, expected: str) -> InputError:
+    """The one-line InputError for a folder given where `expected` (a file) was: one the user may not list (a
+    folder walk hands those on as inputs that fail) says so."""
+    try:
+        os.scandir(src).close()
+    except OSError as exc:
+        return read_error(src, exc)
+    return InputError(f"{src}: is a folder, expected {expected}")
+
+
 @contextmanager
 def reading(src: Path) -> Iterator[None]:
     """Turn an OSError raised while opening or reading input `src` into a one-line InputError."""

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from vaecli import media
 from vaecli.errors import ComputeError, LatentFormatError
-from vaecli.files import atomic_write, reading, writing
+from vaecli.files import atomic_write, folder_error, reading, writing
 from vaecli.registry import REGISTRY
 
 FORMAT = "vaecli-latent"
@@ -422,7 +422,7 @@ def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dic
     if not path.exists():
         raise LatentFormatError(f"{path}: no such file")
     if path.is_dir():
-        raise LatentFormatError(f"{path}: is a folder, expected a latent file")
+        raise folder_error(path, "a latent file")
     with reading(path), open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vaecli.errors import ComputeError, InputError, UsageError
-from vaecli.files import atomic_write, read_error
+from vaecli.files import atomic_write, folder_error, read_error
 
 DEFAULT_MAX_PIXELS = 1 << 28  # 16384 x 16384; above this an image is refused as a likely decompression bomb
 ALPHA_MODES = ("white", "black", "drop")
@@ -148,7 +148,7 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected an image file")
+        raise folder_error(path, "an image file")
     try:
         # Pillow checks the header's size on open, before decoding any pixel data.
         with pixel_limit(path), Image.open(path) as img:

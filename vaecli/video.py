@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vaecli.errors import InputError, OutputError, UsageError
-from vaecli.files import output_error, output_file_mode, temp_prefix, writing
+from vaecli.files import folder_error, output_error, output_file_mode, temp_prefix, writing
 from vaecli.media import max_pixels
 
 # imageio-ffmpeg warns through logging (a rotated clip's swapped size, a reader it had to kill): with no handler set
@@ -67,7 +67,7 @@ def _open(path: Path):
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a video file")
+        raise folder_error(path, "a video file")
     if path.suffix.lower() in STILL_EXTS:
         raise InputError(f"{path}: is a still image, not a video (use 'vae encode')")
     gen = imageio_ffmpeg.read_frames(_ffmpeg_input(path), pix_fmt="rgb24")
