@@ -165,6 +165,42 @@ def test_an_unreadable_input_says_so(vae, real_weights, photos, latents_dir, tmp
     assert records[src.name]["error"] == f"{src}: cannot read: permission denied"
 
 
+def _deny_listing_of(folder: Path, monkeypatch) -> None:
+    """Make `folder` unlistable: chmod for an ordinary user; as root (who ignores modes) refuse scanning it."""
+    if os.geteuid() != 0:
+        folder.chmod(0)
+        return
+    real = os.scandir
+
+    def deny(path="."):
+        if Path(path).resolve() == folder.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", deny)
+
+
+@pytest.mark.parametrize("cmd", ["encode", "decode", "info"])
+def test_a_subfolder_the_walk_cannot_list_fails(vae, real_weights, photos, latents_dir, tmp_path, monkeypatch, cmd):
+    """A folder the user may not list is an input that fails ('permission denied'), not files silently left out;
+    named outright it fails the same way."""
+    root = latents_dir if cmd != "encode" else photos
+    locked = root / "locked"
+    locked.mkdir()
+    _deny_listing_of(locked, monkeypatch)
+    output = [] if cmd == "info" else ["-o", tmp_path / "out"]
+    result = vae(cmd, root, "-r", *output, "--json")
+    named = vae(cmd, locked, *output, "--json")
+    locked.chmod(0o755)
+    for res, n_ok in [(result, 2), (named, 0)]:
+        assert res.exit_code == 1
+        assert _error_lines(res) == [f"Error: {locked}: cannot read: permission denied"]
+        records = list(map(json.loads, res.stdout.splitlines()))
+        assert sorted((r["input"], r["status"]) for r in records if r["status"] == "error") == [(str(locked), "error")]
+        assert [r["status"] for r in records].count("ok") == n_ok
+    assert not (tmp_path / "out" / "locked.png").exists() and not (tmp_path / "out" / "locked.latent").exists()
+
+
 @pytest.mark.parametrize("cmd", ["encode", "roundtrip"])
 def test_disk_full_while_writing(vae, real_weights, photos, tmp_path, monkeypatch, cmd):
     """ENOSPC half-way through a file: that input fails, the partial temp file is removed, the others are written."""
