@@ -141,6 +141,28 @@ def test_non_image_input(vae, real_weights, tmp_path):
         1, f"Error: {clip}: not an image file Pillow can read (a video? use 'vae video')")
 
 
+def test_an_animation_is_refused_a_multipage_tiff_is_its_first_page(vae, real_weights, gif, tmp_path):
+    """One frame of an animation would be encoded and the rest dropped unsaid; a TIFF's first page is the picture."""
+    frames = [Image.new("RGB", (32, 24), (60 * i, 90, 30)) for i in range(3)]
+    for name in ("png.png", "webp.webp", "tiff.tiff"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    result = vae("encode", gif, tmp_path / "png.png", tmp_path / "webp.webp", tmp_path / "tiff.tiff", "-o",
+                 tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error:")] == [
+        f"Error: {gif}: expected a still image, got an animated GIF of 24 frames (use 'vae video' for its frames)",
+        f"Error: {tmp_path / 'png.png'}: expected a still image, got an animated PNG of 3 frames",
+        f"Error: {tmp_path / 'webp.webp'}: expected a still image, got an animated WEBP of 3 frames"]
+    statuses = {Path(r["input"]).name: r["status"] for r in map(json.loads, result.stdout.splitlines())}
+    assert statuses == {gif.name: "error", "png.png": "error", "webp.webp": "error", "tiff.tiff": "ok"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiff.latent"]
+    first = vae("encode", tmp_path / "tiff.tiff", "-o", tmp_path / "first.latent")
+    frames[0].save(tmp_path / "still.png")
+    still = vae("encode", tmp_path / "still.png", "-o", tmp_path / "still.latent")
+    assert first.exit_code == still.exit_code == 0
+    assert (tmp_path / "first.latent").read_bytes() == (tmp_path / "still.latent").read_bytes()
+
+
 def test_several_inputs_into_an_output_file_name_are_refused(vae, real_weights, small_image, tmp_path):
     """`-o out.latent` with two inputs made a folder named out.latent; an existing folder of that name is used."""
     out = tmp_path / "out.latent"

@@ -109,6 +109,18 @@ def check_complete(img: Image.Image, path: Path) -> None:
                              f"the file has {size}")
 
 
+def check_still(img: Image.Image, path: Path) -> None:
+    """Refuse an animation (GIF, APNG, WebP): one frame of it would be encoded and the rest dropped unsaid."""
+    # Multi-page TIFF and MPO (a phone's JPEG with its preview) are animated to Pillow too, but their first page is
+    # the picture.
+    if img.format in ("GIF", "PNG", "WEBP") and getattr(img, "is_animated", False):
+        from vaecli.video import VIDEO_EXTS
+
+        hint = " (use 'vae video' for its frames)" if path.suffix.lower() in VIDEO_EXTS else ""
+        raise InputError(f"{path}: expected a still image, got an animated {img.format} of {img.n_frames} "
+                         f"frames{hint}")
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What was read: source size (W, H), Pillow mode and whether an alpha channel was flattened."""
@@ -153,6 +165,7 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
         # Pillow checks the header's size on open, before decoding any pixel data.
         with pixel_limit(path), Image.open(path) as img:
             check_complete(img, path)
+            check_still(img, path)
             img.load()
             img = ImageOps.exif_transpose(img)
             arr, had_alpha = _to_rgb(img, alpha, path)
