@@ -29,7 +29,8 @@ def test_info_json_and_errors(vae, real_weights, small_image, tmp_path):
     assert good["version"] == 1 and good["status"] == "ok"
     assert bad == {"input": str(tmp_path / "missing.latent"), "output": None, "status": "error",
                    "error": f"{tmp_path / 'missing.latent'}: no such file"}
-    assert result.stderr.strip() == f"Error: {tmp_path / 'missing.latent'}: no such file"
+    missing = f"{tmp_path / 'missing.latent'}: no such file"
+    assert result.stderr.splitlines() == [f"Error: {missing}", "1 of 2 inputs failed:", f"  {missing}"]
 
 
 def _encoded(vae, small_image, tmp_path, name: str = "a.latent", **extra):
@@ -145,6 +146,10 @@ def test_info_refuses_latent_pngs_that_decode_would(vae, real_weights, small_ima
     assert result.stderr.splitlines() == [
         f"Error: {tmp_path / 'rgb.latent.png'}: expected an RGBA latent PNG, got mode RGB",
         f"Error: {tmp_path / 'narrow.latent.png'}: mosaic is {rgba.width - 1}x{rgba.height}, expected "
+        f"{rgba.width}x{rgba.height} for a 32x6x8 latent",
+        "2 of 2 inputs failed:",
+        f"  {tmp_path / 'rgb.latent.png'}: expected an RGBA latent PNG, got mode RGB",
+        f"  {tmp_path / 'narrow.latent.png'}: mosaic is {rgba.width - 1}x{rgba.height}, expected "
         f"{rgba.width}x{rgba.height} for a 32x6x8 latent"]
 
 

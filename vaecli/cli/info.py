@@ -27,16 +27,16 @@ def info(
         paths = [path for path, _ in expand(inputs, None, recursive, LATENT_EXTS)]
     except Exception as exc:
         raise fail(exc, as_json=as_json) from None
-    failed = 0
+    failures: list[str] = []
     for path in paths:
         try:
             meta = read_metadata(path, need_model=False)
             line = None if as_json else describe_latent(path, meta)
         except Exception as exc:  # a hostile file may fail anywhere: one line and a record, then the next file
-            failed += 1
             message = describe(exc)
             name = one_line(str(path))
             message = message if message.startswith(name) else f"{name}: {message}"
+            failures.append(message)
             say(f"Error: {message}")
             if as_json:
                 typer.echo(json_line({"input": str(path), "output": None, "status": "error", "error": message}))
@@ -47,7 +47,11 @@ def info(
             typer.echo(json_line({**record, **meta, "shape": shape, **record}))
         else:
             typer.echo(one_line(line))
-    if failed:
+    if len(paths) > 1 and failures:  # the closing summary every batch command prints
+        say(f"{len(failures)} of {len(paths)} inputs failed:")
+        for message in failures:
+            say(f"  {message}")
+    if failures:
         raise typer.Exit(1)
 
 
