@@ -238,11 +238,16 @@ def test_sigint_leaves_only_complete_files_and_rerun_finishes(real_weights, tmp_
     assert len(list(out.glob("*.latent"))) == 40
 
 
-def test_an_interrupt_before_the_batch_says_so(real_weights, small_image, tmp_path, monkeypatch, capsys):
-    """Typer turned a Ctrl-C while the model loaded into a silent exit 130: no line, no --json record."""
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_before_the_batch_says_so(real_weights, small_image, tmp_path, monkeypatch, capsys, how):
+    """Typer turned a Ctrl-C while the model loaded into a silent exit 130: no line, no --json record; SIGTERM there
+    was a plain kill (exit 143)."""
     from vaecli import cli, codec
 
     def interrupted(*args, **kwargs):
+        if how == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at once
         raise KeyboardInterrupt
 
     monkeypatch.setattr(codec, "load_codec", interrupted)
@@ -254,6 +259,7 @@ def test_an_interrupt_before_the_batch_says_so(real_weights, small_image, tmp_pa
     assert [json.loads(line) for line in out.splitlines()] == [
         {"input": None, "output": None, "status": "error", "error": "interrupted"}]
     assert not list(tmp_path.glob("*.latent")) and not list(tmp_path.glob(".*"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # pytest's own again
 
 
 def test_sigterm_is_handled_like_sigint(real_weights, tmp_path, shared_images):

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -462,6 +463,29 @@ def test_an_address_nobody_answers_fails_at_once(vae, small_image, tmp_path, rea
                                              f"refused (expected a running cluster's address, as 'ray start --head' "
                                              f"prints it)")
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_init_leaves_the_callers_sigterm_handler(vae, small_image, tmp_path, real_weights, monkeypatch):
+    """ray.init makes SIGTERM a bare sys.exit(15): a scheduler's stop then left no summary and no records."""
+    import ray
+
+    def init(*args, **kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        raise ConnectionError("no cluster here")
+
+    def callers(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", init)
+    previous = signal.signal(signal.SIGTERM, callers)
+    try:
+        result = vae("encode", small_image, "-o", tmp_path / "out", "--engine", "ray")
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == ("Error: cannot reach the Ray cluster at a new local instance: "
+                                             "ConnectionError: no cluster here")
 
 
 def test_workers_get_absolute_weight_paths(vae, small_image, shared_weights, tmp_path, monkeypatch):

@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -302,6 +304,7 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
         target = address or (None if os.environ.get("RAY_ADDRESS") else "local")
         if address:  # a wrong address would keep Ray retrying for minutes before it gives up
             check_reachable(address)
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             # Its warnings while starting are chatter ("Token authentication is enabled for this Ray cluster").
             ray.init(address=target, include_dashboard=False, log_to_driver=False, configure_logging=True,
@@ -310,6 +313,11 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
             where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
             raise VaeError(f"cannot reach the Ray cluster at {where}: "
                            f"{one_line(exc)}") from None
+        finally:
+            # ray.init makes SIGTERM a bare sys.exit; the caller's handler (the CLI's: stop like Ctrl-C, every
+            # input reported) comes back.
+            if sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)
         if progress:
             quiet.enter_context(native_stderr_hidden())
         try:

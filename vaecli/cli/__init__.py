@@ -1,5 +1,6 @@
 """The `vae` command line: one module per command; they only parse options, call the library and print."""
 
+import signal
 import sys
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -27,6 +28,7 @@ def run() -> None:
     when interrupted; every failure one `Error:` line (and a JSON record under --json)."""
     allocator.huge_pages()  # before torch's first allocation, which the commands make
     Interrupt.reported = False
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as exc:  # `vae`, `vae weights`: the help, as Typer prints it
@@ -38,11 +40,19 @@ def run() -> None:
         code = 130
     except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback only with --debug
         code = fail(exc, "--debug" in sys.argv, "--json" in sys.argv).exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code == 130 and not Interrupt.reported:  # before any input (loading the model): nothing was written
         say("Interrupted")
         if "--json" in sys.argv:
             failure_record("interrupted")
     sys.exit(code or 0)
+
+
+def _terminate(signum, frame) -> None:
+    # SIGTERM (a scheduler's or `kill`'s stop) stops the way Ctrl-C does: the write in progress finishes, the rest
+    # is reported, exit 130; before any input, `Interrupted` and its record.
+    raise KeyboardInterrupt
 
 
 def usage_error(exc: ClickException) -> int:

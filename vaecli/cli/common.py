@@ -323,8 +323,6 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
               **stages) -> None:
     """Run jobs through `runner(on_done)` (default: `vaecli.batch.run` with `stages`), report them, and exit with
     0 when every input was done, 1 when any failed (or a failure stopped the run), or 130 when interrupted."""
-    import signal
-
     from vaecli import batch
 
     if runner is None:
@@ -333,10 +331,6 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
 
     reporter = Reporter(len(jobs), as_json, quiet, debug)
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
     def pending() -> list:
         return [job for job in jobs if job.status == "pending"]
 
@@ -350,8 +344,6 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
     except Exception as exc:  # a failure of the run itself, not of one input: reported, never a traceback
         reporter.finish(pending(), "the run failed")
         raise fail(exc, debug, as_json) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     not_run = pending()
     code = reporter.finish(not_run, "--fail-fast")
     if not_run:  # --fail-fast stopped the run: not everything was written
