@@ -82,8 +82,9 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             found += [(p, Path(p.name)) for p in files]
         elif Path(arg).is_dir():
             root = Path(arg)
-            files = sorted(p for p in _walk(root, recursive)
-                           if (p.is_dir() or _matches(p, exts)) and not p.name.startswith("."))
+            unreadable: list[Path] = []
+            files = [p for p in _walk(root, recursive, unreadable) if _matches(p, exts)]
+            files = sorted(p for p in files + unreadable if p == root or not p.name.startswith("."))
             inner = _inner_folder(root, output)
             if inner is not None:
                 inside = {p for p in files if p.relative_to(root).is_relative_to(inner)}
@@ -106,15 +107,22 @@ def check_at_least_one(options: dict[str, int | None]) -> None:
             raise UsageError(f"{option} must be at least 1, got {value}")
 
 
-def _walk(root: Path, recursive: bool) -> Iterator[Path]:
-    """The files in folder `root` (and, `recursive`, its subfolders; links to folders are not followed), and each
-    folder that could not be listed (no permission): an input that fails rather than files silently left out."""
-    unreadable: list[Path] = []
-    for folder, subfolders, names in os.walk(root, onerror=lambda exc: unreadable.append(Path(exc.filename))):
-        yield from (p for p in map(Path(folder).joinpath, names) if _is_file(p))
-        if not recursive:
-            subfolders.clear()
-    yield from unreadable
+def _walk(root: Path, recursive: bool, unreadable: list[Path]) -> Iterator[Path]:
+    """The files in folder `root` (and, `recursive`, its subfolders; links to folders are not followed), adding to
+    `unreadable` each folder that could not be listed (no permission): an input that fails, not files left out."""
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        if recursive:
+                            folders.append(Path(entry.path))
+                    elif entry.is_file() or entry.is_symlink() and not os.path.exists(entry.path):
+                        yield Path(entry.path)  # a link to nothing too: see _is_file
+        except OSError:
+            unreadable.append(folder)
 
 
 def _is_file(path: Path) -> bool:
