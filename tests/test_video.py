@@ -197,6 +197,35 @@ def test_not_a_video(vae, real_weights, tmp_path):
     assert not (tmp_path / "x.latent").exists()
 
 
+def test_an_empty_or_unreadable_clip_says_so(vae, real_weights, clip, tmp_path, monkeypatch):
+    """Both were 'not a video ffmpeg can read' (ffmpeg's refusal), as if the file's content were at fault."""
+    import builtins
+    import errno
+    import os
+
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    result = vae("video", empty, "-o", tmp_path / "x.latent", "--json")
+    assert (result.exit_code, _error_line(result)) == (1, f"Error: {empty}: empty file, expected a video")
+    assert json.loads(result.stdout)["error"] == f"{empty}: empty file, expected a video"
+    small = _small_clip(tmp_path, clip)
+    if os.geteuid() != 0:
+        small.chmod(0)
+    else:  # root ignores modes: refuse opening it
+        real = builtins.open
+
+        def deny(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == str(small):
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", deny)
+    result = vae("video", small, "-o", tmp_path / "x.latent")
+    small.chmod(0o644)
+    assert (result.exit_code, _error_line(result)) == (1, f"Error: {small}: cannot read: permission denied")
+    assert not (tmp_path / "x.latent").exists()
+
+
 def test_a_truncated_video_is_an_error_and_a_longer_audio_track_is_not(vae, real_weights, clip, tmp_path):
     """ffmpeg reads a cut-off file up to the cut and exits 0: vaecli compares the frames with what the header
     promises and, short of them, asks ffmpeg to decode the stream to its first error; a clip whose audio outlasts

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vaecli.errors import InputError, OutputError, UsageError
-from vaecli.files import folder_error, output_error, output_file_mode, temp_prefix, writing
+from vaecli.files import folder_error, output_error, output_file_mode, reading, temp_prefix, writing
 from vaecli.media import max_pixels
 
 # imageio-ffmpeg warns through logging (a rotated clip's swapped size, a reader it had to kill): with no handler set
@@ -70,6 +70,9 @@ def _open(path: Path):
         raise folder_error(path, "a video file")
     if path.suffix.lower() in STILL_EXTS:
         raise InputError(f"{path}: is a still image, not a video (use 'vae encode')")
+    with reading(path), open(path, "rb") as f:  # ffmpeg would call either 'not a video ffmpeg can read'
+        if not f.read(1):
+            raise InputError(f"{path}: empty file, expected a video")
     gen = imageio_ffmpeg.read_frames(_ffmpeg_input(path), pix_fmt="rgb24")
     try:
         meta = next(gen)
