@@ -289,6 +289,22 @@ def test_video_usage_errors(vae, real_weights, clip, tmp_path, args, message):
     assert _error_line(result) == message
 
 
+def test_recon_paths_that_cannot_be_a_clip_are_refused_up_front(vae, real_weights, clip, tmp_path):
+    """--recon r.txt suggested --as-frames, an option of 'vae decode' only, and did not name --recon; a folder
+    named r.mp4 was found only after the whole clip was encoded ('cannot write: Is a directory')."""
+    small = _small_clip(tmp_path, clip)
+    result = vae("video", small, "-o", tmp_path / "x.latent", "--roundtrip", "--recon", tmp_path / "r.txt")
+    assert (result.exit_code, _error_line(result)) == (
+        2, f"Error: --recon {tmp_path / 'r.txt'}: expected a video file ending in .avi, .gif, .m4v, .mkv, .mov, "
+           f".mp4, .webm")
+    (tmp_path / "r.mp4").mkdir()
+    result = vae("video", small, "-o", tmp_path / "x.latent", "--roundtrip", "--recon", tmp_path / "r.mp4", "--json")
+    assert (result.exit_code, _error_line(result)) == (
+        1, f"Error: {tmp_path / 'r.mp4'}: is a folder, expected an output file path")
+    assert json.loads(result.stdout)["error"] == f"{tmp_path / 'r.mp4'}: is a folder, expected an output file path"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.mp4", "small.mp4"]
+
+
 def test_a_stride_below_the_lowest_fps_is_refused(vae, real_weights, clip, tmp_path):
     result = vae("video", clip, "--stride", 100000, "-o", tmp_path / "x.latent", "--roundtrip")
     assert result.exit_code == 1

@@ -83,7 +83,7 @@ def video_cmd(
     from vaecli import clips, latents, video
     from vaecli.batch import Job
     from vaecli.codec import load_codec
-    from vaecli.files import FolderPath, is_folder_target, plan_outputs, strip_suffixes, temp_prefix
+    from vaecli.files import FolderPath, is_folder_target, output_exists, plan_outputs, strip_suffixes, temp_prefix
 
     try:
         frames_per_pass = parse_chunk(chunk)
@@ -96,7 +96,11 @@ def video_cmd(
             if isinstance(recon, FolderPath):
                 raise UsageError(f"--recon {recon}/: expected a video file, not a folder")
             recon = recon or out.with_name(strip_suffixes(out, ".latent") + ".recon.mp4")
-            video.check_video_output(recon)
+            if recon.suffix.lower() not in video.VIDEO_EXTS:  # not check_video_output's: video has no --as-frames
+                raise UsageError(f"--recon {recon}: expected a video file ending in "
+                                 f"{', '.join(sorted(video.VIDEO_EXTS))}")
+            if output_exists(recon) and recon.is_dir():  # found now, not when the encoded clip is moved there
+                raise OutputError(f"{recon}: is a folder, expected an output file path")
             plan_outputs([source], recon, lambda p: p.name, option="--recon")
         elif recon is not None:
             raise UsageError("--recon needs --roundtrip")
