@@ -16,7 +16,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError
 
 from vaecli import hub, weights
-from vaecli.errors import WeightsError
+from vaecli.errors import InputError, WeightsError
 from vaecli.files import output_file_mode
 from vaecli.registry import REGISTRY
 
@@ -329,3 +329,41 @@ def test_a_tampered_pulled_file_fails_its_recorded_checksum(vae, fake_hub):
     # pulling again replaces the edited file: its bytes no longer match what the hub reports
     assert vae("weights", "pull", "sd15", "-q").exit_code == 0
     assert target.read_bytes() == b"sd15 bytes" and len(fake_hub.downloads) == 2
+
+
+def test_an_unreadable_weights_file_says_so(vae, tmp_path, shared_weights, monkeypatch):
+    """Listing, verifying or loading a weights file the user may not read was 'unexpected PermissionError: ...
+    (rerun with --debug ...)', as if vaecli had a bug."""
+    import builtins
+    import errno
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    locked = folder / "taef2_encoder.pth"
+    locked.write_bytes((shared_weights / locked.name).read_bytes())
+    monkeypatch.setenv(weights.ENV_VAR, str(folder))
+    if os.geteuid() != 0:
+        locked.chmod(0)
+    else:  # root ignores modes: refuse opening it
+        real = builtins.open
+
+        def deny(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == locked.resolve():
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", deny)
+    message = f"{locked}: cannot read: permission denied"
+    result = vae("weights", "list", "taef2", "--json")
+    assert (result.exit_code, _error_lines(result)) == (1, [f"Error: {message}"])
+    assert json.loads(result.stdout.splitlines()[-1]) == {"input": None, "output": None, "status": "error",
+                                                          "error": message}
+    spec = REGISTRY["taef2"]
+    with pytest.raises(InputError) as err:
+        weights.find_on_search_path(spec, spec.weights[0])
+    assert str(err.value) == message
+    with pytest.raises(InputError) as err:
+        weights.load_state_dict(locked)
+    assert str(err.value) == message
+    locked.chmod(0o644)
+

@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 from vaecli.errors import WeightsError
+from vaecli.files import reading
 from vaecli.registry import ModelSpec, WeightFile
 
 ENV_VAR = "VAE_WEIGHTS_DIR"
@@ -29,7 +30,7 @@ def search_path() -> list[Path]:
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:  # an unreadable file: its one-line InputError
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -115,7 +116,7 @@ def load_state_dict(path: Path) -> dict:
         raise WeightsError(f"weights file not found: {path}")
     if path.is_dir():
         raise WeightsError(f"expected a weights file, got a folder: {path}")
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         head = f.read(9)
     _refuse_compressed(path)
     try:

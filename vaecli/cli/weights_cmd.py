@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vaecli.cli.common import DebugOpt, JsonOpt, ModelName, QuietOpt, app, say
+from vaecli.cli.common import DebugOpt, JsonOpt, ModelName, QuietOpt, app, fail, say
 from vaecli.errors import VaeError, describe
 from vaecli.registry import REGISTRY
 
@@ -56,7 +56,10 @@ def list_weights(
             elif no_verify:
                 state = "found"
             else:
-                state = check_file(wf, path)
+                try:
+                    state = check_file(wf, path)
+                except VaeError as exc:  # a file it may not read: one Error line, as every command's
+                    raise fail(exc, as_json=as_json) from None
                 origin = expected_sha256(wf, path)[1]
             if as_json:
                 typer.echo(json.dumps({
