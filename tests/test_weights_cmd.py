@@ -367,3 +367,32 @@ def test_an_unreadable_weights_file_says_so(vae, tmp_path, shared_weights, monke
     assert str(err.value) == message
     locked.chmod(0o644)
 
+
+def test_pull_into_a_folder_it_may_not_write(vae, fake_github, shared_weights, tmp_path, monkeypatch):
+    """A --to folder that refuses the file was 'unexpected PermissionError: ... (rerun with --debug ...)'."""
+    import errno
+
+    for wf in REGISTRY["taef2"].weights:
+        fake_github[wf.url] = (shared_weights / wf.name).read_bytes()
+    dest = tmp_path / "w"
+    dest.mkdir()
+    if os.geteuid() != 0:
+        dest.chmod(0o555)
+    else:  # root ignores modes: refuse the temp file
+        real = hub.tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir).resolve() == dest.resolve():
+                raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(hub.tempfile, "mkstemp", mkstemp)
+    result = vae("weights", "pull", "taef2", "--to", dest, "--json")
+    dest.chmod(0o755)
+    assert result.exit_code == 1
+    assert _error_lines(result) == [f"Error: {dest / 'taef2_encoder.pth'}: cannot write: permission denied",
+                                    f"Error: {dest / 'taef2_decoder.pth'}: cannot write: permission denied"]
+    assert [json.loads(line)["error"] for line in result.stdout.splitlines()] == [
+        f"{dest / 'taef2_encoder.pth'}: cannot write: permission denied",
+        f"{dest / 'taef2_decoder.pth'}: cannot write: permission denied"]
+    assert list(dest.iterdir()) == []

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vaecli.errors import WeightsError
-from vaecli.files import output_file_mode
+from vaecli.files import output_error, output_file_mode
 from vaecli.registry import HF, ModelSpec, WeightFile
 from vaecli.weights import ENV_VAR, record_sha256, recorded_sha256, sha256_of, sidecar_of
 
@@ -137,9 +137,12 @@ def pull(spec: ModelSpec, wf: WeightFile, dest: Path, revision: str | None = Non
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WeightsError(f"cannot create {dest}: {exc.strerror or exc}") from None
-    if wf.repo:
-        return _pull_hub(spec, wf, dest, revision, progress)
-    return _pull_url(spec, wf, dest, revision, progress)
+    try:
+        if wf.repo:
+            return _pull_hub(spec, wf, dest, revision, progress)
+        return _pull_url(spec, wf, dest, revision, progress)
+    except OSError as exc:  # the folder refused the file (no permission, a full disk): one line, as for any output
+        raise output_error(dest / wf.name, exc) from None
 
 
 def _pull_hub(spec: ModelSpec, wf: WeightFile, dest: Path, revision: str | None, progress: bool) -> Pulled:
