@@ -396,3 +396,35 @@ def test_pull_into_a_folder_it_may_not_write(vae, fake_github, shared_weights, t
         f"{dest / 'taef2_encoder.pth'}: cannot write: permission denied",
         f"{dest / 'taef2_decoder.pth'}: cannot write: permission denied"]
     assert list(dest.iterdir()) == []
+
+
+def test_a_search_path_folder_the_user_may_not_search(vae, tmp_path, monkeypatch):
+    """VAE_WEIGHTS_DIR naming another user's private folder was 'unexpected PermissionError' (Path.is_file raises
+    for EACCES) in every command that looks for weights."""
+    import errno
+
+    private = tmp_path / "private"
+    private.mkdir()
+    monkeypatch.setenv(weights.ENV_VAR, str(private))
+    if os.geteuid() != 0:
+        private.chmod(0)
+    else:  # root ignores modes: refuse looking inside it
+        real = Path.stat
+
+        def stat(self, *args, **kwargs):
+            if self.parent == private:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", stat)
+    message = f"{private / 'taef2_encoder.pth'}: cannot read: permission denied"
+    result = vae("weights", "list", "taef2", "-q")
+    private.chmod(0o755)
+    assert (result.exit_code, result.stdout, _error_lines(result)) == (1, "", [f"Error: {message}"])
+    spec = REGISTRY["taef2"]
+    if os.geteuid() != 0:
+        private.chmod(0)
+    with pytest.raises(InputError) as err:
+        weights.find_on_search_path(spec, spec.weights[0])
+    private.chmod(0o755)
+    assert str(err.value) == message

@@ -79,7 +79,13 @@ def check_file(wf: WeightFile, path: Path) -> str:
 
 def locate(wf: WeightFile) -> list[Path]:
     """Every copy of `wf` on the search path, in search order (the first is the one vaecli uses)."""
-    return [d / wf.name for d in search_path() if (d / wf.name).is_file()]
+    return [d / wf.name for d in search_path() if _is_file(d / wf.name)]
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; a folder of the search path the user may not search is its one-line InputError."""
+    with reading(path):
+        return path.is_file()
 
 
 def find_on_search_path(spec: ModelSpec, wf: WeightFile, verify: bool = True) -> Path:
@@ -88,7 +94,7 @@ def find_on_search_path(spec: ModelSpec, wf: WeightFile, verify: bool = True) ->
     dirs = search_path()
     for d in dirs:
         path = d / wf.name
-        if path.is_file():
+        if _is_file(path):
             expected, origin = expected_sha256(wf, path) if verify else (None, "")
             if expected is not None:
                 digest = sha256_of(path)

@@ -48,19 +48,19 @@ def list_weights(
     for name in _names(models):
         spec = REGISTRY[name]
         for wf in spec.weights:
-            copies = locate(wf)
-            path = copies[0] if copies else None
-            origin = ""
-            if path is None:
-                state = "missing"
-            elif no_verify:
-                state = "found"
-            else:
-                try:
+            try:
+                copies = locate(wf)
+                path = copies[0] if copies else None
+                origin = ""
+                if path is None:
+                    state = "missing"
+                elif no_verify:
+                    state = "found"
+                else:
                     state = check_file(wf, path)
-                except VaeError as exc:  # a file it may not read: one Error line, as every command's
-                    raise fail(exc, as_json=as_json) from None
-                origin = expected_sha256(wf, path)[1]
+                    origin = expected_sha256(wf, path)[1]
+            except VaeError as exc:  # a file or folder it may not read: one Error line, as every command's
+                raise fail(exc, as_json=as_json) from None
             if as_json:
                 typer.echo(json.dumps({
                     "model": spec.name, "role": wf.role, "name": wf.name, "state": state,
