@@ -344,6 +344,27 @@ def test_png_decode_size_is_checked_before_its_pixels_are_read(tmp_path, monkeyp
                               f"to allow larger images)")
 
 
+def test_png_text_after_the_pixels_is_found_without_decoding_them(tmp_path, monkeypatch):
+    """A small file of zeros declaring a big picture (within the pixel limit) with the vaecli chunk after its pixel
+    data, or none at all, is refused from its chunks: Pillow reached such a chunk only by decoding every pixel."""
+    src, _ = _small_png_latent(tmp_path)
+    with Image.open(src) as img:
+        text = _png_chunk(b"tEXt", b"vaecli\0" + img.info["vaecli"].encode("latin-1"))
+    z = zlib.compressobj(9)
+    idat = _png_chunk(b"IDAT", b"".join(z.compress(bytes(1 + 4 * 2000)) for _ in range(2000)) + z.flush())
+    head = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 2000, 2000, 8, 6, 0, 0, 0))
+    (tmp_path / "after.latent.png").write_bytes(head + idat + text + _png_chunk(b"IEND", b""))
+    (tmp_path / "none.latent.png").write_bytes(head + idat + _png_chunk(b"IEND", b""))
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("pixels read"))
+    none = "a PNG without vaecli latent metadata (is it an image? use 'vae encode' on images)"
+    for name, message in (("after", "mosaic is 2000x2000, expected 3x2 for a 4x2x3 latent"), ("none", none)):
+        path = tmp_path / f"{name}.latent.png"
+        for read in (latents.load_latent, latents.read_metadata):
+            with pytest.raises(LatentFormatError) as err:
+                read(path)
+            assert str(err.value) == f"{path}: {message}"
+
+
 def test_png_latent_cannot_be_a_video(tmp_path):
     meta = {**latents.make_metadata(REGISTRY["taef2"], (24, 16), (0, 0, 0, 0), "fp32", channels=4), "kind": "video"}
     info = PngImagePlugin.PngInfo()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import struct
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -355,8 +357,7 @@ def _png_layout(img: Image.Image, path: Path) -> tuple[dict, tuple[int, int], tu
     """An opened latent PNG's metadata, grid and latent shape, checked against its mosaic's header (no pixels read)."""
     text = img.info.get(PNG_KEY)
     if text is None:
-        img.load()  # a text chunk after the pixel data is read with them (the mosaic is within the pixel limit)
-        text = img.info.get(PNG_KEY)
+        text = _text_after_pixels(path)
     if text is None:
         raise LatentFormatError(f"{path}: a PNG without vaecli latent metadata (is it an image? "
                                 f"use 'vae encode' on images)")
@@ -373,6 +374,27 @@ def _png_layout(img: Image.Image, path: Path) -> tuple[dict, tuple[int, int], tu
                                 f"{cols * w}x{rows * h} for a {c}x{h}x{w} latent")
     _check_layout([c, h, w], meta, str(path))
     return meta, (rows, cols), (c, h, w)
+
+
+def _text_after_pixels(path: Path) -> str | None:
+    """The vaecli text chunk of a PNG that stores it after its pixel data, found without decoding them (Pillow reads
+    such chunks only by decoding the whole picture: a 1 MB file of up to VAE_MAX_PIXELS pixels would take GBs)."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        png = PngImagePlugin.PngStream(f)
+        while True:
+            try:
+                kind, pos, length = png.read()
+            except (struct.error, SyntaxError):  # the file ends, or is no PNG past here: as Pillow stops
+                break
+            if kind == b"IEND":
+                break
+            if kind in (b"tEXt", b"zTXt", b"iTXt"):
+                png.call(kind, pos, length)  # Pillow's own parsing and text size limits
+            else:
+                f.seek(length, os.SEEK_CUR)
+            f.seek(4, os.SEEK_CUR)  # the CRC
+    return png.im_text.get(PNG_KEY)
 
 
 def _check_png_data(path: Path) -> None:
