@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import warnings
 
+import pytest
 import torch
 
 from vaecli import weights
+from vaecli.errors import WeightsError
 
 
 def _error_line(result) -> str:
@@ -104,6 +107,28 @@ def test_pickled_code_is_never_executed(vae, small_image, tmp_path, monkeypatch)
                                    f"dict of tensors; it holds objects other than tensors, or is not a PyTorch file "
                                    f"(loaded with weights_only=True)")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_files_that_are_no_checkpoint_say_so_and_warn_nothing(tmp_path):
+    """torch.load warns on stderr about a pickle protocol other than 2 (a second line under the Error), and a text or
+    empty file reached the user as '101' or 'EOFError'."""
+    cases = {"evil4.pth": (pickle.dumps({"0.weight": Exploit()}, protocol=4), "it holds objects other than tensors, "
+                                                                             "or is not a PyTorch file (loaded with "
+                                                                             "weights_only=True)"),
+             "notes.pth": (b"hello, world\n", "it holds objects other than tensors, or is not a PyTorch file (loaded "
+                                              "with weights_only=True)"),
+             "empty.pth": (b"", "the file is empty"),
+             "cut.pth": (pickle.dumps({"0.weight": torch.zeros(1)}, protocol=2)[:2], "it ends before its pickled "
+                                                                                    "data does (a cut-off file?)")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(WeightsError) as err:
+                weights.load_state_dict(tmp_path / name)
+        assert str(err.value) == (f"cannot load weights from {tmp_path / name}: expected a .pth or .safetensors "
+                                  f"state dict of tensors; {message}")
+        assert [str(w.message) for w in caught] == []
 
 
 def test_wrong_architecture_gives_key_summary(vae, random_taesd, small_image, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 from vaecli.errors import WeightsError
@@ -131,10 +132,15 @@ def load_state_dict(path: Path) -> dict:
 
             sd = load_file(str(path))
         else:  # PyTorch zip or legacy pickle: only tensors and plain containers are unpickled
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": stderr holds one Error line only
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for foreign/corrupt files
-        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        # KeyError: a byte that is no pickle opcode (a text file); EOFError: the pickle stops short
+        if isinstance(exc, (pickle.UnpicklingError, KeyError)) or "Weights only load failed" in str(exc):
             msg = "it holds objects other than tensors, or is not a PyTorch file (loaded with weights_only=True)"
+        elif isinstance(exc, EOFError):
+            msg = "the file is empty" if not head else "it ends before its pickled data does (a cut-off file?)"
         else:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             # torch's first sentence says what is wrong; the rest is advice for its own developers
