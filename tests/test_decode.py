@@ -131,6 +131,9 @@ def test_random_bytes_are_not_a_latent(vae, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"model": "sd99"}, "made by model 'sd99', which this vaecli does not know; pass --model"),
+    # A hostile name: a terminal acts on ESC and BEL, and U+2028 breaks the line for some readers; all shown escaped.
+    ({"model": "\x1b]0;owned\x07\x1b[2Jsd99\u2028"},
+     "made by model '\\x1b]0;owned\\x07\\x1b[2Jsd99\\u2028', which this vaecli does not know; pass --model"),
     # A model's own latents said to be 'normalized' where it has no normalization statistics (a hand-edited or
     # foreign file): the error names the models that have them, not the model itself.
     ({"space": "normalized"}, "'normalized' latents need their model's normalization statistics, which taef2 has "

@@ -161,3 +161,19 @@ def test_info_shows_missing_optional_metadata_as_unknown(vae, tmp_path):
     result = vae("info", tmp_path / "a.latent")
     assert (result.exit_code, result.stdout) == (
         0, f"{tmp_path / 'a.latent'}: ? latent [32, 6, 8] ?, image, from ?x?, space ?, format vaecli-latent v?\n")
+
+
+def test_info_shows_control_characters_in_metadata_escaped(vae, tmp_path):
+    """A file's model or dtype may hold ESC sequences (which a terminal acts on: clear the screen, set its title) or
+    line breaks other than \\n; `info` shows them escaped, JSON keeps them."""
+    import torch
+    from safetensors.torch import save_file
+
+    meta = {"format": "vaecli-latent", "model": "\x1b]0;owned\x07\x1b[2Jsd99", "dtype": "fp32\u2028\x85rm"}
+    save_file({"latent": torch.zeros(32, 6, 8)}, str(tmp_path / "a.latent"), meta)
+    result = vae("info", tmp_path / "a.latent")
+    assert (result.exit_code, result.stdout) == (
+        0, f"{tmp_path / 'a.latent'}: \\x1b]0;owned\\x07\\x1b[2Jsd99 latent [32, 6, 8] fp32\\u2028\\x85rm, image, "
+           f"from ?x?, space ?, format vaecli-latent v?\n")
+    record = json.loads(vae("info", tmp_path / "a.latent", "--json").stdout)
+    assert (record["model"], record["dtype"]) == (meta["model"], meta["dtype"])

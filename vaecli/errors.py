@@ -1,5 +1,7 @@
 """Typed, user-facing errors; only the CLI turns them into `Error: ...` lines and exit codes."""
 
+import re
+
 
 class VaeError(Exception):
     """Base class: the message is one line a user can act on."""
@@ -36,9 +38,15 @@ class OutputError(VaeError):
 DEBUG_HINT = "rerun with --debug for the traceback"
 
 
+# Other line breaks (\v, \f, \x1c-\x1e, \x85, U+2028/9) and what a terminal acts on (ESC sequences, BEL, ...)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def one_line(text: str) -> str:
-    """`text` with its line breaks escaped: a file name may hold one, a message must stay one line."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """`text` with its line breaks and control characters escaped: a file name, or a model name in a latent file's
+    metadata, may hold them; a message must stay one line, and must not drive the user's terminal."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return _CONTROL.sub(lambda m: ascii(m[0])[1:-1], text)
 
 
 def describe(exc: BaseException) -> str:
