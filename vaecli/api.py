@@ -227,6 +227,9 @@ def _check_latent(latent, layout: str, what: str) -> None:
         raise UsageError(f"expected {what} (vaecli.load_latent, Model.encode), got {_described(latent)}")
     if latent.tensor.dim() != layout.count(",") + 1:
         raise UsageError(f"expected {what} of shape {layout}, got shape {list(latent.tensor.shape)}")
+    if not isinstance(latent.meta, dict):
+        raise UsageError(f"expected {what} whose meta is a dict, got {_described(latent.meta)}")
+    latents.check_fields(latent.meta, what)  # a file's are checked as it is read; this meta may come from anywhere
     bad = media.count_non_finite(latent.tensor)
     if bad:
         raise InputError(f"expected finite latent values, found {bad} NaN/Inf")

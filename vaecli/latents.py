@@ -259,7 +259,7 @@ def _decode_meta(raw: dict, source: str) -> dict:
     if version > VERSION:
         raise LatentFormatError(f"{source}: latent format version {str(version)[:40]} is newer than this vaecli "
                                 f"understands ({VERSION}); upgrade vaecli")
-    _check_fields(meta, source)
+    check_fields(meta, source)
     return meta
 
 
@@ -287,7 +287,8 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_fields(meta: dict, source: str) -> None:
+def check_fields(meta: dict, source: str) -> None:
+    """Refuse metadata whose known fields have the wrong type or range (a file's when read; an API Latent's)."""
     for key, (what, ok) in _FIELDS.items():
         if key in meta and not ok(meta[key]):
             raise LatentFormatError(f"{source}: metadata '{key}' must be {what}, got {str(meta[key])[:40]!r}")
