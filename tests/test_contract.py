@@ -460,13 +460,19 @@ def test_unexpected_exception_in_the_reader_or_writer_thread(vae, real_weights, 
     assert errors[1].endswith(HINT)
 
 
-def test_unexpected_error_outside_the_batch(vae, real_weights, small_image, tmp_path, monkeypatch):
+@pytest.mark.parametrize("exc, message", [
+    (RuntimeError("no\x1b[2J room\x07"), f"unexpected RuntimeError: no\\x1b[2J room\\x07 {HINT}"),
+    (MemoryError(), "out of memory (free some, lower --max-memory, or refuse such inputs up front with "
+                    "VAE_MAX_PIXELS)")])
+def test_unexpected_error_outside_the_batch(vae, real_weights, small_image, tmp_path, monkeypatch, exc, message):
+    """One line, its control characters escaped (no terminal escape reaches the screen); running out of memory is
+    said in words (a MemoryError has no message)."""
     import vaecli.codec
 
-    monkeypatch.setattr(vaecli.codec, "load_codec", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+    monkeypatch.setattr(vaecli.codec, "load_codec", lambda *a, **k: (_ for _ in ()).throw(exc))
     result = vae("encode", small_image, "-o", tmp_path / "x.latent")
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: unexpected MemoryError: no room {HINT}"
+    assert result.stderr.strip() == f"Error: {message}"
 
 
 def test_fail_fast_stops_with_exit_1(vae, real_weights, photos, tmp_path, monkeypatch):

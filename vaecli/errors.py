@@ -53,7 +53,9 @@ def describe(exc: BaseException) -> str:
     """One line for any exception: a VaeError's own message, else its type and message with a --debug hint."""
     if isinstance(exc, VaeError):
         return one_line(str(exc))
-    text = " ".join(str(exc).split()) or "no message"
+    if isinstance(exc, MemoryError):  # not a bug: an input larger than the free RAM allows
+        return "out of memory (free some, lower --max-memory, or refuse such inputs up front with VAE_MAX_PIXELS)"
+    text = one_line(" ".join(str(exc).split())) or "no message"
     if len(text) > 300:
         text = text[:297] + "..."
     return f"unexpected {type(exc).__name__}: {text} ({DEBUG_HINT})"
