@@ -67,7 +67,7 @@ def video_cmd(
     = False,
     recon: Annotated[Optional[Path], typer.Option(
         "--recon", parser=output_path, metavar="PATH",
-        help="Where --roundtrip writes the clip (default: <output>.recon.mp4).")] = None,
+        help="Where --roundtrip writes the clip (default: beside the output, clip.latent -> clip.recon.mp4).")] = None,
     skip_existing: SkipOpt = None,
     tile: TileOpt = "auto",
     max_memory: MaxMemOpt = None,
