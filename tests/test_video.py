@@ -263,6 +263,17 @@ def test_still_image_is_not_a_video(vae, real_weights, small_image, tmp_path):
     assert _error_line(result) == f"Error: {small_image}: is a still image, not a video (use 'vae encode')"
 
 
+@pytest.mark.parametrize("output", [[], ["-o", "v.latent"]])
+def test_a_latent_is_not_a_video(vae, clip_latent, tmp_path, monkeypatch, output):
+    """It said 'refusing to overwrite input' (its default output is its own name), or 'not a video ffmpeg can read'."""
+    monkeypatch.chdir(tmp_path)
+    before = clip_latent.read_bytes()
+    result = vae("video", clip_latent, *output)
+    assert result.exit_code == 1
+    assert _error_line(result) == f"Error: {clip_latent}: is a latent file, not a video (use 'vae decode')"
+    assert clip_latent.read_bytes() == before and not (tmp_path / "v.latent").exists()
+
+
 def test_zero_frames_selected(vae, real_weights, clip, tmp_path):
     result = vae("video", clip, "--start", 100, "-o", tmp_path / "x.latent")
     assert result.exit_code == 1

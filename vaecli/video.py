@@ -60,10 +60,17 @@ class VideoInfo:
     duration: float
 
 
+def check_not_latent(path: Path) -> None:
+    """Refuse a latent file given as a clip, by its name (before its default output, the same name, is refused)."""
+    if Path(path).name.lower().endswith((".latent", ".safetensors")):
+        raise InputError(f"{path}: is a latent file, not a video (use 'vae decode')")
+
+
 def _open(path: Path):
     import imageio_ffmpeg
 
     path = Path(path)
+    check_not_latent(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
