@@ -167,3 +167,16 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
     assert len(list(model.encode_video([pixels[0]], chunk=np.int64(2)))) == 1  # numpy integers are integers
     # a budget in bytes is a budget
     assert vaecli.load("taef2", max_memory=2**30, halves=("encoder",)).codec.budget == 2**30
+
+
+def test_load_takes_a_torch_device_and_refuses_halves_the_model_lacks(real_weights):
+    """torch.device("cpu") was refused as "unknown device 'cpu'", and taesana with halves=("decoder",) loaded an
+    empty model that failed only when used."""
+    assert vaecli.load("taef2", device=torch.device("cpu"), halves=("encoder",)).codec.device == torch.device("cpu")
+    with pytest.raises(UsageError) as err:
+        vaecli.load("taef2", device=torch.device("cuda", 0))
+    assert str(err.value) == "unknown device 'cuda:0': expected auto, cpu, cuda or mps"
+    with pytest.raises(UsageError) as err:
+        vaecli.load("taesana", device="cpu", halves=("decoder",))
+    assert str(err.value) == "taesana has no decoder (encoder only: no decoder weights are published)"
+    assert vaecli.load("taesana", device="cpu").codec.model.decoder is None  # the default: the encoder it has

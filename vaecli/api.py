@@ -78,8 +78,10 @@ def load(model: str = DEFAULT_MODEL, weights: str | Path | list | None = None, d
         max_memory = f"{max_memory}B"  # bytes
     elif max_memory is not None and not isinstance(max_memory, str):
         raise UsageError(f"max_memory: expected a size like '2GB' or a number of bytes, got {max_memory!r:.60}")
+    if isinstance(device, torch.device):  # torch.device("cpu") is not the string "cpu"
+        device = str(device)
     spec = REGISTRY.get(model)
-    if spec is not None and not spec.has_decoder:  # encoder-only models (taesana)
+    if spec is not None and not spec.has_decoder and "encoder" in halves:  # encoder-only models (taesana)
         halves = tuple(h for h in halves if h != "decoder")
     codec = load_codec(model, paths or None, halves, device, dtype, verify,
                        budget=parse_size(max_memory) if max_memory is not None else 0)
