@@ -180,3 +180,38 @@ def test_load_takes_a_torch_device_and_refuses_halves_the_model_lacks(real_weigh
         vaecli.load("taesana", device="cpu", halves=("decoder",))
     assert str(err.value) == "taesana has no decoder (encoder only: no decoder weights are published)"
     assert vaecli.load("taesana", device="cpu").codec.model.decoder is None  # the default: the encoder it has
+
+
+def test_latents_made_in_memory_are_checked_as_files_are(real_weights, small_image, tmp_path):
+    """A Latent's .meta or .tensor of the wrong type, or metadata a file could not hold, raised AttributeError or
+    ValueError from deep inside (or decoded, with an unknown space); save() with foreign metadata wrote a file that
+    load_latent refuses; a path of the wrong type raised TypeError."""
+    from vaecli.errors import LatentFormatError
+
+    model = vaecli.load("taef2", device="cpu")
+    latent = model.encode(small_image)
+    refused = [
+        (lambda: model.decode(vaecli.Latent(latent.tensor, None)), UsageError,
+         "expected Latent.meta to be a dict of vaecli metadata, got NoneType"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor.numpy(), latent.meta)), UsageError,
+         "expected Latent.tensor to be a torch.Tensor, got ndarray"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor, {**latent.meta, "image_size": "61x45"})),
+         LatentFormatError, "Latent.meta: metadata 'image_size' must be [W, H] of positive integers, got '61x45'"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor, {**latent.meta, "scaling_factor": "x"})),
+         LatentFormatError, "Latent.meta: metadata 'scaling_factor' must be a non-zero number, got 'x'"),
+        (lambda: list(model.decode_video(vaecli.Latent(latent.tensor[None], {**latent.meta, "space": "bogus"}))),
+         LatentFormatError,
+         "Latent.meta: metadata 'space' must be one of raw, scaled, normalized, native, got 'bogus'"),
+        (lambda: vaecli.Latent(latent.tensor, None).save(tmp_path / "n.latent"), UsageError,
+         "expected Latent.meta to be a dict of vaecli metadata, got NoneType"),
+        (lambda: vaecli.Latent(latent.tensor, {}).save(tmp_path / "e.latent"), UsageError,
+         "Latent.save: expected vaecli metadata in .meta (format 'vaecli-latent', as Model.encode and load_latent "
+         "give), got format None"),
+        (lambda: latent.save(None), UsageError, "Latent.save: expected a file path, got NoneType"),
+        (lambda: vaecli.load_latent(3), UsageError, "load_latent: expected a file path, got int"),
+    ]
+    for call, error, message in refused:
+        with pytest.raises(error) as err:
+            call()
+        assert str(err.value) == message
+    assert not (tmp_path / "n.latent").exists() and not (tmp_path / "e.latent").exists()

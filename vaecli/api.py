@@ -12,6 +12,7 @@ Errors are `vaecli.errors.VaeError` subclasses with the same one-line messages t
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,16 +46,22 @@ class Latent:
 
     def save(self, path: str | Path, format: str = "safetensors") -> None:
         """Write an image latent to `path` as `.safetensors` (default) or an RGBA `png`, atomically."""
+        _check_path(path, "Latent.save")
+        _check_parts(self)
         if self.tensor.dim() != 3:
             raise UsageError(f"Latent.save writes image latents (C, h, w), got shape {list(self.tensor.shape)} (a "
                              f"clip's latents are written by 'vae video')")
         if format not in SAVERS:
             raise UsageError(f"Latent.save: unknown format {format!r}: expected one of {', '.join(SAVERS)}")
+        if self.meta.get("format") != latents.FORMAT:  # load_latent would refuse the file
+            raise UsageError(f"Latent.save: expected vaecli metadata in .meta (format {latents.FORMAT!r}, as "
+                             f"Model.encode and load_latent give), got format {self.meta.get('format')!r:.40}")
         SAVERS[format](Path(path), self.tensor, self.meta)
 
 
 def load_latent(path: str | Path) -> Latent:
     """Read a latent file written by `vae encode`/`vae video` (safetensors or PNG) as a Latent."""
+    _check_path(path, "load_latent")
     tensor, meta = latents.load_latent(Path(path))
     return Latent(tensor, meta)
 
@@ -222,16 +229,29 @@ def _check_chunk(chunk) -> None:
         raise UsageError(f"chunk: expected a number of frames of at least 1, or None, got {chunk!r:.40}")
 
 
+def _check_path(path, what: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"{what}: expected a file path, got {type(path).__name__}")
+
+
+def _check_parts(latent: Latent) -> None:
+    """A UsageError unless .tensor is a tensor and .meta a dict; a LatentFormatError where .meta's fields are not what
+    a latent file's may be (as reading a file checks them)."""
+    if not isinstance(latent.tensor, torch.Tensor):
+        raise UsageError(f"expected Latent.tensor to be a torch.Tensor, got {type(latent.tensor).__name__}")
+    if not isinstance(latent.meta, dict):
+        raise UsageError(f"expected Latent.meta to be a dict of vaecli metadata, got {type(latent.meta).__name__}")
+    latents.check_fields(latent.meta, "Latent.meta")
+
+
 def _check_latent(latent, layout: str, what: str) -> None:
     """A UsageError unless `latent` is a Latent of `layout` (a CLI latent file is checked as it is read; this one was
     made in memory, so its values are checked here)."""
     if not isinstance(latent, Latent):
         raise UsageError(f"expected {what} (vaecli.load_latent, Model.encode), got {_described(latent)}")
+    _check_parts(latent)
     if latent.tensor.dim() != layout.count(",") + 1:
         raise UsageError(f"expected {what} of shape {layout}, got shape {list(latent.tensor.shape)}")
-    if not isinstance(latent.meta, dict):
-        raise UsageError(f"expected {what} whose meta is a dict, got {_described(latent.meta)}")
-    latents.check_fields(latent.meta, what)  # a file's are checked as it is read; this meta may come from anywhere
     bad = media.count_non_finite(latent.tensor)
     if bad:
         raise InputError(f"expected finite latent values, found {bad} NaN/Inf")
