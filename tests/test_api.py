@@ -215,3 +215,13 @@ def test_latents_made_in_memory_are_checked_as_files_are(real_weights, small_ima
             call()
         assert str(err.value) == message
     assert not (tmp_path / "n.latent").exists() and not (tmp_path / "e.latent").exists()
+
+
+def test_save_chooses_the_format_from_the_name_as_vae_encode_does(vae, real_weights, small_image, tmp_path):
+    """`latent.save("x.png")` wrote safetensors bytes under a .png name, where `vae encode -o x.png` writes a PNG."""
+    latent = vaecli.load("taef2", device="cpu", halves=("encoder",)).encode(small_image)
+    assert vae("encode", small_image, "-o", tmp_path / "cli.png").exit_code == 0
+    latent.save(tmp_path / "api.png")
+    assert (tmp_path / "api.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
+    latent.save(tmp_path / "st.png", format="safetensors")  # an explicit format is kept
+    assert (tmp_path / "st.png").read_bytes()[8:10] == b'{"'

@@ -44,10 +44,13 @@ class Latent:
         """Its latent space: scaled, raw, normalized or native."""
         return str(self.meta.get("space"))
 
-    def save(self, path: str | Path, format: str = "safetensors") -> None:
-        """Write an image latent to `path` as `.safetensors` (default) or an RGBA `png`, atomically."""
+    def save(self, path: str | Path, format: str | None = None) -> None:
+        """Write an image latent to `path` as `safetensors` or an RGBA `png` (default: `png` for a .png name, as
+        `vae encode -o` chooses), atomically."""
         _check_path(path, "Latent.save")
         _check_parts(self)
+        if format is None:
+            format = "png" if Path(path).suffix.lower() == ".png" else "safetensors"
         if self.tensor.dim() != 3:
             raise UsageError(f"Latent.save writes image latents (C, h, w), got shape {list(self.tensor.shape)} (a "
                              f"clip's latents are written by 'vae video')")
