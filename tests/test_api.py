@@ -225,3 +225,20 @@ def test_save_chooses_the_format_from_the_name_as_vae_encode_does(vae, real_weig
     assert (tmp_path / "api.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
     latent.save(tmp_path / "st.png", format="safetensors")  # an explicit format is kept
     assert (tmp_path / "st.png").read_bytes()[8:10] == b'{"'
+
+
+def test_pil_images_encode_as_their_files_do(real_weights, small_image, tmp_path):
+    """A PIL image went through .convert("RGB"): alpha dropped rather than flattened over white as `vae encode` does,
+    and 16-bit values clipped at 255 rather than scaled from 65535."""
+    import numpy as np
+
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    rgba = np.asarray(Image.open(small_image).convert("RGBA")).copy()
+    rgba[..., 3] = np.linspace(0, 255, rgba.shape[1]).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    gray = np.asarray(Image.open(small_image).convert("L")).astype(np.uint16) * 257
+    Image.fromarray(gray).save(tmp_path / "16.png")
+    for name in ("alpha.png", "16.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.mode in ("RGBA", "I;16")
+            assert torch.equal(model.encode(image).tensor, model.encode(tmp_path / name).tensor)

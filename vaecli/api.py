@@ -184,10 +184,8 @@ def _pixels(image) -> torch.Tensor:
 
     if isinstance(image, (str, Path)):
         return media.read_image(Path(image))[0]
-    if isinstance(image, Image.Image):
-        import numpy as np
-
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    if isinstance(image, Image.Image):  # as a file of it is read: alpha over white, 16-bit scaled from 65535
+        return media.pil_pixels(image, "white", "PIL image")[0]
     if not isinstance(image, torch.Tensor):
         raise UsageError(f"expected an image path, a PIL image or a (3, H, W) float tensor in [0, 1], "
                          f"got {type(image).__name__}")

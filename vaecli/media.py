@@ -168,7 +168,7 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
             check_still(img, path)
             img.load()
             img = ImageOps.exif_transpose(img)
-            arr, had_alpha = _to_rgb(img, alpha, path)
+            pixels, had_alpha = pil_pixels(img, alpha, path)
             mode = img.mode
     except UnidentifiedImageError:
         from vaecli.video import VIDEO_EXTS
@@ -181,11 +181,18 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
         if isinstance(exc, OSError) and exc.errno is not None:  # the file system's refusal (Pillow's own have none)
             raise read_error(path, exc) from None
         raise InputError(f"{path}: truncated or corrupt image ({exc})") from None
+    return pixels, ImageInfo(size=(pixels.shape[-1], pixels.shape[-2]), mode=mode, had_alpha=had_alpha)
+
+
+def pil_pixels(img: Image.Image, alpha: str = "white", source: Path | str = "image") -> tuple[torch.Tensor, bool]:
+    """A Pillow image as (1, 3, H, W) float32 in [0, 1] as `read_image` reads files (16-bit and float modes scaled,
+    alpha flattened), and whether it had alpha."""
+    arr, had_alpha = _to_rgb(img, alpha, source)
     # uint8 pixels convert once, straight into the float tensor (no float64 or second float copy of a large image).
     pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
     if pixels.dtype == torch.uint8:
         pixels = pixels.to(torch.float32).div_(255)
-    return pixels, ImageInfo(size=(arr.shape[1], arr.shape[0]), mode=mode, had_alpha=had_alpha)
+    return pixels, had_alpha
 
 
 def count_non_finite(x: torch.Tensor) -> int:
