@@ -242,3 +242,14 @@ def test_pil_images_encode_as_their_files_do(real_weights, small_image, tmp_path
         with Image.open(tmp_path / name) as image:
             assert image.mode in ("RGBA", "I;16")
             assert torch.equal(model.encode(image).tensor, model.encode(tmp_path / name).tensor)
+
+
+def test_help_vaecli_lists_the_api():
+    """help(vaecli) showed the example alone: the lazily imported API was in neither dir(vaecli) nor the help."""
+    import pydoc
+
+    assert set(vaecli.__all__) <= set(dir(vaecli))
+    text = pydoc.render_doc(vaecli, renderer=pydoc.plaintext)
+    for line in ("class Latent(builtins.object)", "class Model(builtins.object)", "    load_latent(path: ",
+                 "An image Latent -> (1, 3, H, W) float pixels in [0, 1], at the source image's size."):
+        assert line in text
