@@ -149,6 +149,8 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
          "to_image: expected (1, 3, H, W) or (3, H, W) pixels, got shape [4, 8, 8]"),
         (lambda: vaecli.to_image(torch.full((3, 2, 2), float("nan"))), UsageError,
          "to_image: expected finite pixels, found 12 NaN/Inf"),
+        (lambda: vaecli.to_image(torch.full((3, 2, 2), 200, dtype=torch.uint8)), UsageError,
+         "to_image: expected float pixels in [0, 1], got uint8 (divide 8-bit values by 255)"),
         (lambda: list(model.encode_video([pixels[0]], chunk=True)), UsageError,
          "chunk: expected a number of frames of at least 1, or None, got True"),
         (lambda: vaecli.load("taef2", halves="encoder"), UsageError,

@@ -165,6 +165,9 @@ def to_image(pixels: torch.Tensor):
     if not isinstance(pixels, torch.Tensor) or pixels.dim() not in (3, 4) or pixels.shape[-3] != 3 or (
             pixels.dim() == 4 and pixels.shape[0] != 1):
         raise UsageError(f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got {_described(pixels)}")
+    if not pixels.is_floating_point():  # 8-bit values would all clamp to 1: a white image
+        raise UsageError(f"to_image: expected float pixels in [0, 1], got {str(pixels.dtype).removeprefix('torch.')} "
+                         f"(divide 8-bit values by 255)")
     if bad := media.count_non_finite(pixels):
         raise UsageError(f"to_image: expected finite pixels, found {bad} NaN/Inf")
     return Image.fromarray(media.to_uint8(pixels), "RGB")
