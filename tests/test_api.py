@@ -255,3 +255,18 @@ def test_help_vaecli_lists_the_api():
     for line in ("class Latent(builtins.object)", "class Model(builtins.object)", "    load_latent(path: ",
                  "An image Latent -> (1, 3, H, W) float pixels in [0, 1], at the source image's size."):
         assert line in text
+
+
+def test_tensors_the_api_returns_take_in_place_edits_and_autograd(real_weights, small_image, gif):
+    """encode's latents and decode_video's frames were inference tensors (made under torch.inference_mode): an
+    in-place edit or autograd raised RuntimeError, where load_latent's and decode's tensors took them."""
+    model = vaecli.load("taef2", device="cpu")
+    latent = model.encode(small_image)
+    clip = list(model.encode_video(gif, chunk=8))
+    frames = list(model.decode_video(vaecli.Latent(torch.cat([c.tensor for c in clip]), clip[0].meta), chunk=8))
+    for tensor in [latent.tensor, clip[0].tensor, frames[0]]:
+        assert not tensor.is_inference()
+        tensor.mul_(1.0)
+    weight = torch.ones(1, requires_grad=True)
+    (latent.tensor * weight).sum().backward()
+    assert weight.grad is not None

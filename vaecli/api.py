@@ -34,6 +34,10 @@ class Latent:
     tensor: torch.Tensor
     meta: dict
 
+    def __post_init__(self):
+        if isinstance(self.tensor, torch.Tensor):
+            self.tensor = _plain(self.tensor)
+
     @property
     def model(self) -> str:
         """The registry name of the model that made it."""
@@ -155,7 +159,8 @@ class Model:
         _check_chunk(chunk)
         _check_latent(latent, "(T, C, h, w)", "a clip's Latent")
         z = latent.tensor
-        yield from self.codec.decode_stream(lambda i, j: z[i:j], z.shape[0], latent.meta, chunk)
+        for frames in self.codec.decode_stream(lambda i, j: z[i:j], z.shape[0], latent.meta, chunk):
+            yield _plain(frames)
 
 
 def to_image(pixels: torch.Tensor):
@@ -171,6 +176,11 @@ def to_image(pixels: torch.Tensor):
     if bad := media.count_non_finite(pixels):
         raise UsageError(f"to_image: expected finite pixels, found {bad} NaN/Inf")
     return Image.fromarray(media.to_uint8(pixels), "RGB")
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied if made under torch.inference_mode: in-place edits and autograd refuse inference tensors."""
+    return tensor.clone() if tensor.is_inference() else tensor
 
 
 def _described(x) -> str:
