@@ -126,10 +126,10 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
          "expected an image Latent of shape (C, h, w), got shape [1, 32, 6, 8]"),
         # metadata made or read elsewhere: a negative padding decoded to a 0-pixel-wide image, text raised ValueError
         (lambda: model.decode(vaecli.Latent(latent.tensor, {"model": "taef2", "padding": [-5, 0, 0, 0]})), InputError,
-         "an image Latent: metadata 'padding' must be [left, top, right, bottom] of integers >= 0, got "
+         "Latent.meta: metadata 'padding' must be [left, top, right, bottom] of integers >= 0, got "
          "'[-5, 0, 0, 0]'"),
         (lambda: model.decode(vaecli.Latent(latent.tensor, {**latent.meta, "image_size": "61x45"})), InputError,
-         "an image Latent: metadata 'image_size' must be [W, H] of positive integers, got '61x45'"),
+         "Latent.meta: metadata 'image_size' must be [W, H] of positive integers, got '61x45'"),
         (lambda: model.decode(vaecli.Latent(latent.tensor, [("model", "taef2")])), UsageError,
          "expected an image Latent whose meta is a dict, got list"),
         (lambda: list(model.decode_video(latent)), UsageError,
