@@ -131,7 +131,7 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
         (lambda: model.decode(vaecli.Latent(latent.tensor, {**latent.meta, "image_size": "61x45"})), InputError,
          "Latent.meta: metadata 'image_size' must be [W, H] of positive integers, got '61x45'"),
         (lambda: model.decode(vaecli.Latent(latent.tensor, [("model", "taef2")])), UsageError,
-         "expected an image Latent whose meta is a dict, got list"),
+         "expected Latent.meta to be a dict of vaecli metadata, got list"),
         (lambda: list(model.decode_video(latent)), UsageError,
          "expected a clip's Latent of shape (T, C, h, w), got shape [32, 6, 8]"),
         (lambda: list(model.decode_video(latent, chunk=0)), UsageError,
