@@ -24,7 +24,7 @@ from vaecli.registry import REGISTRY
 
 app = typer.Typer(
     name="vae",
-    help="Move images into diffusion-model latents and back: encode, decode, roundtrip.",
+    help="Move images and video into diffusion-model latents and back: encode, decode, roundtrip, video, compare.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -149,7 +149,8 @@ ScratchOpt = Annotated[Optional[Path], typer.Option(
     "as temporary files removed on exit; its free space is checked first (default: the system's temporary folder).",
     file_okay=False)]
 NameOpt = Annotated[Optional[str], typer.Option(
-    "--name", help="Output file name template with {stem}, {ext}, {model}, {suffix}, e.g. '{stem}.{model}{ext}'.")]
+    "--name", help="Output file name template with {stem}, {ext}, {model}, {suffix}, e.g. '{stem}.{model}{ext}' "
+                   "or '{model}/{stem}{ext}' (inside the output folder).")]
 SuffixOpt = Annotated[str, typer.Option("--suffix", help="Added to each output's stem, e.g. '_taef2'.")]
 
 
