@@ -163,6 +163,23 @@ def test_an_animation_is_refused_a_multipage_tiff_is_its_first_page(vae, real_we
     assert (tmp_path / "first.latent").read_bytes() == (tmp_path / "still.latent").read_bytes()
 
 
+@pytest.mark.parametrize("value, ok", [("abc", False), ("-5", False), ("1.5", False), ("nan", False),
+                                       ("1" * 5000, False), ("1e9", True), ("400_000_000", True), (" 4000 ", True)])
+def test_max_pixels_is_a_whole_number_or_an_error(vae, real_weights, small_image, tmp_path, monkeypatch, value, ok):
+    """A value that is no whole number was ignored without a word (the default applied, 1e9 meant 2**28)."""
+    monkeypatch.setenv("VAE_MAX_PIXELS", value)
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent")
+    assert result.exit_code == (0 if ok else 1)
+    if not ok:
+        assert _only_error_line(result) == (f"Error: {small_image}: VAE_MAX_PIXELS={value.strip()[:40]}: expected a "
+                                            f"whole number of pixels, e.g. 400000000 or 4e8")
+    monkeypatch.setenv("VAE_MAX_PIXELS", "2744")  # 61x45 = 2745 pixels
+    result = vae("encode", small_image, "-o", tmp_path / "y.latent")
+    assert (result.exit_code, _only_error_line(result)) == (1, f"Error: {small_image}: image has 2745 pixels, over "
+                                                               f"the limit of 2744 pixels (set VAE_MAX_PIXELS to "
+                                                               f"allow larger images)")
+
+
 def test_several_inputs_into_an_output_file_name_are_refused(vae, real_weights, small_image, tmp_path):
     """`-o out.latent` with two inputs made a folder named out.latent; an existing folder of that name is used."""
     out = tmp_path / "out.latent"

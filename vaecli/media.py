@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import struct
@@ -28,9 +29,19 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 
 def max_pixels() -> int:
-    """Largest pixel count an input image may have (`$VAE_MAX_PIXELS`, default 2**28)."""
-    value = os.environ.get("VAE_MAX_PIXELS", "")
-    return int(value) if value.isascii() and value.isdigit() else DEFAULT_MAX_PIXELS
+    """Largest pixel count an input image may have (`$VAE_MAX_PIXELS`, default 2**28; `4e8` and `400_000_000` too);
+    a UsageError for a value that is no whole number, rather than the default used without a word."""
+    value = os.environ.get("VAE_MAX_PIXELS", "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    text = value.replace("_", "")
+    try:
+        number = int(text) if text.isascii() and text.isdigit() else float(text)
+    except ValueError:  # also an integer of more digits than Python converts
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0 and number == int(number)):
+        raise UsageError(f"VAE_MAX_PIXELS={value[:40]}: expected a whole number of pixels, e.g. 400000000 or 4e8")
+    return int(number)
 
 
 @contextmanager
