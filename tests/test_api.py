@@ -225,8 +225,12 @@ def test_save_chooses_the_format_from_the_name_as_vae_encode_does(vae, real_weig
     assert vae("encode", small_image, "-o", tmp_path / "cli.png").exit_code == 0
     latent.save(tmp_path / "api.png")
     assert (tmp_path / "api.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
-    latent.save(tmp_path / "st.png", format="safetensors")  # an explicit format is kept
-    assert (tmp_path / "st.png").read_bytes()[8:10] == b'{"'
+    latent.save(tmp_path / "st.bin", format="safetensors")  # a name of no latent format: the format given
+    assert (tmp_path / "st.bin").read_bytes()[8:10] == b'{"'
+    with pytest.raises(UsageError) as err:  # as `vae encode --format safetensors -o st.png` refuses it
+        latent.save(tmp_path / "st.png", format="safetensors")
+    assert str(err.value) == "Latent.save: format 'safetensors' disagrees with the name st.png (a png name)"
+    assert not (tmp_path / "st.png").exists()
 
 
 def test_pil_images_encode_as_their_files_do(real_weights, small_image, tmp_path):

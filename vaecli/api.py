@@ -27,6 +27,9 @@ SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png}
 HALVES = ("encoder", "decoder")
 
 
+SAVED_AS = {".png": "png", ".latent": "safetensors", ".safetensors": "safetensors"}  # a name's format, as -o's
+
+
 @dataclass
 class Latent:
     """A latent tensor, (C, h, w) for an image or (T, C, h, w) for a clip, with its vaecli metadata."""
@@ -53,8 +56,12 @@ class Latent:
         `vae encode -o` chooses), atomically."""
         _check_path(path, "Latent.save")
         _check_parts(self)
+        by_name = SAVED_AS.get(Path(path).suffix.lower())
         if format is None:
-            format = "png" if Path(path).suffix.lower() == ".png" else "safetensors"
+            format = by_name or "safetensors"
+        elif by_name is not None and format != by_name:  # as `vae encode --format` refuses it
+            raise UsageError(f"Latent.save: format {format!r} disagrees with the name {Path(path).name} (a "
+                             f"{by_name} name)")
         if self.tensor.dim() != 3:
             raise UsageError(f"Latent.save writes image latents (C, h, w), got shape {list(self.tensor.shape)} (a "
                              f"clip's latents are written by 'vae video')")
