@@ -226,6 +226,27 @@ def test_an_empty_or_unreadable_clip_says_so(vae, real_weights, clip, tmp_path, 
     assert not (tmp_path / "x.latent").exists()
 
 
+def test_a_cut_off_avi_is_an_error(vae, real_weights, tmp_path):
+    """An AVI cut in half lost its index: ffmpeg estimated the duration from what was left, decoded the frames before
+    the cut and exited 0, so half the clip was encoded without a word. Its RIFF header still declares the length."""
+    import subprocess
+
+    whole, cut = tmp_path / "whole.avi", tmp_path / "cut.avi"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=64x48:rate=10", "-frames:v", "30", "-c:v", "mjpeg", whole], check=True)
+    size = whole.stat().st_size
+    cut.write_bytes(whole.read_bytes()[: size // 2])
+    result = vae("video", cut, "-o", tmp_path / "x.latent")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert line.startswith(f"Error: {cut}: truncated or corrupt video: the file holds {size // 2} of the {size} "
+                           f"bytes its AVI header declares (") and line.endswith(")")
+    assert not (tmp_path / "x.latent").exists()
+    assert vae("video", cut, "-o", tmp_path / "first.latent", "--frames", 2).exit_code == 0  # before the cut
+    result = vae("video", whole, "-o", tmp_path / "whole.latent", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["shape"][0] == 30
+
+
 def test_a_truncated_video_is_an_error_and_a_longer_audio_track_is_not(vae, real_weights, clip, tmp_path):
     """ffmpeg reads a cut-off file up to the cut and exits 0: vaecli compares the frames with what the header
     promises and, short of them, asks ffmpeg to decode the stream to its first error; a clip whose audio outlasts

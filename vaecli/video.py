@@ -118,6 +118,18 @@ def _decode_error(path: Path) -> str | None:
     return lines[0][:120] if lines else f"exit status {run.returncode}"
 
 
+def _riff_short(path: Path) -> tuple[int, int] | None:
+    """(bytes held, bytes declared) where `path` is an AVI shorter than its RIFF header says, else None."""
+    with reading(path), open(path, "rb") as f:
+        head = f.read(12)
+        held = os.fstat(f.fileno()).st_size
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"AVI ":
+        return None
+    declared = int.from_bytes(head[4:8], "little") + 8
+    # 0 and all-ones are what a writer that could not seek back leaves: no size was declared.
+    return (held, declared) if held < declared and declared < 0xFFFFFFF0 else None
+
+
 def probe(path: Path) -> VideoInfo:
     """Frame rate, size and duration of a video file, or an InputError if ffmpeg cannot read it."""
     gen, info = _open(path)
@@ -176,6 +188,11 @@ def read_frames(path: Path, start: int = 0, stride: int = 1, fps: float | None =
         if count < promised - 1.5 and (why := _decode_error(path)):
             raise InputError(f"{path}: truncated or corrupt video: ffmpeg decoded {count} of the {round(promised)} "
                              f"frames its header promises ({why})")
+        # An AVI cut off loses its index, and ffmpeg then estimates the duration from what is left: its RIFF
+        # header's size still says how long the file was.
+        if (sizes := _riff_short(path)) and (why := _decode_error(path)):
+            raise InputError(f"{path}: truncated or corrupt video: the file holds {sizes[0]} of the {sizes[1]} bytes "
+                             f"its AVI header declares ({why})")
 
     return info, frames()
 
