@@ -356,8 +356,12 @@ def test_an_unreadable_weights_file_says_so(vae, tmp_path, shared_weights, monke
     message = f"{locked}: cannot read: permission denied"
     result = vae("weights", "list", "taef2", "--json")
     assert (result.exit_code, _error_lines(result)) == (1, [f"Error: {message}"])
-    assert json.loads(result.stdout.splitlines()[-1]) == {"input": None, "output": None, "status": "error",
-                                                          "error": message}
+    encoder, decoder = map(json.loads, result.stdout.splitlines())  # the listing goes on past the unreadable file
+    assert (encoder["state"], encoder["path"], encoder["error"]) == ("unreadable", str(locked), message)
+    assert (decoder["state"], decoder["path"], "error" in decoder) == ("missing", None, False)
+    result = vae("weights", "list", "taef2")
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[0].split() == ["taef2", "encoder", "unreadable", str(locked)]
     spec = REGISTRY["taef2"]
     with pytest.raises(InputError) as err:
         weights.find_on_search_path(spec, spec.weights[0])
@@ -420,7 +424,10 @@ def test_a_search_path_folder_the_user_may_not_search(vae, tmp_path, monkeypatch
     message = f"{private / 'taef2_encoder.pth'}: cannot read: permission denied"
     result = vae("weights", "list", "taef2", "-q")
     private.chmod(0o755)
-    assert (result.exit_code, result.stdout, _error_lines(result)) == (1, "", [f"Error: {message}"])
+    decoder = f"{private / 'taef2_decoder.pth'}: cannot read: permission denied"
+    assert (result.exit_code, _error_lines(result)) == (1, [f"Error: {message}", f"Error: {decoder}"])
+    assert [line.split(maxsplit=3) for line in result.stdout.splitlines()] == [
+        ["taef2", "encoder", "unreadable", message], ["taef2", "decoder", "unreadable", decoder]]
     spec = REGISTRY["taef2"]
     if os.geteuid() != 0:
         private.chmod(0)

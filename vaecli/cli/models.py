@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vaecli.cli.common import QuietOpt, app, fail
-from vaecli.errors import UsageError, VaeError
+from vaecli.errors import InputError, UsageError, VaeError
 from vaecli.registry import DEFAULT_MODEL, REGISTRY
 
 
@@ -35,6 +35,8 @@ def models(
         for wf in spec.weights:
             try:
                 status[wf.role] = str(find_on_search_path(spec, wf))
+            except InputError:  # the file, or a folder of the search path, may not be read
+                status[wf.role] = "unreadable"
             except VaeError as exc:
                 status[wf.role] = None if "not found" in str(exc) else "checksum mismatch"
         f = spec.spatial_factor
@@ -47,10 +49,11 @@ def models(
                                    "latent_shape": rule, "weights": status,
                                    "default": spec.name == DEFAULT_MODEL, "description": spec.description}))
             continue
-        found = [r for r, s in status.items() if s and s != "checksum mismatch"]
+        found = [r for r, s in status.items() if s and s not in ("checksum mismatch", "unreadable")]
         state = "found" if len(found) == len(status) else "missing" if not found else "partial"
-        if "checksum mismatch" in status.values():
-            state = "checksum mismatch"
+        for problem in ("unreadable", "checksum mismatch"):
+            if problem in status.values():
+                state = problem
         if not spec.has_decoder and found:
             state += " (encoder only)"
         default = " (default)" if spec.name == DEFAULT_MODEL else ""

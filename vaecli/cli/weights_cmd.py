@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vaecli.cli.common import DebugOpt, JsonOpt, ModelName, QuietOpt, app, fail, say
+from vaecli.cli.common import DebugOpt, JsonOpt, ModelName, QuietOpt, app, say
 from vaecli.errors import VaeError, describe
 from vaecli.registry import REGISTRY
 
@@ -37,21 +37,22 @@ def list_weights(
     """List each model's weights files, where they are found, and whether their checksums verify.
 
     A file verifies against the registry's SHA-256, else the one recorded beside it when `vae weights pull` fetched
-    it; "unverified" means no checksum is known for it, "missing" that it is on no folder of the search path.
+    it; "unverified" means no checksum is known for it, "missing" that it is on no folder of the search path,
+    "unreadable" that the file or a folder of the search path may not be read (an Error line says which; exit 1).
     """
     from vaecli import hub
     from vaecli.weights import check_file, expected_sha256, locate, search_path
 
     if not as_json and not quiet:
         say("search path: " + ", ".join(str(d) for d in search_path()))
-    rows = []
+    rows, failed = [], 0
     for name in _names(models):
         spec = REGISTRY[name]
         for wf in spec.weights:
+            copies, path, origin, error = [], None, "", None
             try:
                 copies = locate(wf)
                 path = copies[0] if copies else None
-                origin = ""
                 if path is None:
                     state = "missing"
                 elif no_verify:
@@ -59,20 +60,24 @@ def list_weights(
                 else:
                     state = check_file(wf, path)
                     origin = expected_sha256(wf, path)[1]
-            except VaeError as exc:  # a file or folder it may not read: one Error line, as every command's
-                raise fail(exc, as_json=as_json) from None
+            except VaeError as exc:  # a file or folder it may not read: an Error line, and the listing goes on
+                state, error, failed = "unreadable", describe(exc), failed + 1
+                say(f"Error: {error}")
             if as_json:
                 typer.echo(json.dumps({
                     "model": spec.name, "role": wf.role, "name": wf.name, "state": state,
                     "path": str(path) if path else None, "copies": [str(p) for p in copies],
                     "checksum": origin or None, "repo": wf.repo or None, "path_in_repo": wf.path_in_repo or None,
-                    "url": hub.source_url(wf)}))
+                    "url": hub.source_url(wf), **({"error": error} if error else {})}))
             else:
-                rows.append((spec.name, wf.role, state, str(path) if path else f"(vae weights pull {spec.name})"))
+                where = str(path) if path else error if error else f"(vae weights pull {spec.name})"
+                rows.append((spec.name, wf.role, state, where))
     if rows:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for row in rows:
             typer.echo("  ".join(f"{c:<{w}}" for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    if failed:
+        raise typer.Exit(1)
 
 
 @weights_app.command("pull")
