@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -108,6 +109,38 @@ def make_image(path: Path, size=(40, 24), mode="RGB", seed=0) -> Path:
     arr = (np.kron(base, np.ones((4, 4, 1)))[:h, :w] * 255).astype(np.uint8)
     Image.fromarray(arr, "RGB").convert(mode).save(path)
     return path
+
+
+def deny_reads_of(path: Path, monkeypatch) -> None:
+    """Make file `path` unreadable: chmod for an ordinary user; as root (who ignores modes) refuse opening it."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    import builtins
+
+    real = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == path.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+
+
+def deny_listing_of(folder: Path, monkeypatch) -> None:
+    """Make `folder` unlistable: chmod for an ordinary user; as root (who ignores modes) refuse scanning it."""
+    if os.geteuid() != 0:
+        folder.chmod(0)
+        return
+    real = os.scandir
+
+    def deny(path="."):
+        if Path(path).resolve() == folder.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", deny)
 
 
 @pytest.fixture(scope="session")

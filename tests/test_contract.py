@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
+from tests.conftest import deny_listing_of, deny_reads_of
 from vaecli.latents import load_latent, save_safetensors
 from vaecli.registry import REGISTRY
 
@@ -133,29 +134,12 @@ def test_read_only_output_folder(vae, real_weights, photos, latents_dir, tmp_pat
     assert list((out / "sub").iterdir()) == []
 
 
-def _deny_reads_of(path: Path, monkeypatch) -> None:
-    """Make `path` unreadable: chmod for an ordinary user; as root (who ignores modes) refuse opening it."""
-    if os.geteuid() != 0:
-        path.chmod(0)
-        return
-    import builtins
-
-    real = builtins.open
-
-    def deny(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == path.resolve():
-            raise PermissionError(errno.EACCES, "Permission denied", str(file))
-        return real(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", deny)
-
-
 @pytest.mark.parametrize("cmd", ["encode", "decode"])
 def test_an_unreadable_input_says_so(vae, real_weights, photos, latents_dir, tmp_path, monkeypatch, cmd):
     """An input the user may not read: 'permission denied', not a corrupt image or an unexpected PermissionError."""
     args, _ = _command(cmd, photos, latents_dir)
     src = (latents_dir if cmd == "decode" else photos) / "sub" / ("b.latent" if cmd == "decode" else "b.png")
-    _deny_reads_of(src, monkeypatch)
+    deny_reads_of(src, monkeypatch)
     result = vae(*args, "-o", tmp_path / "out", "--json")
     src.chmod(0o644)
     assert result.exit_code == 1
@@ -165,21 +149,6 @@ def test_an_unreadable_input_says_so(vae, real_weights, photos, latents_dir, tmp
     assert records[src.name]["error"] == f"{src}: cannot read: permission denied"
 
 
-def _deny_listing_of(folder: Path, monkeypatch) -> None:
-    """Make `folder` unlistable: chmod for an ordinary user; as root (who ignores modes) refuse scanning it."""
-    if os.geteuid() != 0:
-        folder.chmod(0)
-        return
-    real = os.scandir
-
-    def deny(path="."):
-        if Path(path).resolve() == folder.resolve():
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", deny)
-
-
 @pytest.mark.parametrize("cmd", ["encode", "decode", "info"])
 def test_a_subfolder_the_walk_cannot_list_fails(vae, real_weights, photos, latents_dir, tmp_path, monkeypatch, cmd):
     """A folder the user may not list is an input that fails ('permission denied'), not files silently left out;
@@ -187,7 +156,7 @@ def test_a_subfolder_the_walk_cannot_list_fails(vae, real_weights, photos, laten
     root = latents_dir if cmd != "encode" else photos
     locked = root / "locked"
     locked.mkdir()
-    _deny_listing_of(locked, monkeypatch)
+    deny_listing_of(locked, monkeypatch)
     output = [] if cmd == "info" else ["-o", tmp_path / "out"]
     result = vae(cmd, root, "-r", *output, "--json")
     named = vae(cmd, locked, *output, "--json")

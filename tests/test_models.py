@@ -40,25 +40,13 @@ def test_models_reports_checksum_mismatch(vae, tmp_path, monkeypatch):
 
 def test_models_reports_an_unreadable_weights_file(vae, shared_weights, tmp_path, monkeypatch):
     """A weights file the user may not read is no checksum mismatch (which it was shown as)."""
-    import builtins
-    import errno
-    import os
+    from tests.conftest import deny_reads_of
 
     locked = tmp_path / "taef2_encoder.pth"
     locked.write_bytes((shared_weights / locked.name).read_bytes())
     (tmp_path / "taef2_decoder.pth").write_bytes((shared_weights / "taef2_decoder.pth").read_bytes())
     monkeypatch.setenv("VAE_WEIGHTS_DIR", str(tmp_path))
-    if os.geteuid() != 0:
-        locked.chmod(0)
-    else:  # root ignores modes: refuse opening it
-        real = builtins.open
-
-        def deny(file, *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == locked.resolve():
-                raise PermissionError(errno.EACCES, "Permission denied", str(file))
-            return real(file, *args, **kwargs)
-
-        monkeypatch.setattr(builtins, "open", deny)
+    deny_reads_of(locked, monkeypatch)
     records = {r["name"]: r for r in map(json.loads, vae("models", "--json").stdout.splitlines())}
     lines = {line.split()[0]: line for line in vae("models").stdout.splitlines()}
     locked.chmod(0o644)

@@ -334,25 +334,14 @@ def test_a_tampered_pulled_file_fails_its_recorded_checksum(vae, fake_hub):
 def test_an_unreadable_weights_file_says_so(vae, tmp_path, shared_weights, monkeypatch):
     """Listing, verifying or loading a weights file the user may not read was 'unexpected PermissionError: ...
     (rerun with --debug ...)', as if vaecli had a bug."""
-    import builtins
-    import errno
+    from tests.conftest import deny_reads_of
 
     folder = tmp_path / "w"
     folder.mkdir()
     locked = folder / "taef2_encoder.pth"
     locked.write_bytes((shared_weights / locked.name).read_bytes())
     monkeypatch.setenv(weights.ENV_VAR, str(folder))
-    if os.geteuid() != 0:
-        locked.chmod(0)
-    else:  # root ignores modes: refuse opening it
-        real = builtins.open
-
-        def deny(file, *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == locked.resolve():
-                raise PermissionError(errno.EACCES, "Permission denied", str(file))
-            return real(file, *args, **kwargs)
-
-        monkeypatch.setattr(builtins, "open", deny)
+    deny_reads_of(locked, monkeypatch)
     message = f"{locked}: cannot read: permission denied"
     result = vae("weights", "list", "taef2", "--json")
     assert (result.exit_code, _error_lines(result)) == (1, [f"Error: {message}"])
