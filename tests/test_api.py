@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import vaecli
 from vaecli.errors import UsageError
@@ -138,6 +138,9 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
          "chunk: expected a number of frames of at least 1, or None, got 0"),
         (lambda: list(model.encode_video([pixels[0]], chunk=0)), UsageError,
          "chunk: expected a number of frames of at least 1, or None, got 0"),
+        (lambda: list(model.encode_video(pixels[0])), UsageError,  # it iterated the frame's channels
+         "expected a clip: a video path, an iterable of (3, H, W) frames or a (T, 3, H, W) tensor, got shape "
+         "[3, 45, 61]"),
         (lambda: list(model.encode_video([pixels[0], pixels[0, :, :40]])), InputError,
          "frame 1 is 61x40, frame 0 was 61x45: a clip's frames share one size"),
         (lambda: latent.save(tmp_path / "a.jpg", format="jpg"), UsageError,
@@ -244,10 +247,18 @@ def test_pil_images_encode_as_their_files_do(real_weights, small_image, tmp_path
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
     gray = np.asarray(Image.open(small_image).convert("L")).astype(np.uint16) * 257
     Image.fromarray(gray).save(tmp_path / "16.png")
-    for name in ("alpha.png", "16.png"):
+    rotated = Image.open(small_image).convert("RGB")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    rotated.save(tmp_path / "exif.jpg", exif=exif, quality=95)
+    for name in ("alpha.png", "16.png", "exif.jpg"):
         with Image.open(tmp_path / name) as image:
-            assert image.mode in ("RGBA", "I;16")
+            assert image.mode in ("RGBA", "I;16", "RGB")
             assert torch.equal(model.encode(image).tensor, model.encode(tmp_path / name).tensor)
+    with Image.open(tmp_path / "exif.jpg") as image:  # upright already: not turned twice
+        upright = ImageOps.exif_transpose(image)
+        assert torch.equal(model.encode(upright).tensor, model.encode(tmp_path / "exif.jpg").tensor)
+        assert model.encode(upright).tensor.shape[-2:] == (8, 6)  # 45x61 after the turn
 
 
 def test_help_vaecli_lists_the_api():

@@ -204,8 +204,11 @@ def _pixels(image) -> torch.Tensor:
 
     if isinstance(image, (str, Path)):
         return media.read_image(Path(image))[0]
-    if isinstance(image, Image.Image):  # as a file of it is read: alpha over white, 16-bit scaled from 65535
-        return media.pil_pixels(image, "white", "PIL image")[0]
+    if isinstance(image, Image.Image):  # as a file of it is read: upright, alpha over white, 16-bit scaled
+        from PIL import ImageOps
+
+        # An image already turned upright has no orientation tag left, so this never turns it twice.
+        return media.pil_pixels(ImageOps.exif_transpose(image), "white", "PIL image")[0]
     if not isinstance(image, torch.Tensor):
         raise UsageError(f"expected an image path, a PIL image or a (3, H, W) float tensor in [0, 1], "
                          f"got {type(image).__name__}")
@@ -228,6 +231,9 @@ def _frames(clip) -> Iterator[torch.Tensor]:
     if isinstance(clip, (str, Path)):
         _, stream = video.read_frames(Path(clip))
         return (pixels for _, pixels in stream)
+    if isinstance(clip, torch.Tensor) and clip.dim() != 4:  # iterating a (3, H, W) frame would give its channels
+        raise UsageError(f"expected a clip: a video path, an iterable of (3, H, W) frames or a (T, 3, H, W) tensor, "
+                         f"got shape {list(clip.shape)}")
     frames = iter(clip) if isinstance(clip, Iterable) else iter([clip])
     return (_one(_pixels(frame), "a clip's frames, one at a time") for frame in frames)
 
