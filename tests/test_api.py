@@ -16,6 +16,8 @@ def test_encode_decode_save_match_the_commands(vae, real_weights, small_image, t
     model = vaecli.load("taef2", device="cpu")
     latent = model.encode(small_image)
     assert isinstance(latent, vaecli.Latent) and (latent.model, latent.space) == ("taef2", "raw")
+    bare = vaecli.Latent(latent.tensor, {})
+    assert (bare.model, bare.space) == (None, None)  # not the string "None"
     assert vae("encode", small_image, "-o", tmp_path / "cli.latent").exit_code == 0
     cli, cli_meta = load_latent(tmp_path / "cli.latent")
     assert torch.equal(latent.tensor, cli)

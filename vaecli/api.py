@@ -42,14 +42,16 @@ class Latent:
             self.tensor = _plain(self.tensor)
 
     @property
-    def model(self) -> str:
-        """The registry name of the model that made it."""
-        return str(self.meta.get("model"))
+    def model(self) -> str | None:
+        """The registry name of the model that made it (None where the metadata does not say)."""
+        model = self.meta.get("model")
+        return None if model is None else str(model)
 
     @property
-    def space(self) -> str:
-        """Its latent space: scaled, raw, normalized or native."""
-        return str(self.meta.get("space"))
+    def space(self) -> str | None:
+        """Its latent space: scaled, raw, normalized or native (None where the metadata does not say)."""
+        space = self.meta.get("space")
+        return None if space is None else str(space)
 
     def save(self, path: str | Path, format: str | None = None) -> None:
         """Write an image latent to `path` as `safetensors` or an RGBA `png` (default: `png` for a .png name, as
