@@ -270,3 +270,13 @@ def test_float8_weights_load_as_before(vae, shared_weights, small_image, tmp_pat
     save_file({k: v.to(torch.float8_e4m3fn).contiguous() for k, v in sd.items()}, str(tmp_path / "fp8.safetensors"))
     result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--weights", tmp_path / "fp8.safetensors")
     assert result.exit_code == 0, result.stderr
+
+
+def test_kl_weights_of_another_latent_space_name_the_channels(vae, kl_files, small_image, tmp_path):
+    """SD3's autoencoder given for sd15 was a list of missing and mismatched keys; it is the latent channels."""
+    sd3 = kl_files("sd3")["ldm"]
+    result = vae("encode", small_image, "-m", "sd15", "-w", sd3, "-o", tmp_path / "x.latent")
+    assert (result.exit_code, _error_line(result)) == (
+        1, f"Error: expected 4 latent channels for sd15, got 16 in {sd3} (encoder.conv_out.weight (32, 512, 3, 3), "
+           f"as in sd3, flux1)")
+    assert not (tmp_path / "x.latent").exists()

@@ -11,8 +11,9 @@ import torch
 
 from vaecli import banded, layerwise, metrics, tiling
 from vaecli.codec import Codec, check_room
+from vaecli.errors import WeightsError
 from vaecli.models.kl import KLAutoencoder
-from vaecli.registry import ModelSpec
+from vaecli.registry import REGISTRY, ModelSpec
 
 
 class Family(Codec):
@@ -31,7 +32,18 @@ class Family(Codec):
         """A checkpoint in LDM/BFL or diffusers keys (`vaecli.checkpoints`), in the network's keys."""
         from vaecli.checkpoints import kl_state_dict
 
-        return kl_state_dict(sd, len(spec.config.channel_mult), source)
+        out = kl_state_dict(sd, len(spec.config.channel_mult), source)
+        # The weights of a model with another latent space (SD3's given for sd15) say so, not which keys differ.
+        for key, dim, per in (("encoder.conv_out.weight", 0, 2), ("decoder.conv_in.weight", 1, 1)):
+            w = out.get(key)
+            if w is None or w.dim() != 4 or w.shape[dim] % per or w.shape[dim] == per * spec.latent_channels:
+                continue
+            got = w.shape[dim] // per
+            fits = [n for n, s in REGISTRY.items() if s.family in ("kl", "svd") and s.latent_channels == got]
+            hint = f", as in {', '.join(fits)}" if fits else ""
+            raise WeightsError(f"expected {spec.latent_channels} latent channels for {spec.name}, got {got} in "
+                               f"{source} ({key} {tuple(w.shape)}{hint})")
+        return out
 
     @classmethod
     def network_memory_format(cls, device: torch.device) -> torch.memory_format:
