@@ -183,11 +183,11 @@ def test_sampling_is_seeded_and_follows_the_posterior(kl_files, pixels):
 
 
 def test_fp16_upcast_for_sdxl(kl_files):
-    files = kl_files("sd15")  # same architecture as sdxl
-    codec = load_codec("sdxl", [files["diffusers"]], device="cpu", dtype="fp16")
+    files = kl_files("sd15")  # same architecture as sdxl (its diffusers folder records SD 1.x's scaling_factor)
+    codec = load_codec("sdxl", [files["ldm"]], device="cpu", dtype="fp16")
     assert next(codec.model.encoder.parameters()).dtype == torch.float16
     assert next(codec.model.decoder.parameters()).dtype == torch.float32
-    fixed = load_codec("sdxl-fp16-fix", [files["diffusers"]], device="cpu", dtype="fp16")
+    fixed = load_codec("sdxl-fp16-fix", [files["ldm"]], device="cpu", dtype="fp16")
     assert next(fixed.model.decoder.parameters()).dtype == torch.float16
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -280,3 +281,20 @@ def test_kl_weights_of_another_latent_space_name_the_channels(vae, kl_files, sma
         1, f"Error: expected 4 latent channels for sd15, got 16 in {sd3} (encoder.conv_out.weight (32, 512, 3, 3), "
            f"as in sd3, flux1)")
     assert not (tmp_path / "x.latent").exists()
+
+
+def test_diffusers_kl_folder_of_another_latent_space_is_refused(vae, kl_files, small_image, tmp_path):
+    """SD3's diffusers folder for flux1 (same shapes) loaded, and its latents were scaled and shifted as FLUX.1's."""
+    folder = kl_files("sd3")["diffusers"]
+    result = vae("encode", small_image, "-m", "flux1", "-w", folder, "-o", tmp_path / "x.latent")
+    assert (result.exit_code, _error_line(result)) == (
+        1, f"Error: expected scaling_factor 0.3611 for flux1, got 1.5305 in {folder / 'config.json'} (the weights of "
+           f"a model with another latent space, as in sd3)")
+    assert not (tmp_path / "x.latent").exists()
+    shutil.copytree(folder, tmp_path / "sd3")  # a fine-tune recording another shift only is refused as well
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "sd3" / "config.json").write_text(json.dumps({**config, "shift_factor": 0.5}))
+    result = vae("encode", small_image, "-m", "sd3", "-w", tmp_path / "sd3", "-o", tmp_path / "x.latent")
+    assert (result.exit_code, _error_line(result)) == (
+        1, f"Error: expected shift_factor 0.0609 for sd3, got 0.5 in {tmp_path / 'sd3' / 'config.json'} (the "
+           f"weights of a model with another latent space)")

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from vaecli.errors import WeightsError
-from vaecli.registry import ModelSpec
+from vaecli.registry import REGISTRY, ModelSpec
 
 DIFFUSERS_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -76,6 +76,18 @@ def _check_diffusers_config(spec: ModelSpec, config: Path) -> None:
     if channels is not None and (type(channels) is not int or channels != spec.latent_channels):
         shown = channels if type(channels) is int else repr(str(channels)[:20])  # "32" (text) is not 32
         raise WeightsError(f"expected {spec.latent_channels} latent channels for {spec.name}, got {shown} in {config}")
+    if spec.family not in ("kl", "svd"):
+        return  # a diffusers AutoencoderTiny records scaling_factor 1.0: its latents are scaled by the network itself
+    # The latent space diffusers scales these weights' latents into: another KL model's (an SDXL folder for sd15, SD3's
+    # for flux1) would load, and the latents be scaled as this model's denoiser expects, not theirs.
+    for name, own in (("scaling_factor", spec.scaling_factor), ("shift_factor", spec.shift_factor)):
+        value = cfg.get(name)
+        if type(value) in (int, float) and abs(value - own) > 1e-6:
+            fits = [n for n, s in REGISTRY.items()
+                    if s.family in ("kl", "svd") and abs(getattr(s, name) - value) <= 1e-6]
+            hint = f", as in {', '.join(fits)}" if fits else ""
+            raise WeightsError(f"expected {name} {own:g} for {spec.name}, got {value:g} in {config} (the weights of a "
+                               f"model with another latent space{hint})")
 
 
 def model_state_dict(spec: ModelSpec, sd: dict, source: str) -> dict:
