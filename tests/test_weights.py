@@ -76,7 +76,8 @@ def test_user_named_weights_are_not_checksummed(vae, shared_weights, small_image
     assert result.exit_code == 0, result.stderr
 
 
-def test_named_weights_without_the_half_a_command_needs_are_refused(vae, real_weights, small_image, tmp_path):
+def test_named_weights_without_the_half_a_command_needs_are_refused(vae, real_weights, small_image, tmp_path,
+                                                                   monkeypatch):
     """`decode -w taef2_encoder.pth` ran the search path's decoder and ignored the file; a half a command can use
     is taken, the other half then comes from the search path."""
     enc, dec = real_weights / "taef2_encoder.pth", real_weights / "taef2_decoder.pth"
@@ -90,6 +91,12 @@ def test_named_weights_without_the_half_a_command_needs_are_refused(vae, real_we
     assert (result.exit_code, result.stderr.splitlines()[0]) == (
         1, f"Error: {lat}: {enc}: expected taef2's decoder weights for this command, found only its encoder")
     assert vae("roundtrip", small_image, "-w", dec, "-q").exit_code == 0
+    monkeypatch.setenv("VAE_WEIGHTS_DIR", str(tmp_path / "empty"))  # the other half is on no folder of the path
+    result = vae("roundtrip", small_image, "-w", dec)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0].startswith("Error: taef2_encoder.pth (taef2 encoder) not found; looked in: ")
+    assert result.stderr.splitlines()[0].endswith(f"or pass --weights PATH (the weights given, {dec}, hold no "
+                                                  f"encoder)")
 
 
 class Exploit:

@@ -386,7 +386,12 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
     for role in roles:
         if not any(k.startswith(f"{role}.") for k in sd):
             wf = spec.weight(role)
-            path = find_on_search_path(spec, wf, verify=verify)
+            try:
+                path = find_on_search_path(spec, wf, verify=verify)
+            except WeightsError as exc:  # say why the search path was looked at when weights were given
+                if not sources:
+                    raise
+                raise WeightsError(f"{exc} (the weights given, {', '.join(sources)}, hold no {role})") from None
             if str(path) not in sources:
                 sd.update(model_state_dict(spec, load_state_dict(path), str(path)))
                 sources.append(str(path))
