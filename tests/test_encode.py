@@ -308,6 +308,18 @@ def test_bad_output_extension_is_a_usage_error(vae, real_weights, small_image, t
                                         f".latent, .safetensors or .png")
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--tile", "9" * 5000, f"--tile {'9' * 40}: expected auto, off or a tile size in pixels"),
+    ("--max-memory", "9" * 400, f"--max-memory {'9' * 40}: expected a size like 2GB, 512MB or 1.5GiB"),
+])
+def test_tile_and_budget_of_more_digits_than_a_number_holds(vae, real_weights, small_image, tmp_path, option, value,
+                                                           message):
+    result = vae("encode", small_image, "-o", tmp_path / "x.latent", option, value)
+    assert result.exit_code == 2
+    assert _only_error_line(result) == f"Error: {message}"
+    assert not (tmp_path / "x.latent").exists()
+
+
 def test_format_disagreeing_with_extension(vae, real_weights, small_image, tmp_path):
     result = vae("encode", small_image, "-o", tmp_path / "x.latent", "--format", "png")
     assert result.exit_code == 2

@@ -109,7 +109,8 @@ def test_receptive_radius_of_tiny_segments():
     assert tiling.receptive_radius(sana.encoder_segments()[0]) > tiling.receptive_radius(local_enc)
 
 
-@pytest.mark.parametrize("text, value", [("2GB", 2 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("100", 100)])
+@pytest.mark.parametrize("text, value", [("2GB", 2 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("100", 100),
+                                         ("2tib", 2 << 40)])
 def test_parse_size(text, value):
     assert tiling.parse_size(text) == value
 

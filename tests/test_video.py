@@ -313,6 +313,7 @@ def test_zero_frames_selected(vae, real_weights, clip, tmp_path):
     (["--fps", "1e308"], "Error: --fps 1e+308: expected fps between 0.001 and 1000"),
     (["--fps", "nan"], "Error: --fps nan: expected fps between 0.001 and 1000"),
     (["--seed", 3], "Error: --seed only applies with --sample"),
+    (["--chunk", "9" * 5000], f"Error: --chunk {'9' * 40}: expected auto or a number of frames from 1 to 100000"),
     (["--sample"], "Error: taef2 is deterministic: --sample needs a model with a posterior (KL, Wan)"),
 ])
 def test_video_usage_errors(vae, real_weights, clip, tmp_path, args, message):

@@ -27,7 +27,7 @@ from vaecli.errors import UsageError
 DTYPE_BYTES = 4  # the planner counts fp32 activations; half precision only makes the plan more generous
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
-          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
 
 
 def parse_size(text: str) -> int:
@@ -36,7 +36,10 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         shown = text if text.strip() else repr(text)  # an empty value is named, not left blank
         raise UsageError(f"--max-memory {shown}: expected a size like 2GB, 512MB or 1.5GiB")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not math.isfinite(size):  # more digits than a float holds: no budget is that large
+        raise UsageError(f"--max-memory {text[:40]}: expected a size like 2GB, 512MB or 1.5GiB")
+    size = int(size)
     if size < 1:  # 0 would read as "no budget given", the default
         raise UsageError(f"--max-memory {text}: expected a size of at least 1 byte, like 2GB, 512MB or 1.5GiB")
     return size
@@ -319,6 +322,9 @@ def resolve_tile(option: str) -> int | None | str:
         return "auto"
     if option == "off":
         return None
-    if not (option.isascii() and option.isdigit()) or int(option) < 1:  # not '²', which isdigit() accepts
-        raise UsageError(f"--tile {option}: expected auto, off or a tile size in pixels")
+    try:
+        if not (option.isascii() and option.isdigit()) or int(option) < 1:  # not '²', which isdigit() accepts
+            raise ValueError
+    except ValueError:  # also an integer of more digits than Python converts
+        raise UsageError(f"--tile {option[:40]}: expected auto, off or a tile size in pixels") from None
     return int(option)

@@ -405,8 +405,10 @@ def parse_chunk(option: str) -> int | None:
     """`--chunk` as given: None for "auto", else a positive frame count."""
     if option == "auto":
         return None
-    if not (option.isascii() and option.isdigit()) or not 1 <= int(option) <= MAX_CHUNK:  # isdigit() takes '²'
-        raise UsageError(f"--chunk {option}: expected auto or a number of frames from 1 to {MAX_CHUNK}")
+    # isdigit() takes '²'; a value of more digits than int() converts is past MAX_CHUNK too
+    if not (option.isascii() and option.isdigit()) or len(option.lstrip("0")) > len(str(MAX_CHUNK)) \
+            or not 1 <= int(option) <= MAX_CHUNK:
+        raise UsageError(f"--chunk {option[:40]}: expected auto or a number of frames from 1 to {MAX_CHUNK}")
     return int(option)
 
 
