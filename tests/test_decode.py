@@ -205,6 +205,17 @@ def test_decode_unsupported_output_extension(vae, latent_file, tmp_path):
                                         ".mkv, .mov, .mp4, .webm)")
 
 
+def test_an_absent_device_is_a_usage_error_before_any_input(vae, latent_file, tmp_path, monkeypatch):
+    """decode loads each input's model as it comes: the device is checked up front, as the other commands do."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = vae("decode", latent_file, "-o", tmp_path / "x.png", "--device", "cuda", "--json")
+    assert result.exit_code == 2
+    assert _only_error_line(result) == "Error: --device cuda: CUDA is not available on this machine"
+    assert json.loads(result.stdout) == {"input": None, "output": None, "status": "error",
+                                         "error": "--device cuda: CUDA is not available on this machine"}
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_an_image_latent_to_a_video_output_is_refused(vae, latent_file, tmp_path):
     result = vae("decode", latent_file, "-o", tmp_path / "x.mp4")
     assert (result.exit_code, _only_error_line(result)) == (1, (

@@ -295,6 +295,18 @@ def test_a_latent_is_not_a_video(vae, clip_latent, tmp_path, monkeypatch, output
     assert clip_latent.read_bytes() == before and not (tmp_path / "v.latent").exists()
 
 
+def test_options_are_checked_even_when_the_output_is_skipped(vae, real_weights, clip, tmp_path, monkeypatch):
+    assert vae("video", clip, "-o", f"{tmp_path / 'out'}/", "--frames", 2).exit_code == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args, message in [(["--tile", "abc"], "Error: --tile abc: expected auto, off or a tile size in pixels"),
+                          (["--max-memory", "0"], "Error: --max-memory 0: expected a size of at least 1 byte, like "
+                                                  "2GB, 512MB or 1.5GiB"),
+                          (["--device", "cuda"], "Error: --device cuda: CUDA is not available on this machine")]:
+        result = vae("video", clip, "-o", f"{tmp_path / 'out'}/", "--frames", 2, *args)
+        assert result.exit_code == 2
+        assert _error_line(result) == message
+
+
 def test_zero_frames_selected(vae, real_weights, clip, tmp_path):
     result = vae("video", clip, "--start", 100, "-o", tmp_path / "x.latent")
     assert result.exit_code == 1

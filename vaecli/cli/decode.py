@@ -78,7 +78,7 @@ def decode(
 ) -> None:
     """Decode latent files back to images (PNG, JPEG, WebP, BMP, TIFF) or latent videos to clips (by -o extension)."""
     from vaecli import batch, clips, latents, media, video
-    from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec
+    from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec, resolve_device
     from vaecli.errors import InputError, OutputError
     from vaecli.files import output_exists
     from vaecli.pipeline import scratch_fields, scratch_text
@@ -99,6 +99,7 @@ def decode(
 
     try:
         tiling_options = tiling_kwargs(tile, max_memory, scratch)
+        resolve_device(device.value)  # now, not when each input loads its model: a usage error, not a failed input
         frames_per_pass = parse_chunk(chunk)
         media.check_output_extension(Path("x" + image_suffix))
         pairs = expand(inputs, output, recursive, batch.LATENT_EXTS, quiet)

@@ -82,10 +82,13 @@ def video_cmd(
     """Encode a video clip into a latent video (frames, channels, h, w), streaming (audio is not carried)."""
     from vaecli import clips, latents, video
     from vaecli.batch import Job
-    from vaecli.codec import load_codec
+    from vaecli.codec import load_codec, resolve_device
     from vaecli.files import FolderPath, is_folder_target, output_exists, plan_outputs, strip_suffixes, temp_prefix
 
     try:
+        # checked even when the output exists and is skipped, as the other commands check them
+        tiling_options = tiling_kwargs(tile, max_memory, scratch)
+        resolve_device(device.value)
         frames_per_pass = parse_chunk(chunk)
         clips.check_selection(start, frames, stride, fps, frames_per_pass)
         folder = output is not None and is_folder_target(output, 1)
@@ -114,7 +117,7 @@ def video_cmd(
         if not skip:
             roles = ("encoder", "decoder") if roundtrip else ("encoder",)
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
-                               **tiling_kwargs(tile, max_memory, scratch))
+                               **tiling_options)
             codec.check_encode_options(None, sample)
             if fmt == VideoLatentFormat.comfyui:
                 codec.check_encode_options("raw", False)  # ComfyUI's files are raw: a model without them is refused
