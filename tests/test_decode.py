@@ -216,6 +216,14 @@ def test_an_absent_device_is_a_usage_error_before_any_input(vae, latent_file, tm
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("ext, shown", [("", "''"), ("exr", "exr"), ("p/ng", "p/ng")])
+def test_an_unknown_ext_names_the_option(vae, latent_file, tmp_path, ext, shown):
+    result = vae("decode", latent_file, "-o", f"{tmp_path / 'out'}/", "--ext", ext)
+    assert result.exit_code == 2
+    assert _only_error_line(result) == f"Error: --ext {shown}: expected one of png, jpg, jpeg, webp, bmp, tif, tiff"
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_image_latent_to_a_video_output_is_refused(vae, latent_file, tmp_path):
     result = vae("decode", latent_file, "-o", tmp_path / "x.mp4")
     assert (result.exit_code, _only_error_line(result)) == (1, (

@@ -101,7 +101,9 @@ def decode(
         tiling_options = tiling_kwargs(tile, max_memory, scratch)
         resolve_device(device.value)  # now, not when each input loads its model: a usage error, not a failed input
         frames_per_pass = parse_chunk(chunk)
-        media.check_output_extension(Path("x" + image_suffix))
+        if image_suffix not in media.OUTPUT_FORMATS:  # named as given, not as the file name it would make
+            raise UsageError(f"--ext {image_ext if image_ext.strip() else repr(image_ext)}: expected one of "
+                             f"{', '.join(e.lstrip('.') for e in media.OUTPUT_FORMATS)}")
         pairs = expand(inputs, output, recursive, batch.LATENT_EXTS, quiet)
         jobs, skip = plan_jobs(pairs, output, default_name, skip_existing)
         jobs = _comfyui_items(jobs, model.value if model else None)
