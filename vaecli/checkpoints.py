@@ -16,6 +16,7 @@ from pathlib import Path
 from vaecli.errors import WeightsError
 from vaecli.registry import REGISTRY, ModelSpec
 
+KL_FAMILIES = ("kl", "svd")  # the autoencoders diffusers scales by a config's scaling_factor and shift_factor
 DIFFUSERS_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
@@ -76,18 +77,23 @@ def _check_diffusers_config(spec: ModelSpec, config: Path) -> None:
     if channels is not None and (type(channels) is not int or channels != spec.latent_channels):
         shown = channels if type(channels) is int else repr(str(channels)[:20])  # "32" (text) is not 32
         raise WeightsError(f"expected {spec.latent_channels} latent channels for {spec.name}, got {shown} in {config}")
-    if spec.family not in ("kl", "svd"):
+    if spec.family not in KL_FAMILIES:
         return  # a diffusers AutoencoderTiny records scaling_factor 1.0: its latents are scaled by the network itself
     # The latent space diffusers scales these weights' latents into: another KL model's (an SDXL folder for sd15, SD3's
     # for flux1) would load, and the latents be scaled as this model's denoiser expects, not theirs.
     for name, own in (("scaling_factor", spec.scaling_factor), ("shift_factor", spec.shift_factor)):
         value = cfg.get(name)
         if type(value) in (int, float) and abs(value - own) > 1e-6:
-            fits = [n for n, s in REGISTRY.items()
-                    if s.family in ("kl", "svd") and abs(getattr(s, name) - value) <= 1e-6]
-            hint = f", as in {', '.join(fits)}" if fits else ""
+            hint = as_in_kl_models(name, value)
             raise WeightsError(f"expected {name} {own:g} for {spec.name}, got {value:g} in {config} (the weights of a "
                                f"model with another latent space{hint})")
+
+
+def as_in_kl_models(field: str, value: float) -> str:
+    """`, as in sd3, flux1`: the KL-family models whose spec `field` is `value`, for a message naming whose weights
+    these are; empty when there are none."""
+    fits = [name for name, s in REGISTRY.items() if s.family in KL_FAMILIES and abs(getattr(s, field) - value) <= 1e-6]
+    return f", as in {', '.join(fits)}" if fits else ""
 
 
 def model_state_dict(spec: ModelSpec, sd: dict, source: str) -> dict:

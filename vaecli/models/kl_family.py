@@ -13,7 +13,7 @@ from vaecli import banded, layerwise, metrics, tiling
 from vaecli.codec import Codec, check_room
 from vaecli.errors import WeightsError
 from vaecli.models.kl import KLAutoencoder
-from vaecli.registry import REGISTRY, ModelSpec
+from vaecli.registry import ModelSpec
 
 
 class Family(Codec):
@@ -30,7 +30,7 @@ class Family(Codec):
     @staticmethod
     def state_dict(spec: ModelSpec, sd: dict, source: str) -> dict:
         """A checkpoint in LDM/BFL or diffusers keys (`vaecli.checkpoints`), in the network's keys."""
-        from vaecli.checkpoints import kl_state_dict
+        from vaecli.checkpoints import as_in_kl_models, kl_state_dict
 
         out = kl_state_dict(sd, len(spec.config.channel_mult), source)
         # The weights of a model with another latent space (SD3's given for sd15) say so, not which keys differ.
@@ -39,8 +39,7 @@ class Family(Codec):
             if w is None or w.dim() != 4 or w.shape[dim] % per or w.shape[dim] == per * spec.latent_channels:
                 continue
             got = w.shape[dim] // per
-            fits = [n for n, s in REGISTRY.items() if s.family in ("kl", "svd") and s.latent_channels == got]
-            hint = f", as in {', '.join(fits)}" if fits else ""
+            hint = as_in_kl_models("latent_channels", got)
             raise WeightsError(f"expected {spec.latent_channels} latent channels for {spec.name}, got {got} in "
                                f"{source} ({key} {tuple(w.shape)}{hint})")
         return out
