@@ -45,7 +45,7 @@ def list_weights(
 
     if not as_json and not quiet:
         say("search path: " + ", ".join(str(d) for d in search_path()))
-    rows, failed = [], 0
+    rows, failed = [], False
     for name in _names(models):
         spec = REGISTRY[name]
         for wf in spec.weights:
@@ -61,7 +61,7 @@ def list_weights(
                     state = check_file(wf, path)
                     origin = expected_sha256(wf, path)[1]
             except VaeError as exc:  # a file or folder it may not read: an Error line, and the listing goes on
-                state, error, failed = "unreadable", describe(exc), failed + 1
+                state, error, failed = "unreadable", describe(exc), True
                 say(f"Error: {error}")
             if as_json:
                 typer.echo(json.dumps({
