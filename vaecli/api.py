@@ -20,14 +20,12 @@ from pathlib import Path
 import torch
 
 from vaecli import latents, media, video
+from vaecli.batch import LATENT_FORMATS
 from vaecli.errors import InputError, UsageError
 from vaecli.registry import DEFAULT_MODEL
 
 SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png}
 HALVES = ("encoder", "decoder")
-
-
-SAVED_AS = {".png": "png", ".latent": "safetensors", ".safetensors": "safetensors"}  # a name's format, as -o's
 
 
 @dataclass
@@ -58,7 +56,7 @@ class Latent:
         `vae encode -o` chooses), atomically."""
         _check_path(path, "Latent.save")
         _check_parts(self)
-        by_name = SAVED_AS.get(Path(path).suffix.lower())
+        by_name = LATENT_FORMATS.get(Path(path).suffix.lower())  # as `vae encode -o` reads it
         if format is None:
             format = by_name or "safetensors"
         elif by_name is not None and format != by_name:  # as `vae encode --format` refuses it

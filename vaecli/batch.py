@@ -21,6 +21,7 @@ from vaecli.errors import UsageError, describe
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LATENT_EXTS = (".latent", ".safetensors", ".latent.png")
+LATENT_FORMATS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}  # an output name's format
 MANIFEST_EXTS = (".txt", ".parquet")
 
 

@@ -94,7 +94,6 @@ class VideoLatentFormat(str, Enum):
     comfyui = "comfyui"
 
 
-LATENT_EXTS = {".latent": "safetensors", ".safetensors": "safetensors", ".png": "png"}
 MAX_CHUNK = 100_000  # frames a pass; a larger --chunk runs whole clips the same way
 
 def output_path(text: str) -> Path:
@@ -275,8 +274,7 @@ class Reporter:
     def __call__(self, job) -> None:
         self.counts[job.status] += 1
         if job.status == "error":
-            src = one_line(str(job.src))
-            msg = job.error if job.error.startswith(src) else f"{src}: {job.error}"
+            msg = naming(job.src, job.error)
             exc = getattr(job, "exc", None)
             if self.debug and exc is not None and not isinstance(exc, VaeError):
                 import traceback
@@ -313,11 +311,22 @@ class Reporter:
             undone = f", {len(not_run)} not run ({why})" if not_run else ""
             say(f"done: {self.counts['ok']} ok, {self.counts['skipped']} skipped, {self.counts['error']} failed"
                 f"{undone}")
-        if self.total > 1 and self.failures:
-            say(f"{len(self.failures)} of {self.total} inputs failed:")
-            for msg in self.failures:
-                say(f"  {msg}")
+        say_failures(self.failures, self.total)
         return 1 if self.failures else 0
+
+
+def naming(src, message: str) -> str:
+    """An input's error message as its `Error:` line gives it: starting with the input's name."""
+    name = one_line(str(src))
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
+def say_failures(failures: list[str], total: int) -> None:
+    """The closing summary of a run over several inputs where some failed: how many, then each one's message."""
+    if total > 1 and failures:
+        say(f"{len(failures)} of {total} inputs failed:")
+        for message in failures:
+            say(f"  {message}")
 
 
 def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = None, debug: bool = False,

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vaecli.batch import check_at_least_one
+from vaecli.batch import LATENT_FORMATS, check_at_least_one
 from vaecli.cli.common import (
-    LATENT_EXTS,
     Alpha,
     AlphaOpt,
     BatchOpt,
@@ -54,7 +53,7 @@ def _latent_format(output: Optional[Path], n_inputs: int, fmt: Optional[LatentFo
     from vaecli.files import is_folder_target
 
     if output is not None and not is_folder_target(output, n_inputs):
-        by_ext = LATENT_EXTS.get(output.suffix.lower())
+        by_ext = LATENT_FORMATS.get(output.suffix.lower())
         if by_ext is None:
             raise UsageError(f"-o {output}: expected a latent file ending in .latent, .safetensors or .png")
         if fmt == LatentFormat.comfyui and by_ext == "safetensors":

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vaecli.cli.common import QuietOpt, RecursiveOpt, app, expand, fail, json_line, say
+from vaecli.cli.common import QuietOpt, RecursiveOpt, app, expand, fail, json_line, naming, say, say_failures
 from vaecli.errors import describe, one_line
 
 
@@ -33,9 +33,7 @@ def info(
             meta = read_metadata(path, need_model=False)
             line = None if as_json else describe_latent(path, meta)
         except Exception as exc:  # a hostile file may fail anywhere: one line and a record, then the next file
-            message = describe(exc)
-            name = one_line(str(path))
-            message = message if message.startswith(name) else f"{name}: {message}"
+            message = naming(path, describe(exc))
             failures.append(message)
             say(f"Error: {message}")
             if as_json:
@@ -47,10 +45,7 @@ def info(
             typer.echo(json_line({**record, **meta, "shape": shape, **record}))
         else:
             typer.echo(one_line(line))
-    if len(paths) > 1 and failures:  # the closing summary every batch command prints
-        say(f"{len(failures)} of {len(paths)} inputs failed:")
-        for message in failures:
-            say(f"  {message}")
+    say_failures(failures, len(paths))
     if failures:
         raise typer.Exit(1)
 
