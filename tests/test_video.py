@@ -9,6 +9,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vaecli import clips, metrics, video
 from vaecli.latents import load_latent, read_metadata
@@ -282,6 +283,28 @@ def test_still_image_is_not_a_video(vae, real_weights, small_image, tmp_path):
     result = vae("video", small_image, "-o", tmp_path / "x.latent")
     assert result.exit_code == 1
     assert _error_line(result) == f"Error: {small_image}: is a still image, not a video (use 'vae encode')"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WebP", "TIFF"])
+def test_a_still_image_renamed_as_a_clip_is_not_a_video(vae, real_weights, small_image, tmp_path, fmt):
+    """ffmpeg reads a picture by its content, as a clip of one frame at 25 fps: it was encoded so, with exit 0."""
+    renamed = tmp_path / "photo.mp4"
+    Image.open(small_image).convert("RGB").save(renamed, format=fmt)
+    result = vae("video", renamed, "-o", tmp_path / "x.latent")
+    assert result.exit_code == 1
+    assert _error_line(result) == f"Error: {renamed}: is a {fmt} image, not a video (use 'vae encode')"
+    assert not (tmp_path / "x.latent").exists()
+
+
+def test_a_stream_of_jpeg_pictures_is_a_video(vae, real_weights, small_image, tmp_path):
+    """A .mjpeg file starts as a JPEG does, and is a clip: one frame per picture."""
+    picture = tmp_path / "p.jpg"
+    Image.open(small_image).convert("RGB").save(picture)
+    stream = tmp_path / "cam.mjpeg"
+    stream.write_bytes(picture.read_bytes() * 3)
+    result = vae("video", stream, "-o", tmp_path / "x.latent")
+    assert result.exit_code == 0, result.output
+    assert load_latent(tmp_path / "x.latent")[0].shape[0] == 3
 
 
 @pytest.mark.parametrize("output", [[], ["-o", "v.latent"]])

@@ -34,6 +34,7 @@ logging.getLogger("imageio_ffmpeg").propagate = False
 FFMPEG_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 VIDEO_EXTS = FFMPEG_EXTS | {".gif"}
 STILL_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+MJPEG_EXTS = {".mjpeg", ".mjpg"}  # a stream of JPEG pictures: it starts as one JPEG does
 CODECS = {".webm": "libvpx-vp9"}  # everything else: H.264
 # Frame rates every writer here stores (latents.py's metadata check uses the same bounds): beyond them ffmpeg
 # refuses the rate or a GIF's frame delay overflows.
@@ -78,8 +79,12 @@ def _open(path: Path):
     if path.suffix.lower() in STILL_EXTS:
         raise InputError(f"{path}: is a still image, not a video (use 'vae encode')")
     with reading(path), open(path, "rb") as f:  # ffmpeg would call either 'not a video ffmpeg can read'
-        if not f.read(1):
-            raise InputError(f"{path}: empty file, expected a video")
+        head = f.read(12)
+    if not head:
+        raise InputError(f"{path}: empty file, expected a video")
+    still = _still_format(head, path.suffix.lower())
+    if still:  # ffmpeg reads it as a clip of one frame at 25 fps
+        raise InputError(f"{path}: is a {still} image, not a video (use 'vae encode')")
     gen = imageio_ffmpeg.read_frames(_ffmpeg_input(path), pix_fmt="rgb24")
     try:
         meta = next(gen)
@@ -95,6 +100,19 @@ def _open(path: Path):
         raise InputError(f"{path}: video frames have {w * h} pixels ({w}x{h}), over the limit of {limit} pixels "
                          f"(set VAE_MAX_PIXELS to allow larger frames)")
     return gen, VideoInfo(fps=float(meta["fps"]), size=tuple(meta["size"]), duration=float(meta.get("duration") or 0))
+
+
+def _still_format(head: bytes, suffix: str) -> str | None:
+    """The still-image format whose signature starts `head`, the first 12 bytes of a file named `*suffix`, or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff") and suffix not in MJPEG_EXTS:
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    return None
 
 
 def _ffmpeg_input(path: Path) -> str:
