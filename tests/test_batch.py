@@ -161,6 +161,24 @@ def test_name_template_stays_inside_the_output_folder(vae, real_weights, tree, t
     assert not (tmp_path / "top.latent").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command, given, option", [
+    (["encode", "top.png", "-o", "x.latent"], ["--name", "{stem}.v1{ext}"], "--name"),
+    (["encode", "top.png", "-o", "x.latent"], ["--suffix", "_v1"], "--suffix"),
+    (["roundtrip", "top.png", "-o", "x.png"], ["--suffix", "_v1"], "--suffix"),
+    (["decode", "top.latent", "-o", "x.png"], ["--ext", "jpg"], "--ext"),
+    (["decode", "top.latent", "-o", "x.png"], ["--suffix", "_v1"], "--suffix")])
+def test_naming_options_with_an_output_file_are_refused(vae, real_weights, tree, tmp_path, monkeypatch,
+                                                        command, given, option):
+    """-o FILE names the one output: --name, --suffix and --ext did nothing there, without a word."""
+    monkeypatch.chdir(tree)
+    assert vae("encode", "top.png", "-o", "top.latent").exit_code == 0
+    result = vae(*command, *given)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"Error: {option} only applies to outputs vaecli names; -o {command[-1]} names " \
+                                    f"the output itself (drop {option}, or give a folder: -o x/)"
+    assert not (tree / command[-1]).exists()
+
+
 def test_fail_fast_stops_at_first_failure(vae, real_weights, tree, tmp_path):
     (tree / "aaa_broken.png").write_text("broken")
     result = vae("encode", tree, "-r", "-o", tmp_path / "ff", "--fail-fast", "--batch-size", "1", "--json")

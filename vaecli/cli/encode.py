@@ -138,7 +138,8 @@ def encode(
                                  f"itself): drop --latent-space {space.value}")
             space = Space.raw
         ext = ".latent.png" if kind == "png" else ".latent"
-        jobs, skip = plan_jobs(pairs, output, namer(name, suffix, ext, model.value), skip_existing)
+        jobs, skip = plan_jobs(pairs, output, namer(name, suffix, ext, model.value), skip_existing,
+                               naming={"--name": name is not None, "--suffix": bool(suffix)})
         if seed is not None and not sample:
             raise UsageError("--seed only applies with --sample")
         # Ray: the driver loads on CPU only to check the options and verify the weights its workers will load.
