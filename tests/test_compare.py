@@ -120,7 +120,7 @@ def test_human_output_and_table(vae, real_weights, photos, tmp_path, one_thread)
 
 
 def test_errors_are_one_line_and_leave_no_sheet(vae, real_weights, photos, tmp_path, random_taesd):
-    a, _ = photos
+    a, b = photos
     out = tmp_path / "sheet.png"
 
     result = vae("compare", a, "-m", "taef2", "-m", "nope", "-o", out)
@@ -155,19 +155,63 @@ def test_errors_are_one_line_and_leave_no_sheet(vae, real_weights, photos, tmp_p
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    result = vae("compare", a, broken, "-m", "taef2", "-o", out, "--json")
+    result = vae("compare", a, broken, b, "-m", "taef2", "-o", out, "--json")
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == f"Error: {broken}: not an image file Pillow can read"
-    # no record describes a row of a sheet that was not written: the one record is the command's failure, naming
-    # the image it stopped at
-    assert json.loads(result.stdout) == {"input": str(broken), "output": None, "status": "error",
-                                         "error": f"{broken}: not an image file Pillow can read"}
+    # no record describes a row of a sheet that was not written: every image has one, the image it stopped at its
+    # error, the others (done or not reached) cancelled
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"input": str(a), "output": None, "status": "cancelled", "error": None},
+        {"input": str(b), "output": None, "status": "cancelled", "error": None},
+        {"input": str(broken), "output": None, "status": "error",
+         "error": f"{broken}: not an image file Pillow can read"}]
 
     result = vae("compare", a, "-m", "taef2", "-o", a)
     assert result.exit_code == 1
     assert result.stderr == f"Error: {a}: would overwrite an input\n"
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == ["a.png", "b.png", "broken.png"]
+
+
+def test_a_failed_sheet_or_an_interrupt_gives_every_image_a_record(real_weights, photos, tmp_path, monkeypatch,
+                                                                   capsys, one_thread):
+    """Only the image a failure stopped at had a --json record (and none at all for an interrupted run, or a sheet
+    that could not be written): each image now has one, `cancelled` where it is on no sheet."""
+    import sys
+
+    from vaecli import cli
+
+    a, b = photos
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cancelled = [{"input": str(p), "output": None, "status": "cancelled", "error": None} for p in (a, b)]
+
+    monkeypatch.setattr(sys, "argv", ["vae", "compare", str(a), str(b), "-m", "taef2", "-o",
+                                      str(blocker / "sheet.png"), "--json"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    out, err = capsys.readouterr()
+    message = f"{blocker / 'sheet.png'}: cannot write: {blocker} is a file, not a folder"
+    assert (exit_.value.code, err) == (1, f"Error: {message}\n")
+    assert [json.loads(line) for line in out.splitlines()] == [
+        *cancelled, {"input": None, "output": None, "status": "error", "error": message}]
+
+    read = media.read_image
+
+    def interrupted(path, *args):  # Ctrl-C (or SIGTERM) while the second image is read
+        if path == b:
+            raise KeyboardInterrupt
+        return read(path, *args)
+
+    monkeypatch.setattr(media, "read_image", interrupted)
+    monkeypatch.setattr(sys, "argv", ["vae", "compare", str(a), str(b), "-m", "taef2", "-o",
+                                      str(tmp_path / "sheet.png"), "--json"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    out, err = capsys.readouterr()
+    assert (exit_.value.code, err) == (130, "Interrupted: no sheet was written\n")
+    assert [json.loads(line) for line in out.splitlines()] == cancelled
+    assert not (tmp_path / "sheet.png").exists()
 
 
 def test_worst_region_grid_and_ties():

@@ -241,6 +241,15 @@ def job_record(job, status: str | None = None) -> dict:
     return {**record, **job.extra}
 
 
+def cancelled_records(jobs) -> None:
+    """The `--json` record of each of `jobs` (or input paths) left undone by --fail-fast, an interruption or a
+    failure of the run: `cancelled`, so that every input has one."""
+    from vaecli.batch import Job
+
+    for job in jobs:
+        typer.echo(json_line(job_record(job if isinstance(job, Job) else Job(job, None), "cancelled")))
+
+
 class Reporter:
     """Reports finished inputs: JSON lines on stdout; a rich progress bar on a terminal, else plain lines."""
 
@@ -305,8 +314,7 @@ class Reporter:
             self.progress.stop()
         not_run = not_run or []
         if self.as_json:
-            for job in not_run:
-                typer.echo(json_line(job_record(job, "cancelled")))
+            cancelled_records(not_run)
         if self.total > 1 and not self.quiet:
             undone = f", {len(not_run)} not run ({why})" if not_run else ""
             say(f"done: {self.counts['ok']} ok, {self.counts['skipped']} skipped, {self.counts['error']} failed"

@@ -15,6 +15,7 @@ from vaecli.cli.common import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    Interrupt,
     JsonOpt,
     MaxMemOpt,
     NoVerifyOpt,
@@ -23,6 +24,7 @@ from vaecli.cli.common import (
     ScratchOpt,
     TileOpt,
     app,
+    cancelled_records,
     expand,
     fail,
     json_line,
@@ -101,7 +103,8 @@ def compare(
     Each row of the sheet holds the original, then per model its reconstruction with the worst region outlined (the
     64x64 window with the largest mean absolute error), that region zoomed 4x beside the original's, and a heat map
     of the error. Metrics are those of 'vae roundtrip', at full resolution. Without --json a Markdown table of the
-    mean and worst PSNR/SSIM per model is printed on stdout. Any failure stops the command: no sheet is written.
+    mean and worst PSNR/SSIM per model is printed on stdout. Any failure stops the command: no sheet is written
+    (with --json the image it stopped at gets its error record, every other image a cancelled one).
     """
     from vaecli import batch, media, metrics
     from vaecli.codec import load_codec
@@ -110,7 +113,6 @@ def compare(
     from vaecli.media import write_pillow
     from vaecli.sheet import ContactSheet
 
-    current = None  # the image a failure stopped at, named in its --json record
     try:
         if output is None:
             raise UsageError("missing -o/--output: the contact sheet to write, e.g. -o sheet.png")
@@ -127,7 +129,11 @@ def compare(
             raise OutputError(f"{output}: would overwrite an input")
         codecs = [load_codec(name, paths.get(name), ("encoder", "decoder"), device.value, dtype.value,
                              not no_verify, **tiling_kwargs(tile, max_memory, scratch)) for name in names]
+    except Exception as exc:
+        raise fail(exc, debug, as_json) from None
 
+    current = None  # the image a failure stopped at, named in its --json record
+    try:
         sheet = ContactSheet(max_rows=rows)
         records = []
         for src in srcs:
@@ -155,7 +161,15 @@ def compare(
         image = sheet.render()
         options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
         write_pillow(output, image, format=fmt, **options)
+    except KeyboardInterrupt:
+        if as_json:  # every image has its record: none is on a sheet
+            cancelled_records(srcs)
+        say("Interrupted: no sheet was written")
+        Interrupt.reported = True
+        raise typer.Exit(130) from None
     except Exception as exc:
+        if as_json:  # every image has its record: the one it stopped at its error, the others are on no sheet
+            cancelled_records([src for src in srcs if src is not current])
         raise fail(exc, debug, as_json, current) from None
 
     if as_json:  # only now: every record describes a row of a sheet that exists
