@@ -116,6 +116,19 @@ def test_diff_and_output_must_differ_and_fail_together(vae, real_weights, small_
     assert sorted(p.name for p in tmp_path.iterdir()) == [small_image.name]
 
 
+def test_diff_is_written_when_only_the_reconstruction_exists(vae, real_weights, small_image, tmp_path):
+    """An input whose reconstruction existed was skipped, and the --diff asked for was never written (exit 0)."""
+    recon, heat = tmp_path / "r.png", tmp_path / "d.png"
+    assert vae("roundtrip", small_image, "-o", recon, "-q").exit_code == 0
+    result = vae("roundtrip", small_image, "-o", recon, "--diff", heat, "--skip-existing", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "ok" and heat.is_file()
+    result = vae("roundtrip", small_image, "-o", recon, "--diff", heat, "--skip-existing", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"input": str(small_image), "output": str(recon), "status": "skipped",
+                                         "error": None}
+
+
 @pytest.mark.parametrize("option", [["--suffix", "_x"], ["--name", "{stem}.jpg"], ["--overwrite"],
                                     ["--skip-existing"]])
 def test_output_options_without_output_are_refused(vae, small_image, option):

@@ -58,7 +58,8 @@ def roundtrip(
         "would be.")] = LatentFormat.safetensors,
     diff: Annotated[Optional[Path], typer.Option(
         "--diff", help="One input: also write a heat map of its reconstruction error here (PNG; black = exact, "
-        "pale yellow = 0.1 or more, averaged over RGB).")] = None,
+        "pale yellow = 0.1 or more, averaged over RGB); an input whose reconstruction exists is skipped only if this "
+        "exists too.")] = None,
     alpha: AlphaOpt = Alpha.white,
     recursive: RecursiveOpt = False,
     batch_size: BatchOpt = 8,
@@ -148,4 +149,6 @@ def roundtrip(
     run_batch(jobs, as_json, quiet, debug=debug, read=lambda job: media.read_image(job.src, alpha.value),
               compute=compute, write=write, batch_size=batch_size, fail_fast=fail_fast,
               key=lambda job: tuple(job.payload[0].shape),
-              skip=lambda job: skip and job.dst is not None and output_exists(job.dst))
+              # skipped when every output asked for exists: the heat map too
+              skip=lambda job: skip and job.dst is not None and output_exists(job.dst)
+              and (diff is None or output_exists(diff)))
