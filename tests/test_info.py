@@ -118,6 +118,16 @@ def test_info_takes_folders_globs_and_stdin(vae, real_weights, small_image, tmp_
     assert (result.exit_code, result.stderr) == (2, "Error: no inputs (stdin was empty)\n")
 
 
+def test_info_shows_the_sample_seed(vae, real_weights, small_image, tmp_path):
+    """A --sample latent's seed was in its --json record only, not in the line."""
+    sampled, _ = _encoded(vae, small_image, tmp_path, "s.latent", sample_seed="12345")
+    result = vae("info", sampled)
+    assert (result.exit_code, result.stdout) == (
+        0, f"{sampled}: taef2 latent [32, 6, 8] fp32, image, from 61x45 (padding [0, 0, 3, 3]), space raw, sampled "
+           f"with seed 12345, format vaecli-latent v1\n")
+    assert json.loads(vae("info", sampled, "--json").stdout)["sample_seed"] == 12345
+
+
 def test_info_records_cannot_be_rewritten_by_a_files_metadata(vae, real_weights, small_image, tmp_path):
     """A metadata key named input, output, status or error does not replace the command's own fields."""
     spoof, _ = _encoded(vae, small_image, tmp_path, "spoof.latent", input="/etc/passwd", output="x", status="error",

@@ -63,6 +63,7 @@ def describe_latent(path: Path, meta: dict) -> str:
             f"video, {shape[0]} frames") if meta.get("kind") == "video" else "image"
     scale = (f" (scale {meta.get('scaling_factor')}, shift {meta.get('shift_factor')})"
              if meta.get("space") == "scaled" else "")
+    seed = f", sampled with seed {meta['sample_seed']}" if "sample_seed" in meta else ""
     return (f"{path}: {meta.get('model', '?')} latent {shape} {meta.get('dtype', '?')}, {what}, from {w}x{h}"
-            f"{padding}, space {meta.get('space', '?')}{scale}, "
+            f"{padding}, space {meta.get('space', '?')}{scale}{seed}, "
             f"format {meta.get('format')} v{meta.get('version', '?')}")
