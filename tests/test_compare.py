@@ -144,6 +144,11 @@ def test_errors_are_one_line_and_leave_no_sheet(vae, real_weights, photos, tmp_p
     assert result.exit_code == 2
     assert result.stderr == f"Error: -w sd15={random_taesd}: sd15 is not one of the compared models (taef2)\n"
 
+    result = vae("compare", a, "-m", "taef2", "-o", tmp_path, "--json")  # found before any image, not after all
+    message = f"-o {tmp_path}: is a folder, expected the contact sheet's file name (e.g. {tmp_path / 'sheet.png'})"
+    assert (result.exit_code, result.stderr) == (2, f"Error: {message}\n")
+    assert json.loads(result.stdout) == {"input": None, "output": None, "status": "error", "error": message}
+
     result = vae("compare", a, "-m", "taef2", "-o", tmp_path / "sheet.gif")
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: cannot write images as '.gif': expected one of .png, ")

@@ -109,7 +109,7 @@ def compare(
     from vaecli import batch, media, metrics
     from vaecli.codec import load_codec
     from vaecli.errors import OutputError, UsageError
-    from vaecli.files import FolderPath
+    from vaecli.files import FolderPath, writing
     from vaecli.media import write_pillow
     from vaecli.sheet import ContactSheet
 
@@ -118,6 +118,10 @@ def compare(
             raise UsageError("missing -o/--output: the contact sheet to write, e.g. -o sheet.png")
         if isinstance(output, FolderPath):
             raise UsageError(f"-o {output}/: expected the contact sheet's file name, not a folder")
+        with writing(output):  # found now, not once every image has gone through every model
+            if output.is_dir():
+                raise UsageError(f"-o {output}: is a folder, expected the contact sheet's file name (e.g. "
+                                 f"{output / 'sheet.png'})")
         fmt = media.check_output_extension(output)
         if not models:
             raise UsageError("missing -m/--model: name the models to compare, e.g. -m taef2 -m sd15")
