@@ -153,6 +153,11 @@ def test_errors_are_one_line_and_leave_no_sheet(vae, real_weights, photos, tmp_p
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: cannot write images as '.gif': expected one of .png, ")
 
+    result = vae("compare", a, "-m", "taef2", "-o", tmp_path / "sheet")  # it said "cannot write images as 'sheet'"
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {tmp_path / 'sheet'}: expected an image file name ending in one of " \
+                            f"{', '.join(media.OUTPUT_FORMATS)}, got no extension\n"
+
     result = vae("compare", a, "-m", "taef2", "-m", "taesd", "-o", out)  # taesd's weights are nowhere
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: taesd_encoder.pth (taesd encoder) not found; looked in: ")

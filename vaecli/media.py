@@ -245,9 +245,11 @@ def quantize8(pixels: torch.Tensor) -> torch.Tensor:
 def check_output_extension(path: Path) -> str:
     """Pillow format name for an output image path, or a UsageError naming the supported extensions."""
     fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None and not Path(path).suffix:
+        raise UsageError(f"{path}: expected an image file name ending in one of {', '.join(OUTPUT_FORMATS)}, "
+                         f"got no extension")
     if fmt is None:
-        raise UsageError(f"cannot write images as '{Path(path).suffix or path}': "
-                         f"expected one of {', '.join(OUTPUT_FORMATS)}")
+        raise UsageError(f"cannot write images as '{Path(path).suffix}': expected one of {', '.join(OUTPUT_FORMATS)}")
     return fmt
 
 
