@@ -391,6 +391,38 @@ def test_pull_into_a_folder_it_may_not_write(vae, fake_github, shared_weights, t
     assert list(dest.iterdir()) == []
 
 
+def test_a_full_disk_while_pulling_blames_the_disk_not_the_download(vae, fake_github, fake_hub, shared_weights,
+                                                                     monkeypatch):
+    """It read 'cannot download taef2_encoder.pth ... (No space left on device)', as if the network had failed."""
+    import errno
+
+    for wf in REGISTRY["taef2"].weights:
+        fake_github[wf.url] = (shared_weights / wf.name).read_bytes()
+    real_fdopen = hub.os.fdopen
+
+    class Full(io.BufferedWriter):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hub.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode, buffering=0)))
+    result = vae("weights", "pull", "taef2")
+    assert result.exit_code == 1
+    target = weights.cache_dir() / "taef2_encoder.pth"
+    assert _error_lines(result)[0] == f"Error: {target}: cannot write: no space left on the device"
+    assert list(weights.cache_dir().iterdir()) == []
+
+    def hf_hub_download(*args, **kwargs):  # huggingface_hub writes the file itself
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fake_hub.publish(SD15, b"sd15 bytes")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    result = vae("weights", "pull", "sd15")
+    assert result.exit_code == 1
+    assert _error_lines(result)[0] == f"Error: {weights.cache_dir() / SD15.name}: cannot write: no space left on " \
+                                      f"the device"
+    assert list(weights.cache_dir().iterdir()) == []
+
+
 def test_a_search_path_folder_the_user_may_not_search(vae, tmp_path, monkeypatch):
     """VAE_WEIGHTS_DIR naming another user's private folder was 'unexpected PermissionError' (Path.is_file raises
     for EACCES) in every command that looks for weights."""

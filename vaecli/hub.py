@@ -8,6 +8,7 @@ for; its checksum is recorded beside it (`NAME.sha256`) so later loads verify it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -17,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vaecli.errors import WeightsError
+from vaecli.errors import OutputError, WeightsError
 from vaecli.files import output_error, output_file_mode
 from vaecli.registry import HF, ModelSpec, WeightFile
 from vaecli.weights import ENV_VAR, record_sha256, recorded_sha256, sha256_of, sidecar_of
 
 HUB_EXTRA = "pip install 'vaecli[hub]'"
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # a write's failures, never a transfer's
 
 
 @dataclass
@@ -74,10 +76,13 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _hub_error(exc: Exception, spec: ModelSpec, wf: WeightFile, dest: Path, revision: str | None) -> WeightsError:
+def _hub_error(exc: Exception, spec: ModelSpec, wf: WeightFile, dest: Path,
+               revision: str | None) -> WeightsError | OutputError:
     """One line for a hub failure: what went wrong and what to do instead."""
     from huggingface_hub import utils as errors  # where huggingface_hub 0.23 and later all export them
 
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:  # the folder's failure, not the hub's
+        return output_error(dest / wf.name, exc)
     hand = by_hand(wf, dest, revision)
     what = f"{wf.name} ({spec.name} {wf.role})"
     page = f"{HF}{wf.repo}"
@@ -198,6 +203,15 @@ def _open(url: str):
     return urllib.request.urlopen(request, timeout=30)
 
 
+class _WriteFailed(Exception):
+    """Writing a download's bytes failed with OSError `error` (a full disk): not told apart from the network's
+    OSErrors, it would read as a failed download."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.error = error
+
+
 def _copy(response, out, total: int | None, label: str, progress: bool) -> int:
     """Copy `response` into `out`; the number of bytes copied."""
     copied = 0
@@ -216,7 +230,10 @@ def _copy(response, out, total: int | None, label: str, progress: bool) -> int:
             bar.advance(task, n)
     try:
         for chunk in iter(lambda: response.read(1 << 20), b""):
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as exc:  # the disk's failure, not the download's
+                raise _WriteFailed(exc) from None
             copied += len(chunk)
             advance(len(chunk))
     finally:
@@ -238,6 +255,8 @@ def _pull_url(spec: ModelSpec, wf: WeightFile, dest: Path, revision: str | None,
                 length = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
                 total = int(length) if length and length.isdigit() else None
                 copied = _copy(response, out, total, wf.name, progress)
+        except _WriteFailed as exc:  # reported by pull() as the target's, like any output that cannot be written
+            raise exc.error from None
         except OSError as exc:  # URLError, HTTPError, timeouts and resets are all OSErrors
             raise WeightsError(f"cannot download {wf.name} ({spec.name} {wf.role}) ({_reason(exc)}); "
                                f"{by_hand(wf, dest, revision)}") from None
