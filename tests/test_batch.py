@@ -280,6 +280,37 @@ def test_an_interrupt_before_the_batch_says_so(real_weights, small_image, tmp_pa
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # pytest's own again
 
 
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_the_command_line_loads_says_so(small_image, tmp_path, how):
+    """A shell loop's Ctrl-C often lands while `vae` still imports: that printed a traceback (exit -2)."""
+    code = (f"import os, signal, sys\nfrom vaecli import console\nheld = console.hold()\n"
+            f"os.kill(os.getpid(), signal.{how})  # pending until the command line has loaded\n"
+            f"sys.argv = ['vae', 'encode', sys.argv[1], '-o', sys.argv[2], '--json']\n"
+            f"from vaecli.cli import run\nrun(held)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(small_image), str(tmp_path / "x.latent")],
+                          capture_output=True, text=True, preexec_fn=_default_sigint)
+    assert (proc.returncode, proc.stderr) == (130, "Interrupted\n")
+    assert json.loads(proc.stdout) == {"input": None, "output": None, "status": "error", "error": "interrupted"}
+    assert [p.name for p in tmp_path.iterdir()] == [small_image.name]
+
+
+def test_an_interrupt_while_torch_loads_lands_after_the_import(tmp_path, monkeypatch):
+    """Inside torch's C++ start-up a KeyboardInterrupt aborted the process ('terminate called ...') or left torch
+    half-imported: its import runs whole, and the interrupt is raised once it is done."""
+    from vaecli import console
+
+    finished = tmp_path / "finished"
+    (tmp_path / "slow_ext.py").write_text(
+        f"import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nopen({str(finished)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    finders = list(sys.meta_path)
+    console.hold_whole_imports(("slow_ext",))
+    with pytest.raises(KeyboardInterrupt):
+        import slow_ext  # noqa: F401
+    assert finished.exists()  # the module's code ran to its end before the interrupt
+    assert sys.meta_path == finders and signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
 def test_sigterm_is_handled_like_sigint(real_weights, tmp_path, shared_images):
     src = tmp_path / "many"
     src.mkdir()

@@ -113,7 +113,7 @@ def test_console_script_is_installed():
 def _huge_pages_after_cli(env_value: str | None) -> tuple[str, int]:
     """Run the CLI entry point (`vae models`) in a fresh process, then allocate 64 MB with torch; returns the
     THP_MEM_ALLOC_ENABLE value the process saw and its AnonHugePages in kB."""
-    code = ("import os, sys\nfrom vaecli.cli import run\nsys.argv = ['vae', 'models']\ntry:\n    run()\n"
+    code = ("import os, sys\nfrom vaecli.console import main\nsys.argv = ['vae', 'models']\ntry:\n    main()\n"
             "except SystemExit:\n    pass\nimport torch\nx = torch.ones(16 << 20)\n"
             "kb = next(int(line.split()[1]) for line in open('/proc/self/smaps_rollup') "
             "if line.startswith('AnonHugePages'))\nprint(os.environ['THP_MEM_ALLOC_ENABLE'], kb)\n")
@@ -141,8 +141,8 @@ def test_huge_pages_setting_is_the_users_to_override():
 
 
 def _entry(*args: str) -> subprocess.CompletedProcess:
-    """The console script's entry point (`vaecli.cli.run`), as `vae ARGS...` runs it."""
-    code = "import sys\nfrom vaecli.cli import run\nsys.argv = ['vae', *sys.argv[1:]]\nrun()\n"
+    """The console script's entry point (`vaecli.console.main`), as `vae ARGS...` runs it."""
+    code = "import sys\nfrom vaecli.console import main\nsys.argv = ['vae', *sys.argv[1:]]\nmain()\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
 
 

@@ -1,5 +1,5 @@
 """`python -m vaecli` runs the `vae` command line."""
 
-from vaecli.cli import run
+from vaecli.console import main
 
-run()
+main()

@@ -23,13 +23,17 @@ __all__ = ["app", "run"]
 reflow_help(app)
 
 
-def run() -> None:
-    """Console-script entry point: exit 0 on success, 1 when an input or the run failed, 2 for a usage error, 130
-    when interrupted; every failure one `Error:` line (and a JSON record under --json)."""
+def run(held: set | None = None) -> None:
+    """The command line: exit 0 on success, 1 when an input or the run failed, 2 for a usage error, 130 when
+    interrupted; every failure one `Error:` line (and a JSON record under --json). `held`: the signal mask to
+    restore, from `vaecli.console.hold`, once SIGTERM is handled here."""
+    from vaecli import console
+
     allocator.huge_pages()  # before torch's first allocation, which the commands make
     Interrupt.reported = False
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        console.release(held)  # an interrupt held while the command line loaded raises here
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as exc:  # `vae`, `vae weights`: the help, as Typer prints it
         exc.show()
