@@ -184,44 +184,69 @@ def test_ray_parquet_shards_decode_like_local(cluster, dataset, local_run, share
 
 
 # A fault injected into the Ray workers: every Python process started with this folder on PYTHONPATH imports it,
-# and once `vaecli.codec` is imported, `Codec.encode_batch` raises for images VAE_TEST_RAISE_WIDTH wide and kills
-# its process outright (a crash, as a segfault or the OOM killer would) for VAE_TEST_CRASH_WIDTH. A new local Ray
-# instance's workers inherit the driver's environment.
+# and once `vaecli.codec` is imported, `Codec.encode_batch` raises for images VAE_TEST_RAISE_WIDTH wide, kills
+# its process outright (a crash, as a segfault or the OOM killer would) for VAE_TEST_CRASH_WIDTH and never returns
+# for VAE_TEST_HANG_WIDTH; with VAE_TEST_HANG_AFTER_SHARD, `ray_engine.write_shard` never returns once it wrote its
+# file. A new local Ray instance's workers inherit the driver's environment.
 FAULTS = '''
 import importlib.abc
 import importlib.util
 import os
 import sys
+import time
 
-RAISE, CRASH = (int(os.environ.get(k) or 0) for k in ("VAE_TEST_RAISE_WIDTH", "VAE_TEST_CRASH_WIDTH"))
+RAISE, CRASH, HANG, HANG_AFTER_SHARD = (int(os.environ.get(k) or 0) for k in (
+    "VAE_TEST_RAISE_WIDTH", "VAE_TEST_CRASH_WIDTH", "VAE_TEST_HANG_WIDTH", "VAE_TEST_HANG_AFTER_SHARD"))
+
+
+def patch_codec(module):
+    encode_batch = module.Codec.encode_batch
+
+    def faulty(self, pixels, *args, **kwargs):
+        if pixels.shape[-1] == CRASH:
+            os._exit(3)
+        if pixels.shape[-1] == RAISE:
+            raise RuntimeError(f"injected fault at width {RAISE}")
+        if pixels.shape[-1] == HANG:
+            time.sleep(3600)
+        return encode_batch(self, pixels, *args, **kwargs)
+
+    module.Codec.encode_batch = faulty
+
+
+def patch_ray_engine(module):
+    write_shard = module.write_shard
+
+    def hanging(*args, **kwargs):
+        write_shard(*args, **kwargs)
+        if HANG_AFTER_SHARD:
+            time.sleep(3600)
+
+    module.write_shard = hanging
 
 
 class Hook(importlib.abc.MetaPathFinder):
+    patches = {"vaecli.codec": patch_codec, "vaecli.ray_engine": patch_ray_engine}
+
     def find_spec(self, name, path, target=None):
-        if name != "vaecli.codec":
+        patch = self.patches.pop(name, None)
+        if patch is None:
             return None
-        sys.meta_path.remove(self)
+        sys.meta_path.remove(self)  # find the module itself, not this hook again
         spec = importlib.util.find_spec(name)
+        if self.patches:
+            sys.meta_path.insert(0, self)
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
-            encode_batch = module.Codec.encode_batch
-
-            def faulty(self, pixels, *args, **kwargs):
-                if pixels.shape[-1] == CRASH:
-                    os._exit(3)
-                if pixels.shape[-1] == RAISE:
-                    raise RuntimeError(f"injected fault at width {RAISE}")
-                return encode_batch(self, pixels, *args, **kwargs)
-
-            module.Codec.encode_batch = faulty
+            patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-if RAISE or CRASH:
+if RAISE or CRASH or HANG or HANG_AFTER_SHARD:
     sys.meta_path.insert(0, Hook())
 '''
 
@@ -328,6 +353,58 @@ def test_ray_parquet_failures_and_a_crashing_worker(local_env, tmp_path):
     # --debug: the traceback from the worker, then vae's line
     assert "Traceback (most recent call last)" in proc.stderr and "sitecustomize.py" in proc.stderr
     assert f"Error: {src / 'd.png'}: {recs['d.png']['error']}" in proc.stderr.splitlines()
+
+
+def _interrupted(args, env, written: list[Path], signum) -> subprocess.CompletedProcess:
+    """Run `vae args`, and send it `signum` once every file of `written` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "vaecli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not all(p.exists() for p in written):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"{written} were not all written: {proc.communicate()}")
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_ray_interrupted_reports_what_the_workers_wrote(local_env, tmp_path):
+    """Interrupted while a shard is under way, or after its file was written but before its records came back:
+    every output written before the stop is reported as written (it was `cancelled`); only the rest is cancelled."""
+    src = tmp_path / "in"
+    a, b = _image(src / "a.png", 40), _image(src / "b.png", 48)
+    c = _image(src / "c.png", 56)  # never finishes
+    out = tmp_path / "out"
+    env = {**local_env, "VAE_TEST_HANG_WIDTH": "56"}
+    proc = _interrupted(["encode", src, "-o", out, "--engine", "ray", "--workers", "1", "--json", "-q"], env,
+                        [out / "a.latent", out / "b.latent"], signal.SIGINT)
+    assert (proc.returncode, proc.stderr) == (130, "Interrupted: finished outputs are complete; rerun to do the rest\n")
+    assert records(proc) == [
+        {"input": str(a), "output": str(out / "a.latent"), "status": "ok", "error": None, "model": "taef2",
+         "shape": [32, 4, 5]},
+        {"input": str(b), "output": str(out / "b.latent"), "status": "ok", "error": None, "model": "taef2",
+         "shape": [32, 4, 6]},
+        {"input": str(c), "output": None, "status": "cancelled", "error": None}]
+    assert sorted(p.name for p in out.iterdir()) == ["a.latent", "b.latent"]
+
+    (src / "b.png").write_bytes(b"not a png")
+    shards = tmp_path / "shards"
+    env = {**local_env, "VAE_TEST_HANG_AFTER_SHARD": "1"}
+    proc = _interrupted(["encode", src, "-o", shards, "--engine", "ray", "--workers", "1", "--shard-size", "2",
+                         "--output-format", "parquet", "--json", "-q"], env, [shards / "part-00000.parquet"],
+                        signal.SIGTERM)
+    assert (proc.returncode, proc.stderr) == (130, "\n".join([
+        f"Error: {b}: not an image file Pillow can read", "1 of 3 inputs failed:",
+        f"  {b}: not an image file Pillow can read",
+        "Interrupted: finished outputs are complete; rerun to do the rest", ""]))
+    part = str(shards / "part-00000.parquet")
+    assert records(proc) == [
+        {"input": str(a), "output": part, "status": "ok", "error": None, "model": "taef2", "shape": [32, 4, 5]},
+        {"input": str(b), "output": None, "status": "error", "error": f"{b}: not an image file Pillow can read"},
+        {"input": str(c), "output": None, "status": "cancelled", "error": None}]
+    assert json.loads((shards / "_shards.json").read_text()) == {"shard_size": 2, "inputs": 3, "done": [0]}
 
 
 class _FakeRay:

@@ -339,6 +339,90 @@ def _run(ray, jobs, settings, on_done, shards, shard_size, todo, done, pool, cpu
                                                  str(jobs[i].dst.absolute()) if jobs[i].dst else "",
                                                  str(jobs[i].rel or jobs[i].src.name))
                                                 for i in shards[s]])} for s in todo]
+    # Records come back a whole shard at a time, some while after the shard ends (Ray Data's hand-over): an output
+    # written before an interruption may have no record yet. What the workers wrote is told by the folders then.
+    before = _inodes(_outputs(jobs, shards, todo, out, parquet))
+    try:
+        _collect(ray, jobs, items, settings, on_done, shards, shard_size, todo, done, pool, cpus_per_worker,
+                 gpus_per_worker)
+    except KeyboardInterrupt:
+        with suppress(Exception):
+            ray.shutdown()  # the workers stop: nothing is written after the look below
+        _report_written(jobs, settings, on_done, shards, shard_size, todo, done, before)
+        raise
+
+
+def _outputs(jobs, shards, todo, out: Path, parquet: bool) -> list[Path]:
+    """The files the workers write for shards `todo`: their parquet files, or their inputs' outputs."""
+    if parquet:
+        return [shard_file(out, s) for s in todo]
+    return [jobs[i].dst for s in todo for i in shards[s] if jobs[i].dst is not None]
+
+
+def _inodes(paths: list[Path]) -> dict[Path, int | None]:
+    """The inode of each of `paths` (None: none there), listing each folder once rather than a stat per file. An
+    output written since has another: it is renamed into place over the old one (or into an empty name)."""
+    folders: dict[Path, dict[str, int]] = {}
+    found = {}
+    for path in paths:
+        if path.parent not in folders:
+            try:
+                with os.scandir(path.parent) as entries:
+                    folders[path.parent] = {e.name: e.inode() for e in entries}
+            except OSError:
+                folders[path.parent] = {}
+        found[path] = folders[path.parent].get(path.name)
+    return found
+
+
+def _report_written(jobs, settings, on_done, shards, shard_size, todo, done, before) -> None:
+    """After an interruption, with the workers stopped: report `ok` each input whose output (parquet: its shard's
+    file, whose rows hold every input's record) was written since `before`, rather than leave it `cancelled`."""
+    out, parquet = Path(settings.out), settings.fmt == "parquet"
+    after = _inodes(_outputs(jobs, shards, todo, out, parquet))
+    written = {path for path, inode in after.items() if inode is not None and inode != before.get(path)}
+    for s in todo:
+        pending = [i for i in shards[s] if jobs[i].status == "pending"]
+        if not pending:
+            continue
+        if parquet:
+            if shard_file(out, s) not in written:
+                continue
+            try:
+                import pyarrow.parquet as pq
+
+                rows = pq.read_table(shard_file(out, s), columns=["status", "error", "shape", "model"]).to_pylist()
+            except Exception:  # not as this run wrote it: the rerun redoes the shard
+                continue
+            if len(rows) != len(shards[s]):
+                continue
+            for i, row in zip(shards[s], rows, strict=True):
+                if i in pending:
+                    _take_record(jobs[i], {**row, "error": row["error"] or "", "shape": json.dumps(row["shape"])},
+                                 out, s)
+                    on_done(jobs[i])
+            done.add(s)
+            with suppress(Exception):  # else a rerun redoes it
+                save_done(out, shard_size, len(jobs), done)
+            continue
+        from vaecli.latents import read_metadata
+
+        for i in pending:
+            if jobs[i].dst not in written:
+                continue
+            try:
+                meta = read_metadata(jobs[i].dst, need_model=False)
+            except Exception:
+                continue
+            _take_record(jobs[i], {"status": "ok", "error": "", "model": meta.get("model") or settings.model,
+                                   "shape": json.dumps(meta["shape"])}, out, None)
+            on_done(jobs[i])
+
+
+def _collect(ray, jobs, items, settings, on_done, shards, shard_size, todo, done, pool, cpus_per_worker,
+             gpus_per_worker) -> None:
+    """Run the shards `todo` on the pool and report each record as it comes back; the unanswered ones at the end."""
+    out, parquet = Path(settings.out), settings.fmt == "parquet"
     left = {s: len(shards[s]) for s in todo}
     unwritten: set[int] = set()  # parquet shards whose file the worker could not write
     shard_of = {i: s for s in todo for i in shards[s]}
@@ -413,7 +497,9 @@ def _take_record(job, row: dict, out: Path, shard: int | None) -> None:
         job.error = _as_given(job.error, job.src, job.dst)
     if shard is not None:
         job.dst = shard_file(out, shard)
-    job.extra = {"model": row["model"], "node": row["node"]}
+    job.extra = {"model": row["model"]}
+    if row.get("node"):  # not for a record read back from the output after an interruption
+        job.extra["node"] = row["node"]
     if row.get("traceback"):  # --debug shows it
         job.exc = WorkerError(f"the Ray worker's traceback:\n{str(row['traceback']).rstrip()}")
     if job.status == "ok":
