@@ -565,6 +565,27 @@ def test_ray_init_leaves_the_callers_sigterm_handler(vae, small_image, tmp_path,
                                              "ConnectionError: no cluster here")
 
 
+def test_an_address_where_something_else_answers(vae, small_image, tmp_path, real_weights, monkeypatch):
+    """Something that is not a Ray cluster answers at the address (a proxy, the dashboard's port): Ray's error has a
+    cause whose first line ends in `Traceback (most recent call last):`, which was all the message said of it."""
+    import ray
+
+    def init(*args, **kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                               "  File \"node.py\", line 996, in _init_gcs_client")
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.1.2.3:8265") from exc
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr("vaecli.ray_engine.check_reachable", lambda address: None)
+    result = vae("encode", small_image, "-o", tmp_path / "out", "--engine", "ray", "--ray-address", "10.1.2.3:8265")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == (
+        "Error: cannot reach the Ray cluster at 10.1.2.3:8265: ConnectionError: Failed to connect to Ray cluster at "
+        "10.1.2.3:8265 (expected a running cluster's address, as 'ray start --head' prints it)")
+
+
 def test_workers_get_absolute_weight_paths(vae, small_image, shared_weights, tmp_path, monkeypatch):
     """`-w` relative to the driver's folder: a worker started elsewhere (another node) loads the same files."""
     from vaecli import ray_engine

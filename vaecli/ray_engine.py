@@ -311,8 +311,11 @@ def encode(jobs: list, settings: Settings, on_done: Callable, *, address: str | 
                      logging_level=logging.ERROR if progress else logging.CRITICAL + 1)
         except Exception as exc:
             where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+            # Ray's own message says it; the causes under it hold tracebacks ("Failed to connect to GCS. Last
+            # connection error: Traceback (most recent call last):" where something else answers at the address).
+            hint = " (expected a running cluster's address, as 'ray start --head' prints it)" if address else ""
             raise VaeError(f"cannot reach the Ray cluster at {where}: "
-                           f"{one_line(exc)}") from None
+                           f"{one_line(exc, causes=False)}{hint}") from None
         finally:
             # ray.init makes SIGTERM a bare sys.exit; the caller's handler (the CLI's: stop like Ctrl-C, every
             # input reported) comes back.
@@ -519,10 +522,11 @@ def _as_given(text: str, *paths: Path | None) -> str:
     return text
 
 
-def one_line(exc: BaseException) -> str:
-    """`Type: first line of the message` for an error from Ray, looking through its wrappers to the cause."""
+def one_line(exc: BaseException, causes: bool = True) -> str:
+    """`Type: first line of the message` for an error from Ray, looking through its wrappers to the cause (unless
+    not `causes`)."""
     seen: set[int] = set()
-    while id(exc) not in seen:
+    while causes and id(exc) not in seen:
         seen.add(id(exc))
         cause = getattr(exc, "cause", None)  # RayTaskError and friends
         nxt = cause if isinstance(cause, BaseException) else exc.__cause__
