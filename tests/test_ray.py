@@ -147,9 +147,12 @@ def test_ray_parquet_shards_decode_like_local(cluster, dataset, local_run, share
     assert proc.returncode == 1, proc.stderr
     parts = sorted(out.glob("part-*.parquet"))
     assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(5)]
-    assert json.loads((out / "_shards.json").read_text()) == {"shard_size": 5, "inputs": 25, "done": [0, 1, 2, 3, 4]}
     rows = [row for p in parts for row in pq.read_table(p).to_pylist()]
     assert len(rows) == 25
+    broken = next(n for n, r in enumerate(rows) if Path(r["path"]).name == "broken.png") // 5
+    # the shard with the broken input is redone by a rerun, as a files run retries an input without output
+    assert json.loads((out / "_shards.json").read_text()) == {
+        "shard_size": 5, "inputs": 25, "done": [s for s in range(5) if s != broken]}
     bad = [r for r in rows if r["status"] != "ok"]
     assert [(Path(r["path"]).name, r["error"], r["latent"]) for r in bad] == [
         ("broken.png", f"{dataset / 'a' / 'broken.png'}: not an image file Pillow can read", None)]
@@ -178,16 +181,18 @@ def test_ray_parquet_shards_decode_like_local(cluster, dataset, local_run, share
         assert (decoded / name.replace(".latent", ".png")).read_bytes() == ref.read_bytes()
 
     again = vae(*cmd[:-1], "--json", env=env)
-    assert again.returncode == 0, again.stderr
-    assert [r["status"] for r in records(again)] == ["skipped"] * 25
-    assert all(r["output"].endswith(".parquet") for r in records(again))
+    assert again.returncode == 1, again.stderr
+    statuses = {Path(r["input"]).name: r["status"] for r in records(again)}
+    assert statuses == {Path(r["path"]).name: "error" if Path(r["path"]).name == "broken.png" else
+                        "ok" if n // 5 == broken else "skipped" for n, r in enumerate(rows)}
+    assert all(r["output"].endswith(".parquet") for r in records(again) if r["status"] != "error")
 
 
 # A fault injected into the Ray workers: every Python process started with this folder on PYTHONPATH imports it,
 # and once `vaecli.codec` is imported, `Codec.encode_batch` raises for images VAE_TEST_RAISE_WIDTH wide, kills
 # its process outright (a crash, as a segfault or the OOM killer would) for VAE_TEST_CRASH_WIDTH and never returns
-# for VAE_TEST_HANG_WIDTH; with VAE_TEST_HANG_AFTER_SHARD, `ray_engine.write_shard` never returns once it wrote its
-# file. A new local Ray instance's workers inherit the driver's environment.
+# for VAE_TEST_HANG_WIDTH; `ray_engine.write_shard` never returns once it wrote the shard file named
+# VAE_TEST_HANG_AFTER_SHARD. A new local Ray instance's workers inherit the driver's environment.
 FAULTS = '''
 import importlib.abc
 import importlib.util
@@ -195,8 +200,9 @@ import os
 import sys
 import time
 
-RAISE, CRASH, HANG, HANG_AFTER_SHARD = (int(os.environ.get(k) or 0) for k in (
-    "VAE_TEST_RAISE_WIDTH", "VAE_TEST_CRASH_WIDTH", "VAE_TEST_HANG_WIDTH", "VAE_TEST_HANG_AFTER_SHARD"))
+RAISE, CRASH, HANG = (int(os.environ.get(k) or 0) for k in (
+    "VAE_TEST_RAISE_WIDTH", "VAE_TEST_CRASH_WIDTH", "VAE_TEST_HANG_WIDTH"))
+HANG_AFTER_SHARD = os.environ.get("VAE_TEST_HANG_AFTER_SHARD")
 
 
 def patch_codec(module):
@@ -217,9 +223,9 @@ def patch_codec(module):
 def patch_ray_engine(module):
     write_shard = module.write_shard
 
-    def hanging(*args, **kwargs):
-        write_shard(*args, **kwargs)
-        if HANG_AFTER_SHARD:
+    def hanging(dest, jobs):
+        write_shard(dest, jobs)
+        if dest.name == HANG_AFTER_SHARD:
             time.sleep(3600)
 
     module.write_shard = hanging
@@ -347,7 +353,8 @@ def test_ray_parquet_failures_and_a_crashing_worker(local_env, tmp_path):
     assert "RuntimeError: injected fault at width 57" in recs["d.png"]["error"]
     assert "died" in recs["e.png"]["error"]
     assert all("\n" not in r["error"] for r in recs.values() if r["error"])
-    assert json.loads((out / "_shards.json").read_text())["done"] == [1, 2, 3]  # a's shard and e's are redone
+    # a's shard (no file), c's and d's (a failed input, retried) and e's (no file) are redone
+    assert json.loads((out / "_shards.json").read_text())["done"] == [1]
     assert sorted(p.name for p in out.glob("part-*.parquet") if p.is_file()) == [
         "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
     # --debug: the traceback from the worker, then vae's line
@@ -390,21 +397,27 @@ def test_ray_interrupted_reports_what_the_workers_wrote(local_env, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.latent", "b.latent"]
 
     (src / "b.png").write_bytes(b"not a png")
+    d, e = _image(src / "d.png", 64), _image(src / "e.png", 72)
     shards = tmp_path / "shards"
-    env = {**local_env, "VAE_TEST_HANG_AFTER_SHARD": "1"}
+    env = {**local_env, "VAE_TEST_HANG_AFTER_SHARD": "part-00001.parquet"}
     proc = _interrupted(["encode", src, "-o", shards, "--engine", "ray", "--workers", "1", "--shard-size", "2",
-                         "--output-format", "parquet", "--json", "-q"], env, [shards / "part-00000.parquet"],
+                         "--output-format", "parquet", "--json", "-q"], env, [shards / "part-00001.parquet"],
                         signal.SIGTERM)
     assert (proc.returncode, proc.stderr) == (130, "\n".join([
-        f"Error: {b}: not an image file Pillow can read", "1 of 3 inputs failed:",
+        f"Error: {b}: not an image file Pillow can read", "1 of 5 inputs failed:",
         f"  {b}: not an image file Pillow can read",
         "Interrupted: finished outputs are complete; rerun to do the rest", ""]))
-    part = str(shards / "part-00000.parquet")
-    assert records(proc) == [
-        {"input": str(a), "output": part, "status": "ok", "error": None, "model": "taef2", "shape": [32, 4, 5]},
+    # shard 0's records came back or were read back, shard 1's were read back; shard 0 is redone (b failed)
+    recs = [{k: v for k, v in r.items() if k != "node"} for r in records(proc)]
+    part0, part1 = str(shards / "part-00000.parquet"), str(shards / "part-00001.parquet")
+    assert recs == [
+        {"input": str(a), "output": part0, "status": "ok", "error": None, "model": "taef2", "shape": [32, 4, 5]},
         {"input": str(b), "output": None, "status": "error", "error": f"{b}: not an image file Pillow can read"},
-        {"input": str(c), "output": None, "status": "cancelled", "error": None}]
-    assert json.loads((shards / "_shards.json").read_text()) == {"shard_size": 2, "inputs": 3, "done": [0]}
+        {"input": str(c), "output": part1, "status": "ok", "error": None, "model": "taef2", "shape": [32, 4, 7]},
+        {"input": str(d), "output": part1, "status": "ok", "error": None, "model": "taef2", "shape": [32, 4, 8]},
+        {"input": str(e), "output": None, "status": "cancelled", "error": None}]
+    assert "node" not in records(proc)[2]
+    assert json.loads((shards / "_shards.json").read_text()) == {"shard_size": 2, "inputs": 5, "done": [1]}
 
 
 class _FakeRay:

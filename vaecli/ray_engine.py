@@ -3,9 +3,10 @@
 Inputs are cut by position into shards of `shard_size`; a shard is one unit of work for an actor, which reads,
 encodes and writes its images with `pipeline.encode_stages` (the code `vae encode` runs locally, so the latents are
 the same bits at the same thread count) and returns one record per input. Per-file output mirrors the input tree
-and skips files that exist; parquet output writes `part-NNNNN.parquet` per shard and lists finished shards in
-`_shards.json`, so a rerun skips them. Per-input failures become records; they never stop the job: whatever fails
-(an input, a worker, the pipeline itself) leaves an error record for every input it left undone.
+and skips files that exist; parquet output writes `part-NNNNN.parquet` per shard and lists in `_shards.json` the
+shards whose every input was encoded, so a rerun skips them (and redoes a shard with a failed input). Per-input
+failures become records; they never stop the job: whatever fails (an input, a worker, the pipeline itself) leaves an
+error record for every input it left undone.
 
 Ray talks on the driver's stderr from C++ (the core worker's log) and Python (logging, Ray Data, the raylet's
 messages); while Ray runs, file descriptor 2 points at /dev/null and `sys.stderr` at a copy of the real one, so with
@@ -404,6 +405,8 @@ def _report_written(jobs, settings, on_done, shards, shard_size, todo, done, bef
                     _take_record(jobs[i], {**row, "error": row["error"] or "", "shape": json.dumps(row["shape"])},
                                  out, s)
                     on_done(jobs[i])
+            if any(jobs[i].status == "error" for i in shards[s]):
+                continue  # a rerun redoes it
             done.add(s)
             with suppress(Exception):  # else a rerun redoes it
                 save_done(out, shard_size, len(jobs), done)
@@ -427,7 +430,9 @@ def _collect(ray, jobs, items, settings, on_done, shards, shard_size, todo, done
     """Run the shards `todo` on the pool and report each record as it comes back; the unanswered ones at the end."""
     out, parquet = Path(settings.out), settings.fmt == "parquet"
     left = {s: len(shards[s]) for s in todo}
-    unwritten: set[int] = set()  # parquet shards whose file the worker could not write
+    # Parquet shards a rerun redoes: their file could not be written, or an input failed (it is retried, as the local
+    # engine retries an input that has no output).
+    undone: set[int] = set()
     shard_of = {i: s for s in todo for i in shards[s]}
     failure, save_error = None, None
     try:
@@ -463,11 +468,11 @@ def _collect(ray, jobs, items, settings, on_done, shards, shard_size, todo, done
             continue  # not ours, or already reported (a retried task)
         job, shard = jobs[index], shard_of[index]
         _take_record(job, row, out, shard if parquet else None)
-        if parquet and not row["output"]:
-            unwritten.add(shard)
+        if parquet and (not row["output"] or job.status == "error"):
+            undone.add(shard)
         on_done(job)
         left[shard] -= 1
-        if parquet and left[shard] == 0 and shard not in unwritten:
+        if parquet and left[shard] == 0 and shard not in undone:
             done.add(shard)
             try:
                 save_done(out, shard_size, len(jobs), done)
