@@ -513,6 +513,9 @@ def test_engine_ray_without_ray_is_one_line(vae, small_image, tmp_path, monkeypa
     # usage errors before a cluster starts, as locally: not one error record per input from the workers
     (["--engine", "ray", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--engine", "ray", "--shard-size", "-1"], "--shard-size must be at least 1, got -1"),
+    (["--engine", "ray", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--engine", "ray", "--cpus-per-worker", "0"], "--cpus-per-worker must be more than 0, got 0"),
+    (["--engine", "ray", "--gpus-per-worker", "-0.5"], "--gpus-per-worker must be at least 0, got -0.5"),
 ])
 def test_engine_option_errors(vae, small_image, tmp_path, real_weights, args, message):
     result = vae("encode", small_image, "-o", tmp_path / "out", *args)

@@ -173,8 +173,11 @@ def _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, d
     shard_size = ray_opts["--shard-size"] or 64
     if fail_fast:
         raise UsageError("--fail-fast applies to the local engine: Ray records failures and goes on")
-    if cpus <= 0 or gpus < 0 or (ray_opts["--workers"] is not None and ray_opts["--workers"] < 1):
-        raise UsageError("--workers and --cpus-per-worker must be positive, --gpus-per-worker at least 0")
+    check_at_least_one({"--workers": ray_opts["--workers"]})
+    if cpus <= 0:
+        raise UsageError(f"--cpus-per-worker must be more than 0, got {cpus:g}")
+    if gpus < 0:
+        raise UsageError(f"--gpus-per-worker must be at least 0, got {gpus:g}")
     if device == Device.cuda and not gpus:
         raise UsageError("--device cuda with --engine ray needs --gpus-per-worker")
     if device == Device.mps:
