@@ -189,6 +189,19 @@ def test_load_takes_a_torch_device_and_refuses_halves_the_model_lacks(real_weigh
     assert vaecli.load("taesana", device="cpu").codec.model.decoder is None  # the default: the encoder it has
 
 
+def test_decoding_with_the_encoder_alone_says_the_decoder_is_not_loaded(real_weights, small_image):
+    """A model loaded with halves=("encoder",) refused decode as "taef2 has no decoder", as if taef2 had none."""
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    latent = model.encode(small_image)
+    with pytest.raises(UsageError) as err:
+        model.decode(latent)
+    assert str(err.value) == "taef2 has no decoder loaded"
+    clip = vaecli.Latent(latent.tensor[None], latent.meta)
+    with pytest.raises(UsageError) as err:
+        next(model.decode_video(clip))
+    assert str(err.value) == "taef2 has no decoder loaded"
+
+
 def test_latents_made_in_memory_are_checked_as_files_are(real_weights, small_image, tmp_path):
     """A Latent's .meta or .tensor of the wrong type, or metadata a file could not hold, raised AttributeError or
     ValueError from deep inside (or decoded, with an unknown space); save() with foreign metadata wrote a file that

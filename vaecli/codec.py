@@ -230,8 +230,9 @@ class Codec:
         return torch.cat([run(x[i:i + 1]) for i in range(x.shape[0])])
 
     def _check_decode(self, chunk: int | None) -> None:
-        if self.model.decoder is None:
-            raise UsageError(f"{self.spec.name} has no decoder" + (f" ({self.spec.notes})" if self.spec.notes else ""))
+        if self.model.decoder is None:  # a model that has one was loaded without it (halves=("encoder",))
+            raise UsageError(f"{self.spec.name} has no decoder loaded" if self.spec.has_decoder
+                             else f"{self.spec.name} has no decoder ({self.spec.notes})")
         check_at_least_one({"--chunk": chunk})
 
     def _decoder_input(self, part: torch.Tensor, meta: dict) -> torch.Tensor:
