@@ -232,7 +232,8 @@ class Codec:
     def _check_decode(self, chunk: int | None) -> None:
         if self.model.decoder is None:  # a model that has one was loaded without it (halves=("encoder",))
             raise UsageError(f"{self.spec.name} has no decoder loaded" if self.spec.has_decoder
-                             else f"{self.spec.name} has no decoder ({self.spec.notes})")
+                             else f"{self.spec.name} has no decoder" + (f" ({self.spec.notes})" if self.spec.notes
+                                                                         else ""))
         check_at_least_one({"--chunk": chunk})
 
     def _decoder_input(self, part: torch.Tensor, meta: dict) -> torch.Tensor:
