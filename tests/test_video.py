@@ -577,6 +577,26 @@ def test_qwen_image_encodes_a_photo_as_a_one_frame_clip(vae, tiny_wan, small_ima
                                           "wan2.1, qwen-image, taew2_1")
 
 
+def test_an_output_never_replaces_the_weights(vae, tiny_wan, gif, small_image, tmp_path):
+    """`-o w.safetensors` beside `-w w.safetensors` wrote the latents over the weights (they were read already, so
+    nothing noticed); a diffusers folder's file likewise."""
+    import shutil
+
+    _, folder = tiny_wan
+    file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(file, weights)
+    before = weights.read_bytes(), file.read_bytes()
+    for args, path in [(["video", gif, "--frames", 1, "-m", "wan2.1", "-w", weights], weights),
+                       (["encode", small_image, "-m", "qwen-image", "-w", weights], weights),
+                       (["video", gif, "--frames", 1, "-m", "wan2.1", "-w", folder], file)]:
+        result = vae(*args, "-o", path)
+        model = args[args.index("-m") + 1]
+        assert (result.exit_code, _error_line(result)) == (1, (
+            f"Error: refusing to overwrite input {path} (the {model} weights; choose another -o)"))
+    assert (weights.read_bytes(), file.read_bytes()) == before
+
+
 def test_taew2_1_previews_wan_latents_like_the_reference(vae, tiny_wan, gif, shared, tmp_path):
     """A Wan 2.1 latent decodes with the tiny twin (same latent space): frames equal to the reference taehv.py's
     decode of the raw latents; and taew2_1's own `vae video` equals the reference's encode."""

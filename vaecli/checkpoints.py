@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from vaecli.errors import WeightsError
+from vaecli.errors import OutputError, WeightsError
 from vaecli.registry import REGISTRY, ModelSpec
 
 KL_FAMILIES = ("kl", "svd")  # the autoencoders diffusers scales by a config's scaling_factor and shift_factor
@@ -114,6 +114,17 @@ def read_weights(spec: ModelSpec, path: Path) -> dict:
     for f in _folder_files(spec, path) if path.is_dir() else [path]:
         out.update(model_state_dict(spec, load_state_dict(f), str(f)))
     return out
+
+
+def check_outputs_spare_weights(spec: ModelSpec, sources: tuple[str, ...], outputs: list[Path],
+                                option: str = "-o") -> None:
+    """Weights are an input too: `-o w.safetensors` beside `-w w.safetensors` would replace them with latents (and
+    the atomic write would not notice, the file being read already)."""
+    read = {f.resolve(): f for s in map(Path, sources) for f in (_folder_files(spec, s) if s.is_dir() else [s])}
+    for out in outputs:
+        if out.resolve() in read:
+            raise OutputError(f"refusing to overwrite input {read[out.resolve()]} (the {spec.name} weights; choose "
+                              f"another {option})")
 
 
 def load_strict(module, sd: dict, what: str) -> None:

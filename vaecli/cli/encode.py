@@ -120,6 +120,7 @@ def encode(
     """Encode images into latents (.latent/.safetensors with metadata, or 8-bit .png); --engine ray scales out."""
 
     from vaecli import batch
+    from vaecli.checkpoints import check_outputs_spare_weights
     from vaecli.codec import load_codec
     from vaecli.pipeline import encode_stages
 
@@ -147,6 +148,7 @@ def encode(
                            dtype.value, not no_verify,
                            **tiling_kwargs(tile, max_memory, scratch))
         codec.check_encode_options(space.value if space else None, sample)
+        check_outputs_spare_weights(codec.spec, codec.sources, [job.dst for job in jobs])
         runner = None
         if engine == Engine.ray:
             runner = _ray_runner(jobs, codec, output, kind, output_format, fmt, skip, ray_opts, device, dtype,

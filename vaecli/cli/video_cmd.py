@@ -82,6 +82,7 @@ def video_cmd(
     """Encode a video clip into a latent video (frames, channels, h, w), streaming (audio is not carried)."""
     from vaecli import clips, latents, video
     from vaecli.batch import Job
+    from vaecli.checkpoints import check_outputs_spare_weights
     from vaecli.codec import load_codec, resolve_device
     from vaecli.files import FolderPath, is_folder_target, output_exists, plan_outputs, strip_suffixes, temp_prefix
 
@@ -119,6 +120,7 @@ def video_cmd(
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
                                **tiling_options)
             codec.check_encode_options(None, sample)
+            check_outputs_spare_weights(codec.spec, codec.sources, [out])
             if fmt == VideoLatentFormat.comfyui:
                 codec.check_encode_options("raw", False)  # ComfyUI's files are raw: a model without them is refused
     except Exception as exc:
