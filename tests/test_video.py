@@ -577,6 +577,21 @@ def test_qwen_image_encodes_a_photo_as_a_one_frame_clip(vae, tiny_wan, small_ima
                                           "wan2.1, qwen-image, taew2_1")
 
 
+def test_decode_refuses_a_tile_size_for_a_causal_model_before_any_input(vae, tiny_wan, gif, tmp_path):
+    """`vae decode --model wan2.1 --tile 32` failed each input (exit 1) where `vae video` refuses it (exit 2);
+    without --model the model is the latent's, known per input."""
+    _, weights = tiny_wan
+    lat = tmp_path / "w.latent"
+    assert vae("video", gif, "-o", lat, "--frames", 1, "-m", "wan2.1", "-w", weights).exit_code == 0
+    message = ("--tile 32: causal video models (wan2.1) take no fixed tile size; they go tile by tile by themselves "
+               "when a frame's caches exceed --max-memory")
+    result = vae("decode", lat, "-o", tmp_path / "w.mp4", "-m", "wan2.1", "-w", weights, "--tile", 32)
+    assert (result.exit_code, _error_line(result)) == (2, f"Error: {message}")
+    result = vae("decode", lat, "-o", tmp_path / "w.mp4", "-w", weights, "--tile", 32)
+    assert (result.exit_code, _error_line(result)) == (1, f"Error: {lat}: {message}")
+    assert not (tmp_path / "w.mp4").exists()
+
+
 def test_an_output_never_replaces_the_weights(vae, tiny_wan, gif, small_image, tmp_path):
     """`-o w.safetensors` beside `-w w.safetensors` wrote the latents over the weights (they were read already, so
     nothing noticed); a diffusers folder's file likewise."""

@@ -21,9 +21,18 @@ from vaecli.batch import check_at_least_one
 from vaecli.checkpoints import load_strict
 from vaecli.codec import check_latent_fits, check_room
 from vaecli.errors import UsageError
+from vaecli.families import family
 from vaecli.latents import make_metadata
 from vaecli.registry import ModelSpec
 from vaecli.spaces import DTYPES, check_encode_space, dtype_name, from_network, to_network
+
+
+def check_tile(spec: ModelSpec, tile: int | str | None) -> None:
+    """A UsageError for `--tile N` with a causal video model; `vae decode --model` checks it before any input, as
+    the commands that load their model up front do."""
+    if isinstance(tile, int) and issubclass(family(spec), CausalFamily):
+        raise UsageError(f"--tile {tile}: causal video models ({spec.name}) take no fixed tile size; they go "
+                         "tile by tile by themselves when a frame's caches exceed --max-memory")
 
 
 class CausalFamily:
@@ -43,9 +52,7 @@ class CausalFamily:
              device: torch.device, dtype: str, tile: int | str | None, budget: int, scratch: str | None) -> CausalCodec:
         """A CausalCodec for `spec` with state dict `sd` (already in the family's keys) loaded strictly; spatial tiles
         come from the budget, never from a fixed `tile`."""
-        if isinstance(tile, int):
-            raise UsageError(f"--tile {tile}: causal video models ({spec.name}) take no fixed tile size; they go "
-                             "tile by tile by themselves when a frame's caches exceed --max-memory")
+        check_tile(spec, tile)
         model = cls.build(spec, encoder="encoder" in roles, decoder="decoder" in roles)
         own = set(model.state_dict())
         halves = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")

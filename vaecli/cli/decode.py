@@ -78,6 +78,7 @@ def decode(
 ) -> None:
     """Decode latent files back to images (PNG, JPEG, WebP, BMP, TIFF) or latent videos to clips (by -o extension)."""
     from vaecli import batch, clips, latents, media, video
+    from vaecli.causal import check_tile
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec, resolve_device
     from vaecli.errors import InputError, OutputError
     from vaecli.files import output_exists
@@ -101,6 +102,8 @@ def decode(
         tiling_options = tiling_kwargs(tile, max_memory, scratch)
         resolve_device(device.value)  # now, not when each input loads its model: a usage error, not a failed input
         frames_per_pass = parse_chunk(chunk)
+        if model:
+            check_tile(get_spec(model.value), tiling_options["tile"])
         if image_suffix not in media.OUTPUT_FORMATS:  # named as given, not as the file name it would make
             raise UsageError(f"--ext {image_ext if image_ext.strip() else repr(image_ext)}: expected one of "
                              f"{', '.join(e.lstrip('.') for e in media.OUTPUT_FORMATS)}")
