@@ -121,8 +121,9 @@ def check_outputs_spare_weights(spec: ModelSpec, sources: tuple[str, ...], outpu
     """Weights are an input too: `-o w.safetensors` beside `-w w.safetensors` would replace them with latents (and
     the atomic write would not notice, the file being read already)."""
     read = {f.resolve(): f for s in map(Path, sources) for f in (_folder_files(spec, s) if s.is_dir() else [s])}
+    names = {f.name for f in read}  # only an output of a weights file's name is resolved: a folder run has many
     for out in outputs:
-        if out.resolve() in read:
+        if out.name in names and out.resolve() in read:
             raise OutputError(f"refusing to overwrite input {read[out.resolve()]} (the {spec.name} weights; choose "
                               f"another {option})")
 
