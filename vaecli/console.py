@@ -3,7 +3,8 @@
 A shell loop's Ctrl-C often lands while a `vae` process is still importing: Python printed a traceback there, and
 inside torch's C++ initialisation the interrupt aborted the process (`terminate called ... KeyboardInterrupt`) or
 left torch half-imported ("cannot load module more than once per process"). Held signals stay pending and are
-delivered once the import is whole, where `vaecli.cli.run` turns them into `Interrupted` and exit 130.
+delivered once the import is whole, where `vaecli.cli.run` turns them into `Interrupted` and exit 130. (A signal
+mask is per thread: this holds because the main thread is the process's only one until torch has loaded.)
 """
 
 from __future__ import annotations
