@@ -205,10 +205,7 @@ def _pixels(image) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         return media.read_image(Path(image))[0]
     if isinstance(image, Image.Image):  # as a file of it is read: upright, alpha over white, 16-bit scaled
-        from PIL import ImageOps
-
-        # An image already turned upright has no orientation tag left, so this never turns it twice.
-        return media.pil_pixels(ImageOps.exif_transpose(image), "white", "PIL image")[0]
+        return media.pil_pixels(image, "white", "PIL image")[0]
     if not isinstance(image, torch.Tensor):
         raise UsageError(f"expected an image path, a PIL image or a (3, H, W) float tensor in [0, 1], "
                          f"got {type(image).__name__}")

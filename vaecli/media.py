@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vaecli.errors import ComputeError, InputError, UsageError
 from vaecli.files import atomic_write, folder_error, read_error
@@ -178,7 +178,6 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
             check_complete(img, path)
             check_still(img, path)
             img.load()
-            img = ImageOps.exif_transpose(img)
             pixels, had_alpha = pil_pixels(img, alpha, path)
             mode = img.mode
     except UnidentifiedImageError:
@@ -196,9 +195,12 @@ def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInf
 
 
 def pil_pixels(img: Image.Image, alpha: str = "white", source: Path | str = "image") -> tuple[torch.Tensor, bool]:
-    """A Pillow image as (1, 3, H, W) float32 in [0, 1] as `read_image` reads files (16-bit and float modes scaled,
-    alpha flattened), and whether it had alpha."""
-    arr, had_alpha = _to_rgb(img, alpha, source)
+    """A Pillow image as (1, 3, H, W) float32 in [0, 1] as `read_image` reads files (turned upright by its EXIF
+    orientation, 16-bit and float modes scaled, alpha flattened), and whether it had alpha."""
+    # An image already upright has no orientation tag left, so this never turns it twice; exif_transpose would copy
+    # an upright image whole.
+    turned = img.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    arr, had_alpha = _to_rgb(ImageOps.exif_transpose(img) if turned else img, alpha, source)
     # uint8 pixels convert once, straight into the float tensor (no float64 or second float copy of a large image).
     pixels = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
     if pixels.dtype == torch.uint8:
