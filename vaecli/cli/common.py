@@ -389,9 +389,10 @@ def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tup
 
 
 def plan_jobs(pairs: list[tuple[Path, Path]], output: Optional[Path], name: Callable[[Path], str],
-              skip_existing: Optional[bool], beside: bool = True, naming: dict[str, bool] | None = None):
+              skip_existing: Optional[bool], beside: bool = True, naming_options: dict[str, bool] | None = None):
     """Jobs for the inputs `expand` gave, their outputs planned (none without -o unless `beside`), and whether
-    existing outputs are skipped; `naming` tells which options that name outputs were given, refused with -o FILE."""
+    existing outputs are skipped; `naming_options` tells which options that name outputs were given (refused with -o
+    FILE)."""
     from vaecli import batch, media, video
     from vaecli.batch import Job
     from vaecli.files import FolderPath, is_folder_target, output_exists, plan_outputs
@@ -406,7 +407,7 @@ def plan_jobs(pairs: list[tuple[Path, Path]], output: Optional[Path], name: Call
                          f"-o {output.with_suffix('')}/, or make {output} one first)")
     outs = plan_outputs(srcs, output, name, rels) if output is not None or beside else [None] * len(srcs)
     folder = output is not None and is_folder_target(output, len(srcs))
-    given = [option for option, on in (naming or {}).items() if on]
+    given = [option for option, on in (naming_options or {}).items() if on]
     if given and output is not None and not folder:  # they would be ignored without a word
         raise UsageError(f"{given[0]} only applies to outputs vaecli names; -o {output} names the output itself "
                          f"(drop {given[0]}, or give a folder: -o {output.parent / output.stem}/)")

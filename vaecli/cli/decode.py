@@ -109,8 +109,8 @@ def decode(
                              f"{', '.join(e.lstrip('.') for e in media.OUTPUT_FORMATS)}")
         pairs = expand(inputs, output, recursive, batch.LATENT_EXTS, quiet)
         jobs, skip = plan_jobs(pairs, output, default_name, skip_existing,
-                               naming={"--name": name is not None, "--suffix": bool(suffix),
-                                       "--ext": image_suffix != ".png"})
+                               naming_options={"--name": name is not None, "--suffix": bool(suffix),
+                                               "--ext": image_suffix != ".png"})
         jobs = _comfyui_items(jobs, model.value if model else None)
         for job in jobs:
             suffix_ = job.dst.suffix.lower()

@@ -140,7 +140,7 @@ def encode(
             space = Space.raw
         ext = ".latent.png" if kind == "png" else ".latent"
         jobs, skip = plan_jobs(pairs, output, namer(name, suffix, ext, model.value), skip_existing,
-                               naming={"--name": name is not None, "--suffix": bool(suffix)})
+                               naming_options={"--name": name is not None, "--suffix": bool(suffix)})
         if seed is not None and not sample:
             raise UsageError("--seed only applies with --sample")
         # Ray: the driver loads on CPU only to check the options and verify the weights its workers will load.

@@ -96,7 +96,7 @@ def roundtrip(
         check_at_least_one({"--batch-size": batch_size})
         jobs, skip = plan_jobs(expand(inputs, output, recursive, batch.IMAGE_EXTS, quiet), output,
                                namer(name, suffix, ".png", model.value), skip_existing, beside=False,
-                               naming={"--name": name is not None, "--suffix": bool(suffix)})
+                               naming_options={"--name": name is not None, "--suffix": bool(suffix)})
         for job in jobs:
             if job.dst is not None:
                 media.check_output_extension(job.dst)
