@@ -69,6 +69,20 @@ def test_checksum_mismatch_and_no_verify(vae, shared_weights, small_image, tmp_p
     assert result.exit_code == 0, result.stderr
 
 
+def test_a_bad_half_found_by_name_blames_no_given_weights(vae, shared_weights, small_image, tmp_path,
+                                                          monkeypatch):
+    shutil.copy(shared_weights / "taef2_encoder.pth", tmp_path)
+    (tmp_path / "taef2_decoder.pth").write_bytes(b"corrupt")
+    monkeypatch.setenv("VAE_WEIGHTS_DIR", str(tmp_path))
+    result = vae("roundtrip", small_image, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1
+    good, bad = (weights.sha256_of(d / "taef2_decoder.pth") for d in (shared_weights, tmp_path))
+    assert _error_line(result) == (
+        f"Error: checksum mismatch for {tmp_path / 'taef2_decoder.pth'}: expected sha256 {good}, got {bad} "
+        f"(replace the file, or pass --no-verify to use it anyway)")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_user_named_weights_are_not_checksummed(vae, shared_weights, small_image, tmp_path):
     sd = torch.load(shared_weights / "taef2_encoder.pth", weights_only=True)
     torch.save({k: v.float() for k, v in sd.items()}, tmp_path / "finetuned.pth")

@@ -385,15 +385,16 @@ def load_codec(name: str, weights: list[Path] | None = None, roles: tuple[str, .
                                f"found only its {' and '.join(held)}")
         sd.update(part)
         sources.append(str(path))
+    given = list(sources)  # the halves found on the search path below are not the user's
     for role in roles:
         if not any(k.startswith(f"{role}.") for k in sd):
             wf = spec.weight(role)
             try:
                 path = find_on_search_path(spec, wf, verify=verify)
             except WeightsError as exc:  # say why the search path was looked at when weights were given
-                if not sources:
+                if not given:
                     raise
-                raise WeightsError(f"{exc} (the weights given, {', '.join(sources)}, hold no {role})") from None
+                raise WeightsError(f"{exc} (the weights given, {', '.join(given)}, hold no {role})") from None
             if str(path) not in sources:
                 sd.update(model_state_dict(spec, load_state_dict(path), str(path)))
                 sources.append(str(path))
