@@ -129,6 +129,23 @@ def test_random_bytes_are_not_a_latent(vae, tmp_path):
                                         f"vaecli latent PNG)")
 
 
+def test_a_fifo_named_as_input_is_refused_not_waited_on(tmp_path):
+    """A whole process with a time limit: reading a FIFO nobody writes to blocks, in a thread no signal reaches (and
+    a latent file is opened more than once, so even a writer's one pass would leave the next open waiting)."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.latent"
+    os.mkfifo(fifo)
+    run = subprocess.run([sys.executable, "-m", "vaecli", "decode", str(fifo), "-o", str(tmp_path / "x.png"),
+                          "--json"], capture_output=True, text=True, timeout=60)
+    message = f"{fifo}: not a regular file (a FIFO, socket or device), expected a latent file"
+    assert (run.returncode, run.stderr.strip().splitlines()) == (1, [f"Error: {message}"])
+    assert json.loads(run.stdout)["error"] == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.latent"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model": "sd99"}, "made by model 'sd99', which this vaecli does not know; pass --model"),
     # A hostile name: a terminal acts on ESC and BEL, and U+2028 breaks the line for some readers; all shown escaped.

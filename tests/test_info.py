@@ -33,6 +33,20 @@ def test_info_json_and_errors(vae, real_weights, small_image, tmp_path):
     assert result.stderr.splitlines() == [f"Error: {missing}", "1 of 2 inputs failed:", f"  {missing}"]
 
 
+def test_info_refuses_a_fifo_rather_than_waiting_on_it(tmp_path):
+    """A whole process with a time limit: opening a FIFO nobody writes to would block for ever."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.latent"
+    os.mkfifo(fifo)
+    run = subprocess.run([sys.executable, "-m", "vaecli", "info", str(fifo)], capture_output=True, text=True,
+                         timeout=60)
+    assert (run.returncode, run.stdout, run.stderr) == (
+        1, "", f"Error: {fifo}: not a regular file (a FIFO, socket or device), expected a latent file\n")
+
+
 def _encoded(vae, small_image, tmp_path, name: str = "a.latent", **extra):
     """`small_image` encoded to `name`, its metadata amended with `extra`; the path and its metadata."""
     from safetensors import safe_open

@@ -446,6 +446,8 @@ def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dic
         raise LatentFormatError(f"{path}: no such file")
     if path.is_dir():
         raise folder_error(path, "a latent file")
+    if not path.is_file():  # a FIFO: its open() waits for a writer, and a file is opened more than once
+        raise LatentFormatError(f"{path}: not a regular file (a FIFO, socket or device), expected a latent file")
     with reading(path), open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
