@@ -181,6 +181,20 @@ def test_header_that_lies_about_its_data_is_refused(vae, real_weights, tmp_path,
     assert error_line(result) == f"Error: {path}: {message}"
 
 
+def test_a_clip_whose_vaecli_metadata_says_image_is_refused(vae, raw_latent, tmp_path):
+    """vaecli's metadata in the header says an image, the tensor holds 3 latent frames: reading it as an image gave
+    frame 0 and dropped the others unsaid (info showed a (C, h, w) latent)."""
+    meta = latents.make_metadata(REGISTRY["taef2"], (64, 48), (0, 0, 0, 0), "fp32", space="raw")
+    clip = torch.stack([raw_latent] * 3, 1)[None]  # (1, 32, 3, 6, 8)
+    path = save_comfy(tmp_path / "c.latent", clip, metadata={k: v if isinstance(v, str) else json.dumps(v)
+                                                              for k, v in meta.items()})
+    message = f"{path}: metadata says an image latent, latent_tensor has 3 latent frames (shape [1, 32, 3, 6, 8])"
+    for args in (("decode", path, "-o", tmp_path / "c.png"), ("info", path)):
+        result = vae(*args)
+        assert (result.exit_code, result.stdout, error_line(result)) == (1, "", f"Error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.latent", "ref.latent", "small.png"]
+
+
 def test_encode_format_comfyui_is_what_loadlatent_reads(vae, random_taesd, small_image, tmp_path):
     """taesd writes scaled latents by default: the ComfyUI file holds the raw ones, as --latent-space raw does."""
     weights = ["--model", "taesd", "--weights", random_taesd / "original"]

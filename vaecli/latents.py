@@ -714,6 +714,9 @@ def _comfyui_open(path: Path, model: str | None) -> tuple[dict, list[int], Calla
     if "channels" in meta and meta["channels"] != c:
         raise LatentFormatError(f"{path}: metadata says {meta['channels']} channels, tensor has {c}")
     video = meta.get("kind") == "video"
+    if t > 1 and not video:  # else frame 0 alone would be read, the rest dropped unsaid
+        raise LatentFormatError(f"{path}: metadata says an image latent, latent_tensor has {t} latent frames "
+                                f"(shape {[b, c, t, h, w]})")
     _check_layout([t, c, h, w] if video else [c, h, w], meta, str(path))
     plane = h * w * torch.finfo(dtype).bits // 8
     base = start + offset + index * c * t * plane
