@@ -155,6 +155,8 @@ def test_a_fifo_named_as_input_is_refused_not_waited_on(tmp_path):
     # foreign file): the error names the models that have them, not the model itself.
     ({"space": "normalized"}, "'normalized' latents need their model's normalization statistics, which taef2 has "
                               "none of (models with them: flux2, wan2.1, wan2.2, qwen-image, taew2_1, taew2_2)"),
+    # Messages quote the model's name: a megabyte of one made a megabyte-long error line (three with --model).
+    ({"model": "x" * 10 ** 6}, f"metadata 'model' must be a model name of at most 100 characters, got {'x' * 40!r}"),
 ])
 def test_latent_metadata_this_model_cannot_decode(vae, latent_file, tmp_path, change, message):
     latent, meta = load_latent(latent_file)

@@ -82,6 +82,16 @@ def test_info_goes_on_past_any_failure_and_writes_strict_json(vae, real_weights,
     assert len(lines) + len(result.stderr.splitlines()) == 2
 
 
+def test_info_refuses_a_model_name_no_line_could_show(vae, real_weights, small_image, tmp_path):
+    """A megabyte-long model name is no model's: refused like any bad field, in a short line (info printed it whole,
+    decode quoted it whole in its error)."""
+    odd, _ = _encoded(vae, small_image, tmp_path, "odd.latent", model="x" * 10 ** 6)
+    result = vae("info", odd, "--json")
+    message = f"{odd}: metadata 'model' must be a model name of at most 100 characters, got {'x' * 40!r}"
+    assert (result.exit_code, result.stderr) == (1, f"Error: {message}\n")
+    assert json.loads(result.stdout)["error"] == message
+
+
 def test_info_on_a_comfyui_latent_that_records_no_model(vae, tmp_path):
     """ComfyUI's SaveLatent records no model: info shows what the file holds and says how to decode it (as `vae
     decode` asks: --model), where it used to fail with an error naming an option info does not have."""

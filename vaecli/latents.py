@@ -32,6 +32,7 @@ SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
 SPACES = ("raw", "scaled", "normalized", "native")  # every ModelSpec.spaces entry
 KINDS = ("image", "video")  # "kind" absent: an image
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+MODEL_NAME_MAX = 100
 
 
 def make_metadata(spec, image_size: tuple[int, int], padding: tuple[int, int, int, int], dtype: str,
@@ -271,7 +272,9 @@ _FIELDS = {
     "scaling_factor": ("a non-zero number", lambda v: _number(v) and v != 0),
     "shift_factor": ("a number", lambda v: _number(v)),
     "fps": ("a number between 0.001 and 1000", lambda v: _number(v) and 0.001 <= v <= 1000),  # video.FPS_MIN..MAX
-    "model": ("a model name", lambda v: isinstance(v, str)),
+    # Bounded: messages quote the name whole ("made by model '...'"), and must stay a line one can read.
+    "model": (f"a model name of at most {MODEL_NAME_MAX} characters",
+              lambda v: isinstance(v, str) and len(v) <= MODEL_NAME_MAX),
     "space": (f"one of {', '.join(SPACES)}", lambda v: isinstance(v, str) and v in SPACES),
     "kind": (f"one of {', '.join(KINDS)}", lambda v: isinstance(v, str) and v in KINDS),
     "spatial_factor": ("a positive integer", lambda v: _ints([v], 1) and v > 0),
