@@ -126,6 +126,16 @@ def test_arguments_the_api_cannot_use_are_refused_in_one_line(real_weights, smal
          "expected an image Latent (vaecli.load_latent, Model.encode), got shape [32, 6, 8]"),
         (lambda: model.decode(vaecli.Latent(latent.tensor[None], latent.meta)), UsageError,
          "expected an image Latent of shape (C, h, w), got shape [1, 32, 6, 8]"),
+        # an empty axis raised RuntimeError from a convolution (or named a negative image size); a complex latent
+        # lost its imaginary part and an integer one decoded to garbage, where a latent file of either is refused
+        (lambda: model.decode(vaecli.Latent(latent.tensor[:, :, :0], {})), UsageError,
+         "expected every latent dimension to be at least 1, got shape [32, 6, 0]"),
+        (lambda: list(model.decode_video(vaecli.Latent(latent.tensor[None][:0], latent.meta))), UsageError,
+         "expected every latent dimension to be at least 1, got shape [0, 32, 6, 8]"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor.to(torch.complex64), latent.meta)), UsageError,
+         "expected an image Latent of floating-point values, got complex64"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor.int(), latent.meta)), UsageError,
+         "expected an image Latent of floating-point values, got int32"),
         # metadata made or read elsewhere: a negative padding decoded to a 0-pixel-wide image, text raised ValueError
         (lambda: model.decode(vaecli.Latent(latent.tensor, {"model": "taef2", "padding": [-5, 0, 0, 0]})), InputError,
          "Latent.meta: metadata 'padding' must be [left, top, right, bottom] of integers >= 0, got "

@@ -276,6 +276,10 @@ def _check_latent(latent, layout: str, what: str) -> None:
     _check_parts(latent)
     if latent.tensor.dim() != layout.count(",") + 1:
         raise UsageError(f"expected {what} of shape {layout}, got shape {list(latent.tensor.shape)}")
+    if not latent.tensor.is_floating_point():  # a complex one lost its imaginary part, integers decoded to garbage
+        raise UsageError(f"expected {what} of floating-point values, got {str(latent.tensor.dtype)[6:]}")
+    if min(latent.tensor.shape) < 1:  # as a latent file's: an empty axis gave a wrong message or a RuntimeError
+        raise UsageError(f"expected every latent dimension to be at least 1, got shape {list(latent.tensor.shape)}")
     bad = media.count_non_finite(latent.tensor)
     if bad:
         raise InputError(f"expected finite latent values, found {bad} NaN/Inf")
