@@ -281,16 +281,19 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _hand_png(path, src, rows=None, interlace=False, text_last=False):
-    """Latent PNG `src` rebuilt by hand: its IDAT holding only `rows` rows, Adam7-interlaced, or its text after it."""
+def _hand_png(path, src, rows=None, interlace=False, text_last=False, depth=8):
+    """Latent PNG `src` rebuilt by hand: its IDAT holding only `rows` rows, Adam7-interlaced, its text after it, or
+    16 bits per channel (v * 257)."""
     with Image.open(src) as img:
         arr, text = np.asarray(img), img.info["vaecli"]
     h, w = arr.shape[:2]
+    if depth == 16:
+        arr = arr.astype(">u2") * 257
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
     raw = b"".join(b"\0" + row.tobytes() for x0, y0, dx, dy in passes for row in arr[y0::dy, x0::dx] if row.size)
     raw = raw if rows is None else raw[:rows * (1 + 4 * w)]
     text_chunk = _png_chunk(b"tEXt", b"vaecli\0" + text.encode("latin-1"))
-    body = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, int(interlace))), text_chunk,
+    body = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 6, 0, 0, int(interlace))), text_chunk,
             _png_chunk(b"IDAT", zlib.compress(raw)), _png_chunk(b"IEND", b"")]
     if text_last:
         body[1:3] = body[2:0:-1]
@@ -313,6 +316,17 @@ def test_truncated_png_pixel_data_is_refused(tmp_path):
     with pytest.raises(LatentFormatError) as err:
         latents.load_latent(bad)
     assert str(err.value) == f"{bad}: truncated latent PNG: its pixel data holds 13 bytes, its size needs 26"
+
+
+def test_a_16_bit_png_latent_is_refused(tmp_path):
+    """Pillow reads a 16-bit RGBA PNG as RGBA, keeping each sample's high byte: its values were taken at 8 bits
+    unsaid (the scheme's PNGs are 8-bit)."""
+    src, _ = _small_png_latent(tmp_path)
+    bad = _hand_png(tmp_path / "d.latent.png", src, depth=16)
+    for read in (latents.load_latent, latents.read_metadata):
+        with pytest.raises(LatentFormatError) as err:
+            read(bad)
+        assert str(err.value) == f"{bad}: expected an 8-bit RGBA latent PNG, got 16 bits per channel"
 
 
 @pytest.mark.parametrize("how", [{"interlace": True}, {"text_last": True}])

@@ -367,6 +367,12 @@ def _png_layout(img: Image.Image, path: Path) -> tuple[dict, tuple[int, int], tu
                                 f"use 'vae encode' on images)")
     if img.mode != "RGBA":
         raise LatentFormatError(f"{path}: expected an RGBA latent PNG, got mode {img.mode}")
+    with open(path, "rb") as f:  # IHDR's bit depth: Pillow reads a 16-bit RGBA PNG as 8-bit, keeping the high bytes
+        f.seek(24)
+        depth = f.read(1)
+    if depth != b"\x08":
+        raise LatentFormatError(f"{path}: expected an 8-bit RGBA latent PNG, got {depth[0] if depth else '?'} bits "
+                                f"per channel")
     meta = _png_meta(text, str(path))
     rows, cols = meta.pop("grid")
     c, h, w = meta.pop("latent_shape")
