@@ -145,6 +145,22 @@ def test_image_latent_of_another_dtype_is_refused(tmp_path, dtype, name):
         assert str(err.value) == f"{path}: expected a float32/float16/bfloat16 latent, got {name}"
 
 
+@pytest.mark.parametrize("key", ["latent", "latent_tensor"])
+def test_a_header_past_16_mib_is_refused_unparsed(tmp_path, monkeypatch, key):
+    """Parsing a header costs many times its size (a 92 MB header of metadata keys took 2.3 GB and a minute, within
+    safetensors' own 100 MB limit): a latent file's, vaecli's or ComfyUI's, is refused from its length alone."""
+    tensor = torch.zeros(1, 32, 6, 8) if key == "latent_tensor" else torch.zeros(32, 6, 8)
+    meta = {**_meta(size=(64, 48), padding=(0, 0, 0, 0)), "workflow": "x" * latents.LATENT_MAX_HEADER}
+    path = _write_st(tmp_path / "a.latent", tensor, meta, key)
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("header parsed"))
+    for read in (latents.load_latent, latents.read_metadata):
+        with pytest.raises(LatentFormatError) as err:
+            read(path, "taef2")
+        assert str(err.value) == (f"{path}: expected a safetensors header of at most 16777216 bytes for a latent "
+                                  f"file, got {n}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_non_finite_image_latent_is_refused(tmp_path, dtype):
     x = torch.zeros(32, 6, 8)

@@ -29,6 +29,9 @@ LATENT_SHIFT = 0.5
 PNG_KEY = "vaecli"
 STRING_KEYS = frozenset({"format", "model", "space", "dtype"})  # stored as plain strings, not JSON
 SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
+# A latent file's header: vaecli's own take a few hundred bytes, ComfyUI's a workflow's JSON. Parsing one costs many
+# times its size in entries and metadata keys (a 92 MB header of keys took 2.3 GB), so a larger one is refused unread.
+LATENT_MAX_HEADER = 16 * 1024 * 1024
 SPACES = ("raw", "scaled", "normalized", "native")  # every ModelSpec.spaces entry
 KINDS = ("image", "video")  # "kind" absent: an image
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -312,6 +315,11 @@ def _st_latent_header(path: Path) -> tuple[dict, list[int]]:
     """A vaecli `.safetensors` latent's metadata and `latent` shape, from its header (its dtype checked)."""
     from safetensors import safe_open
 
+    with reading(path), open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    if n > LATENT_MAX_HEADER:
+        raise LatentFormatError(f"{path}: expected a safetensors header of at most {LATENT_MAX_HEADER} bytes for a "
+                                f"latent file, got {n}")
     with _unreadable(path), safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
         keys = list(f.keys())
@@ -654,7 +662,7 @@ def _st_header(path: Path) -> tuple[dict, int] | None:
             if len(head) != 8:
                 return None
             n = int.from_bytes(head, "little")
-            if not 2 <= n <= SAFETENSORS_MAGIC_MAX_HEADER:
+            if not 2 <= n <= LATENT_MAX_HEADER:  # a larger one is refused as the latent file it may be
                 return None
             header = json.loads(f.read(n))
     except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
