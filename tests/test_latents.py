@@ -334,6 +334,22 @@ def test_truncated_png_pixel_data_is_refused(tmp_path):
     assert str(err.value) == f"{bad}: truncated latent PNG: its pixel data holds 13 bytes, its size needs 26"
 
 
+def test_a_png_grid_with_more_tiles_than_channel_groups_is_refused_unread(tmp_path, monkeypatch):
+    """Every tile was read and made float, used or not: a 262 KB PNG declaring a 2000x2000 grid for 32 channels
+    (8 tiles) took 2.7 GB to decode."""
+    src, _ = _small_png_latent(tmp_path)  # (4, 2, 3): one tile
+    with Image.open(src) as img:
+        meta = {**json.loads(img.info["vaecli"]), "grid": [1, 2]}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("vaecli", json.dumps(meta))
+    Image.new("RGBA", (6, 2), (128, 128, 128, 128)).save(tmp_path / "g.latent.png", pnginfo=info)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("pixels read"))
+    for read in (latents.load_latent, latents.read_metadata):
+        with pytest.raises(LatentFormatError) as err:
+            read(tmp_path / "g.latent.png")
+        assert str(err.value) == f"{tmp_path / 'g.latent.png'}: a 1x2 grid holds 2 4-channel tiles, 4 channels need 1"
+
+
 def test_a_16_bit_png_latent_is_refused(tmp_path):
     """Pillow reads a 16-bit RGBA PNG as RGBA, keeping each sample's high byte: its values were taken at 8 bits
     unsaid (the scheme's PNGs are 8-bit)."""

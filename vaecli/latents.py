@@ -384,9 +384,10 @@ def _png_layout(img: Image.Image, path: Path) -> tuple[dict, tuple[int, int], tu
     meta = _png_meta(text, str(path))
     rows, cols = meta.pop("grid")
     c, h, w = meta.pop("latent_shape")
-    if c > rows * cols * 4:
-        raise LatentFormatError(f"{path}: a {rows}x{cols} grid holds {rows * cols * 4} channels, "
-                                f"metadata says {c}")
+    # Tiles past the last channel group would be read (and made float) for nothing: a few KB of PNG took GBs.
+    if rows * cols != -(-c // 4):
+        raise LatentFormatError(f"{path}: a {rows}x{cols} grid holds {rows * cols} 4-channel tiles, {c} channels "
+                                f"need {-(-c // 4)}")
     if img.size != (cols * w, rows * h):
         raise LatentFormatError(f"{path}: mosaic is {img.size[0]}x{img.size[1]}, expected "
                                 f"{cols * w}x{rows * h} for a {c}x{h}x{w} latent")
