@@ -58,6 +58,26 @@ def test_palette_with_transparency_is_composited(tmp_path):
     assert torch.allclose(pixels, torch.ones_like(pixels))
 
 
+@pytest.mark.parametrize("mode, key, other", [("RGB", (10, 20, 30), (200, 100, 50)), ("L", 7, 200),
+                                              ("I;16", 7000, 50000)])
+@pytest.mark.parametrize("alpha, expected", [("white", 1.0), ("black", 0.0)])
+def test_transparent_colour_key_is_composited(tmp_path, mode, key, other, alpha, expected):
+    """A PNG's tRNS colour (RGB, grayscale, 16-bit grayscale) is transparency as an alpha channel is."""
+    arr = np.array([[key, key, other, other]] * 2, dtype=np.uint16 if mode == "I;16" else np.uint8)
+    img = Image.fromarray(arr)  # the left half is the transparent colour
+    assert img.mode == mode
+    img.save(tmp_path / "key.png", transparency=key)
+    pixels, info = media.read_image(tmp_path / "key.png", alpha=alpha)
+    assert info.had_alpha
+    assert torch.equal(pixels[..., :2], torch.full((1, 3, 2, 2), expected))
+    scale = 65535 if mode == "I;16" else 255
+    kept = torch.tensor(other if mode == "RGB" else (other,) * 3, dtype=torch.float32) / scale
+    assert torch.allclose(pixels[0, :, :, 2:], kept[:, None, None].expand(3, 2, 2), atol=1e-6)
+    dropped, _ = media.read_image(tmp_path / "key.png", alpha="drop")
+    assert torch.allclose(dropped[0, :, 0, 0], torch.tensor(key if mode == "RGB" else (key,) * 3) / scale,
+                          atol=1e-6)
+
+
 def test_sixteen_bit_grayscale_keeps_precision(tmp_path):
     arr = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000 + 7).astype(np.uint16)
     Image.fromarray(arr).save(tmp_path / "g16.png")

@@ -144,25 +144,34 @@ class ImageInfo:
 def _to_rgb(img: Image.Image, alpha: str, source: Path) -> tuple[np.ndarray, bool]:
     """(H, W, 3) pixels: float32 in [0, 1], or uint8 for 8-bit images without alpha (converted later, once)."""
     mode = img.mode
+    key = img.info.get("transparency")  # a PNG's tRNS: a palette's alphas, or the one colour that is transparent
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0, 1).astype(np.float32)
-        return np.repeat(arr[..., None], 3, axis=2), False
+        raw = np.asarray(img)
+        arr = np.clip(raw.astype(np.float64) / 65535.0, 0, 1).astype(np.float32)
+        rgb = np.repeat(arr[..., None], 3, axis=2)
+        if isinstance(key, int):  # composited here: Pillow's RGBA would cut the other pixels to 8 bits
+            return _flatten(rgb, (raw != key)[..., None].astype(np.float32), alpha), True
+        return rgb, False
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         bad = arr.size - int(np.isfinite(arr).sum())
         if bad:  # checked before clipping, which passes NaN through and turns Inf into 0 or 1
             raise InputError(f"{source}: expected finite pixel values, found {bad} NaN/Inf")
         return np.repeat(np.clip(arr, 0, 1)[..., None], 3, axis=2), False
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "1", "L", "RGB") and key is not None)
     if has_alpha:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        rgb, a = rgba[..., :3], rgba[..., 3:]
-        if alpha == "white":
-            rgb = rgb * a + (1.0 - a)
-        elif alpha == "black":
-            rgb = rgb * a
-        return np.ascontiguousarray(rgb), True
+        return np.ascontiguousarray(_flatten(rgba[..., :3], rgba[..., 3:], alpha)), True
     return np.array(img.convert("RGB")), False
+
+
+def _flatten(rgb: np.ndarray, a: np.ndarray, alpha: str) -> np.ndarray:
+    """(H, W, 3) colours composited by (H, W, 1) alpha `a` on white or black, or left as they are ("drop")."""
+    if alpha == "white":
+        return rgb * a + (1.0 - a)
+    if alpha == "black":
+        return rgb * a
+    return rgb
 
 
 def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInfo]:
