@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vaecli import media
-from vaecli.errors import InputError
+from vaecli.errors import InputError, OutputError
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -124,3 +124,15 @@ def test_write_image_is_atomic_and_rounds(tmp_path):
     media.write_image(tmp_path / "o.png", x)
     assert np.asarray(Image.open(tmp_path / "o.png")).max() == 128
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+
+
+@pytest.mark.parametrize("ext, side, name", [(".jpg", 65500, "JPEG"), (".webp", 16383, "WebP")])
+def test_an_image_past_the_encoders_limit_is_refused_before_writing(tmp_path, ext, side, name):
+    """libjpeg and libwebp fail past their size limits without a word of why (libjpeg on stderr)."""
+    path = tmp_path / f"wide{ext}"
+    media.write_image(path, torch.zeros(1, 3, 1, side))  # the limit itself is written
+    with pytest.raises(OutputError) as exc:
+        media.write_image(path, torch.zeros(1, 3, 1, side + 1))
+    assert str(exc.value) == (f"{path}: cannot write: expected at most {side} pixels a side for {name}, "
+                              f"got {side + 1}x1 (write .png or .tif)")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -7,6 +7,8 @@ import json
 import pytest
 from PIL import Image
 
+from tests.conftest import make_image
+
 
 def test_astronaut_psnr(vae, real_weights, shared_images, tmp_path):
     out = tmp_path / "recon.png"
@@ -166,3 +168,15 @@ def test_a_rerun_with_the_output_file_inside_the_walked_folder(vae, real_weights
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines()[0] == f"note: {out} left out of the inputs: it is the output"
     assert json.loads(result.stdout)["input"] == str(small_image)
+
+
+def test_an_output_past_the_formats_size_limit_is_one_error_line(vae, real_weights, tmp_path):
+    """WebP holds at most 16383 pixels a side: libwebp's bare ValueError was an 'unexpected' error."""
+    src = make_image(tmp_path / "wide.png", size=(16400, 8))
+    out, diff = tmp_path / "wide.webp", tmp_path / "diff.png"
+    result = vae("roundtrip", src, "-o", out, "--diff", diff, "--json")
+    assert result.exit_code == 1
+    message = f"{out}: cannot write: expected at most 16383 pixels a side for WebP, got 16400x8 (write .png or .tif)"
+    assert json.loads(result.stdout) == {"input": str(src), "output": None, "status": "error", "error": message}
+    assert result.stderr.splitlines()[0] == f"Error: {src}: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.png"]

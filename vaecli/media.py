@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from vaecli.errors import ComputeError, InputError, UsageError
+from vaecli.errors import ComputeError, InputError, OutputError, UsageError
 from vaecli.files import atomic_write, folder_error, read_error
 
 DEFAULT_MAX_PIXELS = 1 << 28  # 16384 x 16384; above this an image is refused as a likely decompression bomb
 ALPHA_MODES = ("white", "black", "drop")
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
                   ".tif": "TIFF", ".tiff": "TIFF"}
+MAX_SIDES = {"JPEG": ("JPEG", 65500), "WEBP": ("WebP", 16383)}  # libjpeg's and libwebp's own limits
 
 
 def max_pixels() -> int:
@@ -287,6 +288,10 @@ def save_pillow(img: Image.Image, path: Path, **params) -> None:
 
 def write_pillow(path: Path, img: Image.Image, **params) -> None:
     """Save a Pillow image atomically (temp file, then rename); write errors become one-line OutputErrors."""
+    name, limit = MAX_SIDES.get(params.get("format", ""), ("", 0))
+    if limit and max(img.size) > limit:  # the encoders fail with no word of why (and libjpeg prints to stderr)
+        raise OutputError(f"{path}: cannot write: expected at most {limit} pixels a side for {name}, got "
+                          f"{img.size[0]}x{img.size[1]} (write .png or .tif)")
     atomic_write(Path(path), lambda tmp: save_pillow(img, tmp, **params))
 
 
