@@ -474,3 +474,18 @@ def test_an_encoder_that_overflows_writes_nothing(vae, shared_weights, small_ima
         assert record["error"] == (f"{tmp_path / name}: expected finite latents to write, the model gave 1536 NaN/Inf "
                                    f"(an overflow: try another --dtype); nothing was written")
         assert not (tmp_path / name).exists()
+
+
+def test_pillows_warnings_about_metadata_stay_off_stderr(real_weights, tmp_path):
+    """A JPEG whose EXIF tag points past its end: Pillow skips the tag with a UserWarning, which Python printed as two
+    lines on stderr (with -q too); the pixels read as they are."""
+    import subprocess
+    import sys
+
+    src = make_image(tmp_path / "plain.png", size=(24, 16))
+    ifd = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010F, 2, 100, 1000) + struct.pack("<I", 0)
+    Image.open(src).save(tmp_path / "exif.jpg", exif=b"Exif\x00\x00" + ifd, quality=100)
+    proc = subprocess.run([sys.executable, "-m", "vaecli", "encode", str(tmp_path / "exif.jpg"), "-o",
+                           str(tmp_path / "exif.latent"), "-q"], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (0, "", "")
+    assert (tmp_path / "exif.latent").is_file()

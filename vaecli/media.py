@@ -47,12 +47,16 @@ def max_pixels() -> int:
 
 @contextmanager
 def pixel_limit(source: Path, what: str = "image", error: type[InputError] = InputError) -> Iterator[int]:
-    """Within it, Pillow refuses pictures over `max_pixels()` (a likely decompression bomb) as one-line `error`s."""
+    """Within it, Pillow refuses pictures over `max_pixels()` (a likely decompression bomb) as one-line `error`s and
+    keeps its other warnings to itself."""
     limit = max_pixels()
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
+            # Its other warnings are of metadata it skips ("Tag data larger than file"): the pixels still read, and
+            # stderr holds vaecli's own lines only (nothing at all with -q).
+            warnings.simplefilter("ignore")
             # Pillow only warns between the limit and twice it: an error either way, and nothing on stderr.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield limit
