@@ -489,3 +489,17 @@ def test_pillows_warnings_about_metadata_stay_off_stderr(real_weights, tmp_path)
                            str(tmp_path / "exif.latent"), "-q"], capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (0, "", "")
     assert (tmp_path / "exif.latent").is_file()
+
+
+def test_an_animated_avif_is_refused(vae, real_weights, tmp_path):
+    """Pillow reads AVIF (named on the command line, it is encoded): an animated one was encoded as its first frame."""
+    frames = [Image.new("RGB", (32, 24), (60 * i, 90, 30)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.avif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "still.avif")
+    result = vae("encode", tmp_path / "anim.avif", tmp_path / "still.avif", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    message = f"{tmp_path / 'anim.avif'}: expected a still image, got an animated AVIF of 3 frames"
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error:")] == [f"Error: {message}"]
+    records = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert (records["anim.avif"]["error"], records["still.avif"]["status"]) == (message, "ok")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["still.latent"]

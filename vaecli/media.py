@@ -126,10 +126,10 @@ def check_complete(img: Image.Image, path: Path) -> None:
 
 
 def check_still(img: Image.Image, path: Path) -> None:
-    """Refuse an animation (GIF, APNG, WebP): one frame of it would be encoded and the rest dropped unsaid."""
+    """Refuse an animation (GIF, APNG, WebP, AVIF): one frame of it would be encoded and the rest dropped unsaid."""
     # Multi-page TIFF and MPO (a phone's JPEG with its preview) are animated to Pillow too, but their first page is
     # the picture.
-    if img.format in ("GIF", "PNG", "WEBP") and getattr(img, "is_animated", False):
+    if img.format in ("GIF", "PNG", "WEBP", "AVIF") and getattr(img, "is_animated", False):
         from vaecli.video import VIDEO_EXTS
 
         hint = " (use 'vae video' for its frames)" if path.suffix.lower() in VIDEO_EXTS else ""
