@@ -1015,3 +1015,21 @@ def test_video_output_folders_and_quiet_runs(vae, real_weights, clip, tmp_path):
     result = vae("video", rotated, "-o", tmp_path / "rot.latent", "-q")
     assert (result.exit_code, result.stderr) == (0, "")
     assert read_metadata(tmp_path / "rot.latent")["image_size"] == [40, 64]
+
+
+def test_a_variable_frame_rate_clip_keeps_each_frame_once(vae, real_weights, tmp_path):
+    """ffmpeg's image pipe is constant-rate: a GIF or phone clip whose frames last unequally came out with frames
+    repeated to its base rate (6 frames over 1.5 s read as 15) yet recorded at its mean rate (4 fps), so the latent
+    and the decoded clip lasted 3.75 s. Each source frame is now read once, at the mean rate: 6 frames, 1.5 s."""
+    frames = [Image.new("RGB", (32, 24), (40 * i, 0, 0)) for i in range(6)]
+    src = tmp_path / "vfr.gif"
+    frames[0].save(src, save_all=True, append_images=frames[1:], duration=[100, 100, 100, 400, 400, 400], loop=0)
+    lat = tmp_path / "vfr.latent"
+    result = vae("video", src, "-o", lat, "--json")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert (record["frames"], record["fps"]) == (6, 4.0)
+    assert read_metadata(lat)["frame_indices"] == list(range(6))
+    assert vae("decode", lat, "-o", tmp_path / "vfr.mp4").exit_code == 0
+    meta, decoded = _frames(tmp_path / "vfr.mp4")
+    assert (decoded.shape[0], meta["fps"]) == (6, 4.0)

@@ -85,7 +85,9 @@ def _open(path: Path):
     still = _still_format(head, path.suffix.lower())
     if still:  # ffmpeg reads it as a clip of one frame at 25 fps
         raise InputError(f"{path}: is a {still} image, not a video (use 'vae encode')")
-    gen = imageio_ffmpeg.read_frames(_ffmpeg_input(path), pix_fmt="rgb24")
+    # ffmpeg's image pipe is constant-rate: it would repeat the frames of a variable-rate clip (a GIF, a phone's)
+    # to its base rate while the clip's mean rate is what is recorded. Each source frame once, at the mean rate.
+    gen = imageio_ffmpeg.read_frames(_ffmpeg_input(path), pix_fmt="rgb24", output_params=["-fps_mode", "passthrough"])
     try:
         meta = next(gen)
     except (OSError, RuntimeError, StopIteration, ValueError):
