@@ -1033,3 +1033,25 @@ def test_a_variable_frame_rate_clip_keeps_each_frame_once(vae, real_weights, tmp
     assert vae("decode", lat, "-o", tmp_path / "vfr.mp4").exit_code == 0
     meta, decoded = _frames(tmp_path / "vfr.mp4")
     assert (decoded.shape[0], meta["fps"]) == (6, 4.0)
+
+
+def test_a_cut_off_matroska_clip_is_an_error(vae, real_weights, tmp_path):
+    """A Matroska or WebM clip cut off keeps the duration in its header, and ffmpeg reads it to the cut, says 'File
+    ended prematurely' and exits 0: a clip of 24 frames cut at 60% was encoded as 1 (mkv) or 9 (webm) frames without
+    a word. An error ffmpeg logs while decoding a clip short of its header's frames now makes it truncated."""
+    import subprocess
+
+    for ext in ("mkv", "webm"):
+        whole, cut = tmp_path / f"whole.{ext}", tmp_path / f"cut.{ext}"
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i",
+                        "testsrc=size=64x48:rate=12", "-frames:v", "24", "-pix_fmt", "yuv420p", whole], check=True)
+        cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
+        result = vae("video", cut, "-o", tmp_path / f"{ext}.latent", "--json")
+        assert result.exit_code == 1
+        line = _error_line(result)
+        assert line.startswith(f"Error: {cut}: truncated or corrupt video: ffmpeg decoded ") and \
+            line.endswith(" of the 24 frames its header promises (File ended prematurely)")
+        assert json.loads(result.stdout)["error"] == line.removeprefix("Error: ")
+        assert not (tmp_path / f"{ext}.latent").exists()
+        result = vae("video", whole, "-o", tmp_path / f"{ext}.latent", "--json")
+        assert result.exit_code == 0 and json.loads(result.stdout)["frames"] == 24

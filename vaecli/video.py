@@ -130,11 +130,13 @@ def _decode_error(path: Path) -> str | None:
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", _ffmpeg_input(path),
            "-map", "0:v:0", "-f", "null", "-"]
     run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-    if run.returncode == 0:
-        return None
     # Without the "[h264 @ 0x55d0...]" prefixes, which change from run to run.
     lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", line.strip()) for line in run.stderr.splitlines()]
     lines = [line for line in lines if line]
+    # An error logged is one even when ffmpeg exits 0: Matroska's reader says 'File ended prematurely' at a cut and
+    # carries on to a clean end.
+    if run.returncode == 0 and not lines:
+        return None
     return lines[0][:120] if lines else f"exit status {run.returncode}"
 
 
