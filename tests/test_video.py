@@ -1055,3 +1055,25 @@ def test_a_cut_off_matroska_clip_is_an_error(vae, real_weights, tmp_path):
         assert not (tmp_path / f"{ext}.latent").exists()
         result = vae("video", whole, "-o", tmp_path / f"{ext}.latent", "--json")
         assert result.exit_code == 0 and json.loads(result.stdout)["frames"] == 24
+
+
+def test_a_cut_off_gif_is_an_error(vae, real_weights, tmp_path):
+    """A GIF records no duration and ffmpeg reads one cut off to the cut without a word: 24 frames cut at 60% were
+    encoded as 14. A GIF ends with its trailer byte; one without it is now truncated."""
+    whole, cut = tmp_path / "whole.gif", tmp_path / "cut.gif"
+    frames = [Image.new("RGB", (32, 24), (10 * i, 255 - 10 * i, 0)) for i in range(24)]
+    frames[0].save(whole, save_all=True, append_images=frames[1:], duration=80, loop=0)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
+    result = vae("video", cut, "-o", tmp_path / "cut.latent", "--json")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert line == (f"Error: {cut}: truncated or corrupt video: ffmpeg decoded 14 frames and the GIF ends without its "
+                    f"trailer (expected a final ';' byte)")
+    assert json.loads(result.stdout)["error"] == line.removeprefix("Error: ")
+    assert not (tmp_path / "cut.latent").exists()
+    assert vae("video", cut, "-o", tmp_path / "first.latent", "--frames", 2).exit_code == 0  # before the cut
+    padded = tmp_path / "padded.gif"  # zeros after the trailer, as some writers leave, are no cut
+    padded.write_bytes(whole.read_bytes() + bytes(100))
+    for clip in (whole, padded):
+        result = vae("video", clip, "-o", tmp_path / "whole.latent", "--json")
+        assert result.exit_code == 0 and json.loads(result.stdout)["frames"] == 24

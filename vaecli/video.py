@@ -152,6 +152,15 @@ def _riff_short(path: Path) -> tuple[int, int] | None:
     return (held, declared) if held < declared and declared < 0xFFFFFFF0 else None
 
 
+def _gif_cut(path: Path) -> bool:
+    """Whether `path` is a GIF that does not end with the trailer byte every GIF ends with (zero padding aside)."""
+    with reading(path), open(path, "rb") as f:
+        if f.read(6) not in (b"GIF87a", b"GIF89a"):
+            return False
+        f.seek(max(6, os.fstat(f.fileno()).st_size - 4096))
+        return not f.read().rstrip(b"\0").endswith(b";")
+
+
 def probe(path: Path) -> VideoInfo:
     """Frame rate, size and duration of a video file, or an InputError if ffmpeg cannot read it."""
     gen, info = _open(path)
@@ -215,6 +224,11 @@ def read_frames(path: Path, start: int = 0, stride: int = 1, fps: float | None =
         if (sizes := _riff_short(path)) and (why := _decode_error(path)):
             raise InputError(f"{path}: truncated or corrupt video: the file holds {sizes[0]} of the {sizes[1]} bytes "
                              f"its AVI header declares ({why})")
+        # A GIF records no duration either, and ffmpeg reads one cut off to the cut without a word: it ends with a
+        # trailer byte.
+        if _gif_cut(path):
+            raise InputError(f"{path}: truncated or corrupt video: ffmpeg decoded {count} frames and the GIF ends "
+                             f"without its trailer (expected a final ';' byte)")
 
     return info, frames()
 
