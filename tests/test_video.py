@@ -1077,3 +1077,20 @@ def test_a_cut_off_gif_is_an_error(vae, real_weights, tmp_path):
     for clip in (whole, padded):
         result = vae("video", clip, "-o", tmp_path / "whole.latent", "--json")
         assert result.exit_code == 0 and json.loads(result.stdout)["frames"] == 24
+
+
+def test_a_still_gif_is_not_a_video(vae, real_weights, tmp_path):
+    """A GIF of one picture with no frame delay has a video stream but no frame rate: it was 'not a video ffmpeg can
+    read (no video stream)'. It is a still image, as a PNG is; one with a delay is a 1-frame clip at its rate (it was
+    read as 10 frames at 10 fps, its one frame repeated to ffmpeg's GIF time base)."""
+    still, timed = tmp_path / "still.gif", tmp_path / "timed.gif"
+    Image.new("RGB", (32, 24), (40, 0, 0)).save(still)
+    Image.new("RGB", (32, 24), (40, 0, 0)).save(timed, duration=100)
+    result = vae("video", still, "-o", tmp_path / "still.latent", "--json")
+    assert (result.exit_code, _error_line(result)) == (
+        1, f"Error: {still}: is a still GIF image (one picture, no frame rate), not a video (use 'vae encode')")
+    assert json.loads(result.stdout)["status"] == "error" and not (tmp_path / "still.latent").exists()
+    assert vae("encode", still, "-o", tmp_path / "still.latent").exit_code == 0
+    result = vae("video", timed, "-o", tmp_path / "timed.latent", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (json.loads(result.stdout)["frames"], json.loads(result.stdout)["fps"]) == (1, 10.0)

@@ -95,6 +95,9 @@ def _open(path: Path):
         raise InputError(f"{path}: not a video ffmpeg can read") from None
     if not meta.get("fps") or not meta.get("size"):
         gen.close()
+        if meta.get("size") and head.startswith(b"GIF8"):  # one picture, no frame delay: no rate to record
+            raise InputError(f"{path}: is a still GIF image (one picture, no frame rate), not a video "
+                             f"(use 'vae encode')")
         raise InputError(f"{path}: not a video ffmpeg can read (no video stream)")
     (w, h), limit = meta["size"], max_pixels()
     if w * h > limit:  # as for images: a decompression bomb, or more than this machine is set up to take
