@@ -1094,3 +1094,22 @@ def test_a_still_gif_is_not_a_video(vae, real_weights, tmp_path):
     result = vae("video", timed, "-o", tmp_path / "timed.latent", "--json")
     assert result.exit_code == 0, result.stderr
     assert (json.loads(result.stdout)["frames"], json.loads(result.stdout)["fps"]) == (1, 10.0)
+
+
+def test_written_clips_declare_their_colour_matrix(tmp_path):
+    """The frames were converted to YUV with BT.601's matrix and written untagged: players take an untagged HD clip
+    for BT.709, so a decoded 1280x720 clip played (204, 51, 76) as (216, 67, 74). Clips now say BT.601, limited
+    range."""
+    import subprocess
+
+    frame = torch.tensor([0.8, 0.2, 0.3]).view(3, 1, 1).expand(3, 48, 64)
+    for ext in ("mp4", "webm", "mkv"):
+        out = tmp_path / f"c.{ext}"
+        with video.VideoWriter(out, 24.0, (64, 48)) as writer:
+            writer.write(frame)
+        log = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out)], capture_output=True, text=True).stderr
+        assert "yuv420p(tv, smpte170m" in log, [line for line in log.splitlines() if "Stream" in line]
+        as_a_player = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(out), "-vf",
+                                      "scale=in_color_matrix=auto", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                                     capture_output=True, check=True).stdout
+        assert np.abs(np.frombuffer(as_a_player, np.uint8)[:3].astype(int) - [204, 51, 76]).max() <= 2

@@ -319,9 +319,12 @@ class _Ffmpeg:
         # x264 holds its look-ahead frames (40 by default): at 1080p that is hundreds of MB in the encoder
         # process, and a short clip never fills it; 10 frames keep long clips' memory near short ones'.
         tuning = ["-b:v", "0"] if "vpx" in codec else ["-rc-lookahead", "10"]
+        # The RGB frames become YUV by BT.601's matrix, in limited range: said in the file, since players take an
+        # untagged HD clip for BT.709 and would shift its colours.
+        colour = ["-colorspace", "smpte170m", "-color_range", "tv"]
         cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
                "-s", f"{size[0]}x{size[1]}", "-pix_fmt", "rgb24", "-r", str(Fraction(fps).limit_denominator()),
-               "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", "yuv420p", "-v", "error", "-crf", "16", *tuning,
+               "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", "yuv420p", *colour, "-v", "error", "-crf", "16", *tuning,
                str(path)]
         self._log = tempfile.TemporaryFile()
         try:  # its own session: Ctrl-C reaches vaecli, which stops ffmpeg and drops the file
