@@ -133,6 +133,23 @@ def test_a_link_to_nothing_in_a_folder_is_a_failed_input(vae, real_weights, smal
         assert result.stderr.splitlines()[0] == f"Error: {work / 'b.png'}: no such file"
 
 
+def test_a_link_loop_named_globbed_or_listed_is_a_failed_input(vae, real_weights, small_image, tmp_path):
+    """A link to itself, named, globbed or in a manifest: Path.resolve raised RuntimeError while planning outputs, so
+    the whole run failed ('unexpected RuntimeError: Symlink loop ...') and no other input was encoded."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "a.png").write_bytes(small_image.read_bytes())
+    (work / "loop.png").symlink_to(work / "loop.png")
+    (work / "list.txt").write_text("a.png\nloop.png\n")
+    for i, args in enumerate(([work / "a.png", work / "loop.png"], [str(work / "*.png")], [work / "list.txt"])):
+        result = vae("encode", *args, "-o", tmp_path / f"out{i}", "--json", "-q")
+        assert result.exit_code == 1
+        assert {Path(r["input"]).name: r["status"] for r in map(json.loads, result.stdout.splitlines())} == {
+            "a.png": "ok", "loop.png": "error"}
+        assert result.stderr.splitlines()[0] == f"Error: {work / 'loop.png'}: no such file"
+        assert (tmp_path / f"out{i}" / "a.latent").is_file()
+
+
 def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
     result = vae("encode", tree / "top.png", tree / "misc" / "brick.png", "-o", tmp_path / "n",
                  "--name", "{stem}.{model}{ext}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vaecli.errors import UsageError, describe
+from vaecli.files import resolved
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LATENT_EXTS = (".latent", ".safetensors", ".latent.png")
@@ -71,8 +72,8 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
                 paths = [Path(arg).parent / p for p in read_manifest(Path(arg))]
             if not paths and arg != "-":  # an empty stdin is reported when nothing else gave inputs either
                 raise UsageError(f"{arg}: the manifest lists no paths")
-            root = Path(os.path.commonpath([p.resolve().parent for p in paths])) if paths else Path()
-            found += [(p, p.resolve().relative_to(root)) for p in paths]
+            root = Path(os.path.commonpath([resolved(p).parent for p in paths])) if paths else Path()
+            found += [(p, resolved(p).relative_to(root)) for p in paths]
         elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
@@ -136,7 +137,7 @@ def _inner_folder(root: Path, output: Path | None) -> Path | None:
     if output is None:
         return None
     try:
-        inner = output.resolve().relative_to(root.resolve())
+        inner = resolved(output).relative_to(resolved(root))
     except (ValueError, OSError):
         return None
     return inner if inner != Path(".") else None

@@ -188,6 +188,12 @@ class FolderPath(type(Path())):
         return cls(text) if text.endswith(("/", os.sep)) else Path(text)
 
 
+def resolved(path: Path) -> Path:
+    """`path` made absolute with its links followed as far as they go; a link loop is left a link (Path.resolve raised
+    RuntimeError on one before Python 3.13, failing a whole run over one input that should fail alone)."""
+    return Path(os.path.realpath(path))
+
+
 def is_folder_target(output: Path, n_inputs: int) -> bool:
     """Whether `-o output` names a folder: several inputs, an existing folder, a trailing slash, or no extension."""
     if n_inputs > 1 or isinstance(output, FolderPath):
@@ -214,14 +220,14 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
     else:
         outs = [output]
     seen: dict[Path, Path] = {}
-    resolved_inputs = {p.resolve(): p for p in reversed(inputs)}
-    holders = {folder: p for p in reversed(inputs) for folder in p.resolve().parents}  # folder -> an input in it
+    resolved_inputs = {resolved(p): p for p in reversed(inputs)}
+    holders = {folder: p for p in reversed(inputs) for folder in resolved(p).parents}  # folder -> an input in it
     for src, out in zip(inputs, outs, strict=True):
         with writing(out):
-            r = out.resolve()
+            r = resolved(out)
         if r in resolved_inputs:
             other = resolved_inputs[r]
-            whose = "" if other.resolve() == src.resolve() else f" (the output of {src})"
+            whose = "" if resolved(other) == resolved(src) else f" (the output of {src})"
             raise OutputError(f"refusing to overwrite input {other}{whose} (choose another {option})")
         if r in holders:  # a folder output (--as-frames) replaces the folder, and the input with it
             raise OutputError(f"refusing to replace {out}: it is a folder holding input {holders[r]} "

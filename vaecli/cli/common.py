@@ -374,11 +374,12 @@ def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tup
     """The inputs' (path, relative path) pairs (`vaecli.batch.expand_inputs`), at least one; a note on stderr
     names the files of a walked folder left out because they lie in the output folder."""
     from vaecli.batch import expand_inputs
+    from vaecli.files import resolved
 
     left_out: list[Path] = []
     pairs = expand_inputs(inputs, recursive, exts, output=output, left_out=left_out)
     if left_out and not quiet:
-        if [p.resolve() for p in left_out] == [output.resolve()]:  # the output file itself, an earlier run's
+        if [resolved(p) for p in left_out] == [resolved(output)]:  # the output file itself, an earlier run's
             say(f"note: {output} left out of the inputs: it is the output")
         else:
             say(f"note: {len(left_out)} file{'s' if len(left_out) > 1 else ''} in the output folder {output} left "

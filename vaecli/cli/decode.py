@@ -200,6 +200,7 @@ def _comfyui_items(jobs: list, model: str | None) -> list:
     """Jobs for ComfyUI `.latent` inputs carry the model to read them with; a batch of B > 1 becomes B jobs, item i
     written as `<stem>_<i><ext>` beside where the whole file's output would go."""
     from vaecli import latents
+    from vaecli.files import resolved
 
     out = []
     for job in jobs:
@@ -215,7 +216,7 @@ def _comfyui_items(jobs: list, model: str | None) -> list:
     if len(out) > len(jobs):  # b.latent's item 1 writes b_1.png: so may an input named b_1.latent
         seen: dict[Path, str] = {}
         for job in out:
-            r, what = job.dst.resolve(), _described(job.src)
+            r, what = resolved(job.dst), _described(job.src)
             if r in seen:
                 raise UsageError(f"inputs {seen[r]} and {what} would both write {job.dst}")
             seen[r] = what
