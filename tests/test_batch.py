@@ -150,6 +150,24 @@ def test_a_link_loop_named_globbed_or_listed_is_a_failed_input(vae, real_weights
         assert (tmp_path / f"out{i}" / "a.latent").is_file()
 
 
+def test_a_link_loop_in_a_walked_folder_fails_alone(vae, real_weights, small_image, tmp_path):
+    """A link loop in a folder made the walk take the whole folder for one it may not list: 'w: is a folder, expected
+    an image file', and none of its images was encoded."""
+    work = tmp_path / "w"
+    (work / "sub").mkdir(parents=True)
+    (work / "a.png").write_bytes(small_image.read_bytes())
+    (work / "sub" / "b.png").write_bytes(small_image.read_bytes())
+    for folder in (work, work / "sub"):
+        (folder / "loop.png").symlink_to(folder / "loop.png")
+    result = vae("encode", work, "-r", "-o", tmp_path / "out", "--json", "-q")
+    assert result.exit_code == 1
+    assert sorted((r["input"], r["status"]) for r in map(json.loads, result.stdout.splitlines())) == [
+        (str(work / "a.png"), "ok"), (str(work / "loop.png"), "error"), (str(work / "sub" / "b.png"), "ok"),
+        (str(work / "sub" / "loop.png"), "error")]
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "a.latent", "sub", "sub/b.latent"]
+
+
 def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
     result = vae("encode", tree / "top.png", tree / "misc" / "brick.png", "-o", tmp_path / "n",
                  "--name", "{stem}.{model}{ext}")

@@ -121,10 +121,19 @@ def _walk(root: Path, recursive: bool, unreadable: list[Path]) -> Iterator[Path]
                     if entry.is_dir(follow_symlinks=False):
                         if recursive:
                             folders.append(Path(entry.path))
-                    elif entry.is_file() or entry.is_symlink() and not os.path.exists(entry.path):
-                        yield Path(entry.path)  # a link to nothing too: see _is_file
+                    elif _is_file_entry(entry):
+                        yield Path(entry.path)
         except OSError:
             unreadable.append(folder)
+
+
+def _is_file_entry(entry: os.DirEntry) -> bool:
+    """A folder entry that is a file, a link to nothing, or a link loop: the last two are inputs that fail ('no such
+    file', 'too many levels of symbolic links') rather than ones silently left out, or a folder taken as unlistable."""
+    try:
+        return entry.is_file() or entry.is_symlink() and not os.path.exists(entry.path)
+    except OSError:  # is_file() follows a link loop and raises ELOOP
+        return True
 
 
 def _is_file(path: Path) -> bool:
