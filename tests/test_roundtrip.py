@@ -159,6 +159,38 @@ def test_nan_reconstruction_fails_without_output(vae, real_weights, small_image,
                                          "error": message}
 
 
+def test_an_overflow_fails_its_own_input_not_its_batch_mates(vae, real_weights, small_image, tmp_path, monkeypatch):
+    """Same-sized images are computed as one group: one image's NaN reconstruction failed every image of its group,
+    each named with that image's error, and none of them was written."""
+    from vaecli.codec import Codec
+
+    decode = Codec.decode_latent
+
+    def overflowing_when_dark(self, latent, meta):
+        pixels = decode(self, latent, meta)
+        if pixels.mean() < 0.1:
+            pixels[..., 0, 0] = float("nan")
+        return pixels
+
+    monkeypatch.setattr(Codec, "decode_latent", overflowing_when_dark)
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in ("a.png", "c.png"):
+        (work / name).write_bytes(small_image.read_bytes())
+    Image.new("RGB", Image.open(small_image).size).save(work / "b.png")  # black: its reconstruction overflows
+    message = "expected finite pixels, the model gave 3 NaN/Inf (an overflow: try another --dtype)"
+    for extra in ([], ["--fail-fast"]):
+        out = tmp_path / f"out{len(extra)}"
+        result = vae("roundtrip", work, "-o", out, "--json", "-q", *extra)
+        assert result.exit_code == 1
+        records = {r["input"]: r for r in map(json.loads, result.stdout.splitlines())}
+        assert records[str(work / "b.png")]["error"] == message
+        statuses = [records[str(work / name)]["status"] for name in ("a.png", "b.png", "c.png")]
+        assert statuses == (["ok", "error", "ok"] if not extra else ["ok", "error", "cancelled"])
+        assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"][:2 - len(extra)]
+        assert result.stderr.splitlines()[0] == f"Error: {work / 'b.png'}: {message}"
+
+
 def test_a_rerun_with_the_output_file_inside_the_walked_folder(vae, real_weights, small_image):
     """A walked folder's earlier reconstruction is left out of the inputs, and the note calls it the output
     (it said 'in the output folder small_rt.png', a file)."""

@@ -230,9 +230,10 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
 
     `read` fills `job.payload`; `compute` gets up to `batch_size` jobs whose payloads share a key and
     replaces their payloads with results; `write` stores a result. Any exception raised for a job, of any
-    type, marks only that job failed with a one-line error (or, with `fail_fast`, stops the run); the
-    exception is kept on `job.exc`. Payloads waiting between stages are bounded in bytes, not only in
-    count, so large images do not pile up. On KeyboardInterrupt only the write in progress is finished.
+    type, marks only that job failed with a one-line error (or, with `fail_fast`, stops the run): a batch that
+    fails is computed again a job at a time; the exception is kept on `job.exc`. Payloads waiting between
+    stages are bounded in bytes, not only in count, so large images do not pile up. On KeyboardInterrupt only
+    the write in progress is finished.
     """
     check_at_least_one({"--batch-size": batch_size})
     stop, failed = threading.Event(), threading.Event()
@@ -277,11 +278,20 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
                 finish(job, exc)
 
     def flush(batch: list[Job]) -> None:
+        inputs = [job.payload for job in batch]
         try:
             compute(batch)
         except Exception as exc:
-            for job in batch:
-                finish(job, exc)
+            if len(batch) == 1:
+                finish(batch[0], exc)
+                return
+            # One input's failure (its pixels overflowing) is not its batch-mates': each is computed alone again,
+            # so that only the input it was fails, with its own error.
+            for job, payload in zip(batch, inputs, strict=True):
+                if failed.is_set():  # --fail-fast: the rest stay undone
+                    break
+                job.payload = payload
+                flush([job])
             return
         for job in batch:
             write_q.put(job, payload_bytes(job.payload))
