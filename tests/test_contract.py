@@ -170,6 +170,28 @@ def test_a_subfolder_the_walk_cannot_list_fails(vae, real_weights, photos, laten
     assert not (tmp_path / "out" / "locked.png").exists() and not (tmp_path / "out" / "locked.latent").exists()
 
 
+@pytest.mark.parametrize("cmd", ["encode", "decode", "roundtrip"])
+def test_an_unlistable_folder_beside_a_file_of_its_name(vae, real_weights, photos, latents_dir, tmp_path, monkeypatch,
+                                                        cmd):
+    """photos/a/ (unlistable) beside photos/a.png: the folder's planned output, out/a.latent, is the file's, so the run
+    was refused up front ('inputs photos/a and photos/a.png would both write ...', exit 2), though the folder writes
+    nothing; and on a rerun the folder was 'skipped' (that output exists), exit 0. It fails, the file is done."""
+    args, ext = _command(cmd, photos, latents_dir)
+    root = args[1]
+    locked = root / "a"
+    locked.mkdir()
+    deny_listing_of(locked, monkeypatch)
+    out = tmp_path / "out"
+    for run in range(2):
+        result = vae(*args, "-o", out, "--json")
+        assert result.exit_code == 1
+        assert _error_lines(result) == [f"Error: {locked}: cannot read: permission denied"]
+        statuses = {r["input"]: r["status"] for r in map(json.loads, result.stdout.splitlines())}
+        assert statuses[str(locked)] == "error"
+        assert statuses[str(root / f"a{'.latent' if cmd == 'decode' else '.png'}")] == ("ok", "skipped")[run]
+        assert (out / f"a{ext}").is_file()
+
+
 @pytest.mark.parametrize("cmd", ["encode", "roundtrip"])
 def test_disk_full_while_writing(vae, real_weights, photos, tmp_path, monkeypatch, cmd):
     """ENOSPC half-way through a file: that input fails, the partial temp file is removed, the others are written."""

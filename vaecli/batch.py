@@ -256,7 +256,7 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
                 if stop.is_set() or failed.is_set():
                     break
                 try:
-                    if skip(job):
+                    if skip(job) and not job.src.is_dir():  # a folder the walk could not list fails, however often
                         job.status = "skipped"
                         finish(job)
                         continue

@@ -206,7 +206,8 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
                  rels: list[Path] | None = None, option: str = "-o") -> list[Path]:
     """One output path per input: beside it, at `output` (a file), or inside `output` (a folder), where
     each input's relative path in `rels` (from a walked folder) is mirrored; none may be an input or a folder
-    holding one. `option` names `output` in messages."""
+    holding one, nor be two inputs' (a folder among the inputs fails unread: its output is never written). `option`
+    names `output` in messages."""
     if output is not None and str(output) == "-":
         raise UsageError(f"{option} -: writing to stdout is not supported; give a file or folder")
     if output is None:
@@ -223,6 +224,8 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
     resolved_inputs = {resolved(p): p for p in reversed(inputs)}
     holders = {folder: p for p in reversed(inputs) for folder in resolved(p).parents}  # folder -> an input in it
     for src, out in zip(inputs, outs, strict=True):
+        if src.is_dir():  # a folder the walk could not list: an input that fails, writing nothing
+            continue
         with writing(out):
             r = resolved(out)
         if r in resolved_inputs:
