@@ -143,6 +143,28 @@ def deny_listing_of(folder: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "scandir", deny)
 
 
+def deny_search_of(folder: Path, monkeypatch) -> None:
+    """Make the paths inside `folder` unreachable (no search permission on it): chmod for an ordinary user; as root
+    (who ignores modes) refuse stat and open of them."""
+    if os.geteuid() != 0:
+        folder.chmod(0o600)
+        return
+    import builtins
+
+    def inside(path) -> bool:
+        return isinstance(path, (str, os.PathLike)) and Path(os.path.abspath(path)).parent == folder.absolute()
+
+    def denying(real):
+        def deny(path, *args, **kwargs):
+            if inside(path):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return deny
+
+    for module, name in ((os, "stat"), (os, "lstat"), (builtins, "open")):
+        monkeypatch.setattr(module, name, denying(getattr(module, name)))
+
+
 @pytest.fixture(scope="session")
 def random_taesd(tmp_path_factory) -> Path:
     """A diffusers AutoencoderTiny (taesd config) with seeded random weights, saved in both layouts.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.conftest import deny_listing_of, deny_reads_of
+from tests.conftest import deny_listing_of, deny_reads_of, deny_search_of
 from vaecli.latents import load_latent, save_safetensors
 from vaecli.registry import REGISTRY
 
@@ -168,6 +168,27 @@ def test_a_subfolder_the_walk_cannot_list_fails(vae, real_weights, photos, laten
         assert sorted((r["input"], r["status"]) for r in records if r["status"] == "error") == [(str(locked), "error")]
         assert [r["status"] for r in records].count("ok") == n_ok
     assert not (tmp_path / "out" / "locked.png").exists() and not (tmp_path / "out" / "locked.latent").exists()
+
+
+@pytest.mark.parametrize("cmd", ["encode", "decode", "roundtrip"])
+def test_an_input_in_a_folder_that_may_not_be_searched_fails_alone(vae, real_weights, photos, latents_dir, tmp_path,
+                                                                   monkeypatch, cmd):
+    """A named input inside a folder without search permission: Path.is_dir() raised PermissionError while the inputs
+    were expanded, so the whole run failed ('unexpected PermissionError: [Errno 13] ...', exit 1). It fails alone."""
+    args, ext = _command(cmd, photos, latents_dir)
+    other = args[1] / ("a.latent" if cmd == "decode" else "a.png")
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    hidden = closed / f"x{other.suffix}"
+    hidden.write_bytes(other.read_bytes())
+    deny_search_of(closed, monkeypatch)
+    result = vae(cmd, hidden, other, "-o", tmp_path / "out", "--json")
+    closed.chmod(0o755)
+    assert result.exit_code == 1
+    assert _error_lines(result) == [f"Error: {hidden}: cannot read: permission denied"]
+    assert sorted((r["input"], r["status"]) for r in map(json.loads, result.stdout.splitlines())) == [
+        (str(hidden), "error"), (str(other), "ok")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"a{ext}"]
 
 
 @pytest.mark.parametrize("cmd", ["encode", "decode", "roundtrip"])

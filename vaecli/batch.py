@@ -64,7 +64,8 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
     """
     found: list[tuple[Path, Path]] = []
     for arg in args:
-        if arg == "-" or arg.lower().endswith(MANIFEST_EXTS) and Path(arg).is_file():
+        # os.path's tests, not Path's: those raise where a folder on the way may not be searched (an input that fails)
+        if arg == "-" or arg.lower().endswith(MANIFEST_EXTS) and os.path.isfile(arg):
             if arg == "-":
                 lines = [line.strip().lstrip("\ufeff") for line in (stdin if stdin is not None else sys.stdin)]
                 paths = [Path(line) for line in lines if line]
@@ -74,7 +75,7 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
                 raise UsageError(f"{arg}: the manifest lists no paths")
             root = Path(os.path.commonpath([resolved(p).parent for p in paths])) if paths else Path()
             found += [(p, resolved(p).relative_to(root)) for p in paths]
-        elif any(ch in arg for ch in "*?[") and not Path(arg).exists():
+        elif any(ch in arg for ch in "*?[") and not os.path.exists(arg):
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
                 raise UsageError(f"no files match {arg}")
@@ -82,7 +83,7 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             if not files:
                 raise UsageError(f"no input files match {arg} ({len(matches)} matches: folders or latent PNGs)")
             found += [(p, Path(p.name)) for p in files]
-        elif Path(arg).is_dir():
+        elif os.path.isdir(arg):
             root = Path(arg)
             unreadable: list[Path] = []
             files = [p for p in _walk(root, recursive, unreadable) if _matches(p, exts)]
@@ -256,7 +257,7 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
                 if stop.is_set() or failed.is_set():
                     break
                 try:
-                    if skip(job) and not job.src.is_dir():  # a folder the walk could not list fails, however often
+                    if skip(job) and not os.path.isdir(job.src):  # a folder the walk could not list fails, always
                         job.status = "skipped"
                         finish(job)
                         continue

@@ -71,6 +71,23 @@ def folder_error(src: Path, expected: str) -> InputError:
     return InputError(f"{src}: is a folder, expected {expected}")
 
 
+def check_input(src: Path, expected: str, error: type[InputError] = InputError) -> None:
+    """A one-line error unless input `src` is a file there to read: `error` 'no such file' (a link to nothing too),
+    `folder_error` for a folder, 'not a regular file' for a FIFO, socket or device, or why the system will not
+    reach it (a folder on the way that may not be searched, a link loop), where Path.exists() raised or said 'no
+    such file'."""
+    try:
+        mode = os.stat(src).st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in a listed path
+        raise error(f"{src}: no such file") from None
+    except OSError as exc:
+        raise read_error(src, exc) from None
+    if stat.S_ISDIR(mode):
+        raise folder_error(src, expected)
+    if not stat.S_ISREG(mode):  # a FIFO's open() waits for a writer for ever, and inputs are opened more than once
+        raise error(f"{src}: not a regular file (a FIFO, socket or device), expected {expected}")
+
+
 @contextmanager
 def reading(src: Path) -> Iterator[None]:
     """Turn an OSError raised while opening or reading input `src` into a one-line InputError."""
@@ -224,7 +241,7 @@ def plan_outputs(inputs: list[Path], output: Path | None, name: Callable[[Path],
     resolved_inputs = {resolved(p): p for p in reversed(inputs)}
     holders = {folder: p for p in reversed(inputs) for folder in resolved(p).parents}  # folder -> an input in it
     for src, out in zip(inputs, outs, strict=True):
-        if src.is_dir():  # a folder the walk could not list: an input that fails, writing nothing
+        if os.path.isdir(src):  # a folder the walk could not list: an input that fails, writing nothing
             continue
         with writing(out):
             r = resolved(out)

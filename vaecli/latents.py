@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from vaecli import media
 from vaecli.errors import ComputeError, LatentFormatError
-from vaecli.files import atomic_write, folder_error, reading, writing
+from vaecli.files import atomic_write, check_input, reading, writing
 from vaecli.registry import REGISTRY
 
 FORMAT = "vaecli-latent"
@@ -460,12 +460,7 @@ def load_latent(path: Path, model: str | None = None) -> tuple[torch.Tensor, dic
         latent = frames(0, shape[0])
         return (latent if meta.get("kind") == "video" else latent[0]), meta
     path = Path(path)
-    if not path.exists():
-        raise LatentFormatError(f"{path}: no such file")
-    if path.is_dir():
-        raise folder_error(path, "a latent file")
-    if not path.is_file():  # a FIFO: its open() waits for a writer, and a file is opened more than once
-        raise LatentFormatError(f"{path}: not a regular file (a FIFO, socket or device), expected a latent file")
+    check_input(path, "a latent file", LatentFormatError)
     with reading(path), open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
@@ -550,8 +545,8 @@ def read_metadata(path: Path, model: str | None = None, need_model: bool = True)
         meta, shape, _ = comfy
         return {**meta, "shape": shape if meta.get("kind") == "video" else shape[1:]}
     path = Path(path)
-    if not path.is_file():
-        return load_latent(path)[1]  # raises the right "no such file" / "is a folder" error
+    if not os.path.isfile(path):  # (Path.is_file() raises where a folder on the way may not be searched)
+        return load_latent(path)[1]  # raises the right "no such file" / "is a folder" / "cannot read" error
     with reading(path), open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89PNG"):
@@ -683,7 +678,7 @@ def comfyui_batch(path: Path) -> int | None:
 def _comfyui_layout(path: Path) -> tuple[dict, int, tuple[int, ...], torch.dtype, int] | None:
     """A ComfyUI file's header, data start, shape (B, C, T, h, w), dtype and tensor offset, checked against the
     file's size; None when `path` is no ComfyUI file."""
-    found = _st_header(path) if path.is_file() else None
+    found = _st_header(path) if os.path.isfile(path) else None
     if found is None or COMFYUI_KEY not in found[0]:
         return None
     header, start = found

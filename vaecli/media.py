@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vaecli.errors import ComputeError, InputError, OutputError, UsageError
-from vaecli.files import atomic_write, folder_error, read_error
+from vaecli.files import atomic_write, check_input, read_error
 
 DEFAULT_MAX_PIXELS = 1 << 28  # 16384 x 16384; above this an image is refused as a likely decompression bomb
 ALPHA_MODES = ("white", "black", "drop")
@@ -182,10 +182,7 @@ def _flatten(rgb: np.ndarray, a: np.ndarray, alpha: str) -> np.ndarray:
 def read_image(path: Path, alpha: str = "white") -> tuple[torch.Tensor, ImageInfo]:
     """Read an image file as (1, 3, H, W) float32 in [0, 1], EXIF orientation applied, alpha flattened."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise folder_error(path, "an image file")
+    check_input(path, "an image file")
     try:
         # Pillow checks the header's size on open, before decoding any pixel data.
         with pixel_limit(path), Image.open(path) as img:
