@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import deny_search_of
 from vaecli import clips, metrics, video
 from vaecli.latents import load_latent, read_metadata
 from vaecli.media import quantize8, read_image
@@ -1113,3 +1114,20 @@ def test_written_clips_declare_their_colour_matrix(tmp_path):
                                       "scale=in_color_matrix=auto", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
                                      capture_output=True, check=True).stdout
         assert np.abs(np.frombuffer(as_a_player, np.uint8)[:3].astype(int) - [204, 51, 76]).max() <= 2
+
+
+def test_a_clip_in_a_folder_that_may_not_be_searched(vae, real_weights, gif, tmp_path, monkeypatch):
+    """Path.exists() raised PermissionError there: 'unexpected PermissionError: [Errno 13] ...' and a --debug hint, for
+    a clip the user may not read; a link loop said 'no such file'."""
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    clip = closed / "clip.gif"
+    clip.write_bytes(gif.read_bytes())
+    (tmp_path / "loop.gif").symlink_to(tmp_path / "loop.gif")
+    deny_search_of(closed, monkeypatch)
+    result = vae("video", clip, "-o", tmp_path / "clip.latent")
+    closed.chmod(0o755)
+    assert (result.exit_code, result.stderr) == (1, f"Error: {clip}: cannot read: permission denied\n")
+    result = vae("video", tmp_path / "loop.gif", "-o", tmp_path / "loop.latent")
+    loop = tmp_path / "loop.gif"
+    assert (result.exit_code, result.stderr) == (1, f"Error: {loop}: cannot read: Too many levels of symbolic links\n")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vaecli.errors import InputError, OutputError, UsageError
-from vaecli.files import folder_error, output_error, output_file_mode, reading, temp_prefix, writing
+from vaecli.files import check_input, output_error, output_file_mode, reading, temp_prefix, writing
 from vaecli.media import max_pixels
 
 # imageio-ffmpeg warns through logging (a rotated clip's swapped size, a reader it had to kill): with no handler set
@@ -72,10 +72,7 @@ def _open(path: Path):
 
     path = Path(path)
     check_not_latent(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise folder_error(path, "a video file")
+    check_input(path, "a video file")
     if path.suffix.lower() in STILL_EXTS:
         raise InputError(f"{path}: is a still image, not a video (use 'vae encode')")
     with reading(path), open(path, "rb") as f:  # ffmpeg would call either 'not a video ffmpeg can read'
