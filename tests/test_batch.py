@@ -370,6 +370,34 @@ def test_sigterm_is_handled_like_sigint(real_weights, tmp_path, shared_images):
         assert list(load_latent(p)[0].shape) == [32, 20, 20]
 
 
+def test_json_into_a_closed_pipe_stops_the_run(real_weights, tmp_path, shared_images):
+    """`vae encode photos/ --json | head -1`: the write of a record to the closed pipe raised BrokenPipeError in the
+    writer thread, which died with a traceback, and the run waited on it for ever. Now it stops as an interrupted run
+    does (every output present complete) with one Error line, exit 1; under `2>&1` too, silently."""
+    src = tmp_path / "many"
+    src.mkdir()
+    base = Image.open(shared_images / "astronaut.png")
+    for i in range(12):
+        base.crop((i * 8, 0, i * 8 + 64, 64)).save(src / f"img{i:02d}.png")
+    for both in (False, True):
+        out = tmp_path / f"out{both}"
+        proc = subprocess.Popen([sys.executable, "-m", "vaecli", "encode", str(src), "-o", str(out), "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before the first record
+        try:
+            stderr = b"" if both else proc.stderr.read()
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 1
+        assert stderr.decode().splitlines()[-1:] == ([] if both else [
+            "Error: output closed (broken pipe): stopped; finished outputs are complete, rerun to do the rest"])
+        assert "Traceback" not in stderr.decode()
+        assert len(list(out.iterdir())) >= 1
+        for p in out.iterdir():
+            assert list(load_latent(p)[0].shape) == [32, 8, 8]
+
+
 def test_progress_bar_on_a_terminal(real_weights, tree, tmp_path):
     """With stderr a terminal, a rich progress bar (count, files/s, ETA) replaces the per-file lines."""
     import pty

@@ -230,7 +230,8 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
     """Run every job through read -> compute (in batches of equal `key`) -> write, reporting each via `on_done`.
 
     `read` fills `job.payload`; `compute` gets up to `batch_size` jobs whose payloads share a key and
-    replaces their payloads with results; `write` stores a result. Any exception raised for a job, of any
+    replaces their payloads with results; `write` stores a result; an exception `on_done` raises stops the run
+    as `fail_fast` does, and is raised once it has stopped. Any exception raised for a job, of any
     type, marks only that job failed with a one-line error (or, with `fail_fast`, stops the run): a batch that
     fails is computed again a job at a time; the exception is kept on `job.exc`. Payloads waiting between
     stages are bounded in bytes, not only in count, so large images do not pile up. On KeyboardInterrupt only
@@ -240,6 +241,7 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
     stop, failed = threading.Event(), threading.Event()
     read_q, write_q = _Stage(2 * batch_size + 2), _Stage(2 * batch_size + 2)
     done_lock = threading.Lock()
+    unreported: list[Exception] = []  # what `on_done` raised (the reader of its output gone): raised once stopped
 
     def finish(job: Job, exc: BaseException | None = None) -> None:
         if exc is not None:
@@ -249,7 +251,11 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
         elif job.status == "pending":
             job.status = "ok"
         with done_lock:
-            on_done(job)
+            try:
+                on_done(job)
+            except Exception as report_exc:  # raised in a stage's thread it ended it, and the run waited forever
+                unreported.append(report_exc)
+                failed.set()
 
     def reader() -> None:
         try:
@@ -334,6 +340,8 @@ def run(jobs: list[Job], read: Callable[[Job], Any], compute: Callable[[list[Job
             threads[0].join(0.05)
         write_q.put(_DONE)
         threads[1].join()
+    if unreported:
+        raise unreported[0]
 
 
 _DONE = object()

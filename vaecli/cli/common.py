@@ -12,6 +12,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+from contextlib import suppress
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -359,6 +360,14 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
         say("Interrupted: finished outputs are complete; rerun to do the rest")
         Interrupt.reported = True
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # the reader of stdout (or stderr) went away: `vae encode ... --json | head -1`
+        to_devnull(sys.stdout)  # which one the error does not say: stdout, unless stderr fails too
+        try:
+            reporter.finish(pending(), "output closed")
+            say("Error: output closed (broken pipe): stopped; finished outputs are complete, rerun to do the rest")
+        except BrokenPipeError:
+            to_devnull(sys.stderr)
+        raise typer.Exit(1) from None
     except Exception as exc:  # a failure of the run itself, not of one input: reported, never a traceback
         reporter.finish(pending(), "the run failed")
         raise fail(exc, debug, as_json) from None
@@ -367,6 +376,13 @@ def run_batch(jobs, as_json: bool, quiet: bool, runner: Optional[Callable] = Non
     if not_run:  # --fail-fast stopped the run: not everything was written
         code = 1
     raise typer.Exit(code)
+
+
+def to_devnull(stream) -> None:
+    """Point `stream` (stdout or stderr), whose reader went away, at /dev/null: nothing more can be shown there, and
+    what is still written (Python's flush at exit too) must not fail again."""
+    with suppress(OSError, ValueError):  # a stream without a descriptor (a test's): left as it is
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...],
