@@ -503,3 +503,23 @@ def test_an_animated_avif_is_refused(vae, real_weights, tmp_path):
     records = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
     assert (records["anim.avif"]["error"], records["still.avif"]["status"]) == (message, "ok")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["still.latent"]
+
+
+def test_a_fifo_named_as_an_image_or_clip_is_refused_not_waited_on(real_weights, tmp_path):
+    """Whole processes with a time limit: encode, roundtrip and video read a FIFO nobody writes to in a thread that
+    no signal reaches, so they waited for ever (Ctrl-C and SIGTERM too)."""
+    import os
+    import subprocess
+    import sys
+
+    for command, name, expected in (("encode", "pipe.png", "an image file"), ("roundtrip", "pipe.png", "an image file"),
+                                     ("video", "pipe.mp4", "a video file")):
+        fifo = tmp_path / name
+        if not fifo.exists():
+            os.mkfifo(fifo)
+        run = subprocess.run([sys.executable, "-m", "vaecli", command, str(fifo), "-o", str(tmp_path / "out"),
+                              "--json"], capture_output=True, text=True, timeout=60)
+        message = f"{fifo}: not a regular file (a FIFO, socket or device), expected {expected}"
+        assert (run.returncode, run.stderr.strip().splitlines()) == (1, [f"Error: {message}"]), command
+        assert json.loads(run.stdout)["error"] == message
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"pipe.png", name})
