@@ -213,6 +213,25 @@ def test_an_unlistable_folder_beside_a_file_of_its_name(vae, real_weights, photo
         assert (out / f"a{ext}").is_file()
 
 
+@pytest.mark.parametrize("cmd", ["encode", "roundtrip", "decode"])
+def test_a_folder_where_an_output_file_goes_is_no_output_to_skip(vae, real_weights, photos, latents_dir, tmp_path,
+                                                                 cmd):
+    """A rerun into an -o folder skips outputs that exist: a folder in an output file's place was taken for one,
+    'skipped (exists)', exit 0, with no output written. It is that input's write error; the others are written."""
+    args, ext = _command(cmd, photos, latents_dir)
+    out = tmp_path / "out"
+    (out / f"a{ext}").mkdir(parents=True)
+    result = vae(*args, "-o", out, "--json")
+    assert result.exit_code == 1
+    src = photos / "a.png" if cmd != "decode" else latents_dir / "a.latent"
+    message = f"{out / f'a{ext}'}: is a folder, expected an output file path"
+    assert _error_lines(result) == [f"Error: {src}: {message}"]
+    records = _records(result)
+    assert records[src.name]["error"] == message
+    assert records[f"b{src.suffix}"]["status"] == "ok" and (out / "sub" / f"b{ext}").is_file()
+    assert (out / f"a{ext}").is_dir() and not any((out / f"a{ext}").iterdir())
+
+
 @pytest.mark.parametrize("cmd", ["encode", "roundtrip"])
 def test_disk_full_while_writing(vae, real_weights, photos, tmp_path, monkeypatch, cmd):
     """ENOSPC half-way through a file: that input fails, the partial temp file is removed, the others are written."""

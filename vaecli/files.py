@@ -112,6 +112,13 @@ def output_exists(dest: Path) -> bool:
         return Path(dest).exists()
 
 
+def output_done(dest: Path, folder: bool = False) -> bool:
+    """Whether an earlier run left output `dest` for a rerun to skip: a file there, or a folder where the output is
+    one (`decode --as-frames`); a folder in a file output's place is no output, and fails when written."""
+    with writing(dest):
+        return Path(dest).is_dir() if folder else Path(dest).exists() and not Path(dest).is_dir()
+
+
 def temp_prefix(dest: Path, suffix: str = ".part") -> str:
     """`.<name>.`, the start of the names of `dest`'s temp files (mkstemp's random letters and `suffix` follow);
     a name too long to take those extra bytes is cut and a digest of the whole appended, so that any output name

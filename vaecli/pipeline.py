@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vaecli import latents, media
-from vaecli.files import output_exists
+from vaecli.files import output_done
 
 SAVERS = {"safetensors": latents.save_safetensors, "png": latents.save_png, "comfyui": latents.save_comfyui}
 
@@ -83,4 +83,4 @@ def encode_stages(codec, fmt: str = "safetensors", space: str | None = None, sam
 
     return {"read": lambda job: media.read_image(job.src, alpha), "compute": compute, "write": write,
             "batch_size": 1 if sample else batch_size, "key": lambda job: tuple(job.payload[0].shape),
-            "skip": lambda job: skip_existing and job.dst is not None and output_exists(job.dst)}
+            "skip": lambda job: skip_existing and job.dst is not None and output_done(job.dst)}

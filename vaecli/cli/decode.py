@@ -81,7 +81,7 @@ def decode(
     from vaecli.causal import check_tile
     from vaecli.codec import Codec, check_latent_fits, get_spec, load_codec, resolve_device
     from vaecli.errors import InputError, OutputError
-    from vaecli.files import output_exists
+    from vaecli.files import output_done, output_exists
     from vaecli.pipeline import scratch_fields, scratch_text
 
     # Beside its latent, x.png may be the photo x.latent was made from: never replaced unless asked. (A frames
@@ -193,7 +193,7 @@ def decode(
         return f"  verify{where}: max diff {check['max_abs_diff'] * 255:.3f}/255, PSNR {check['psnr']:.2f} dB"
 
     run_batch(jobs, as_json, quiet, debug=debug, read=read, compute=compute, write=write, fail_fast=fail_fast,
-               skip=lambda job: skip and output_exists(job.dst))
+               skip=lambda job: skip and output_done(job.dst, folder=as_frames))
 
 
 def _comfyui_items(jobs: list, model: str | None) -> list:

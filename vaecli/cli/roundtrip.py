@@ -82,7 +82,7 @@ def roundtrip(
     from vaecli import batch, latents, media, metrics
     from vaecli.codec import load_codec
     from vaecli.errors import UsageError
-    from vaecli.files import output_exists
+    from vaecli.files import output_done
     from vaecli.pipeline import encode_group, scratch_fields, scratch_text
 
     try:
@@ -150,5 +150,5 @@ def roundtrip(
               compute=compute, write=write, batch_size=batch_size, fail_fast=fail_fast,
               key=lambda job: tuple(job.payload[0].shape),
               # skipped when every output asked for exists: the heat map too
-              skip=lambda job: skip and job.dst is not None and output_exists(job.dst)
-              and (diff is None or output_exists(diff)))
+              skip=lambda job: skip and job.dst is not None and output_done(job.dst)
+              and (diff is None or output_done(diff)))

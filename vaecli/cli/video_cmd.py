@@ -84,7 +84,15 @@ def video_cmd(
     from vaecli.batch import Job
     from vaecli.checkpoints import check_outputs_spare_weights
     from vaecli.codec import load_codec, resolve_device
-    from vaecli.files import FolderPath, is_folder_target, output_exists, plan_outputs, strip_suffixes, temp_prefix
+    from vaecli.files import (
+        FolderPath,
+        is_folder_target,
+        output_done,
+        output_exists,
+        plan_outputs,
+        strip_suffixes,
+        temp_prefix,
+    )
 
     try:
         # checked even when the output exists and is skipped, as the other commands check them
@@ -113,8 +121,8 @@ def video_cmd(
             raise UsageError("--seed only applies with --sample")
         job = Job(source, out)
         # As for the other commands: by default an output in an -o FOLDER is kept (a rerun resumes), others replaced.
-        skip = (folder if skip_existing is None else skip_existing) and out.exists() and (
-            recon is None or recon.exists())
+        skip = (folder if skip_existing is None else skip_existing) and output_done(out) and (
+            recon is None or output_done(recon))
         if not skip:
             roles = ("encoder", "decoder") if roundtrip else ("encoder",)
             codec = load_codec(model.value, weights, roles, device.value, dtype.value, not no_verify,
