@@ -169,6 +169,24 @@ def test_a_link_loop_in_a_walked_folder_fails_alone(vae, real_weights, small_ima
         "a.latent", "sub", "sub/b.latent"]
 
 
+def test_a_walk_leaves_out_hidden_files_and_folders(vae, real_weights, small_image, tmp_path):
+    """Hidden files were left out of a walk, hidden folders walked: .cache/x.png, or the frames in the hidden temp
+    folder a killed `decode --as-frames` leaves, were encoded. Neither is taken now, as `**` globs take neither."""
+    work = tmp_path / "w"
+    for rel in ("a.png", ".b.png", "sub/c.png", ".cache/d.png", "sub/.e.frames.part/f.png"):
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(small_image.read_bytes())
+    result = vae("encode", work, "-r", "-o", tmp_path / "out", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(r["input"] for r in map(json.loads, result.stdout.splitlines())) == [
+        str(work / "a.png"), str(work / "sub" / "c.png")]
+    hidden = tmp_path / ".h"  # named itself, a hidden folder is walked
+    (hidden / "g.png").parent.mkdir()
+    (hidden / "g.png").write_bytes(small_image.read_bytes())
+    assert vae("encode", hidden, "-o", tmp_path / "out2", "-q").exit_code == 0
+    assert (tmp_path / "out2" / "g.latent").is_file()
+
+
 def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
     result = vae("encode", tree / "top.png", tree / "misc" / "brick.png", "-o", tmp_path / "n",
                  "--name", "{stem}.{model}{ext}")

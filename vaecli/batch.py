@@ -111,8 +111,9 @@ def check_at_least_one(options: dict[str, int | None]) -> None:
 
 
 def _walk(root: Path, recursive: bool, unreadable: list[Path]) -> Iterator[Path]:
-    """The files in folder `root` (and, `recursive`, its subfolders; links to folders are not followed), adding to
-    `unreadable` each folder that could not be listed (no permission): an input that fails, not files left out."""
+    """The files in folder `root` (and, `recursive`, its subfolders but hidden ones; links to folders are not
+    followed), adding to `unreadable` each folder that could not be listed (no permission): an input that fails, not
+    files left out."""
     folders = [root]
     while folders:
         folder = folders.pop()
@@ -120,7 +121,9 @@ def _walk(root: Path, recursive: bool, unreadable: list[Path]) -> Iterator[Path]
             with os.scandir(folder) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
-                        if recursive:
+                        # Hidden ones hold no inputs, as hidden files are none (and `**` globs take neither): .git,
+                        # .cache, or a killed `decode --as-frames`' temp folder of frames.
+                        if recursive and not entry.name.startswith("."):
                             folders.append(Path(entry.path))
                     elif _is_file_entry(entry):
                         yield Path(entry.path)
