@@ -187,6 +187,22 @@ def test_a_walk_leaves_out_hidden_files_and_folders(vae, real_weights, small_ima
     assert (tmp_path / "out2" / "g.latent").is_file()
 
 
+def test_a_file_named_twice_is_one_input(vae, real_weights, small_image, tmp_path, monkeypatch):
+    """The same file named twice (by name and by a glob, or twice in a list) was refused as two inputs: 'inputs a.png
+    and a.png would both write out/a.latent', exit 2. It is one input, and a note says so."""
+    work = tmp_path / "w"
+    work.mkdir()
+    a = work / "a.png"
+    a.write_bytes(small_image.read_bytes())
+    monkeypatch.chdir(work)
+    result = vae("encode", "a.png", a, str(work / "*.png"), "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [r["input"] for r in map(json.loads, result.stdout.splitlines())] == ["a.png"]
+    assert result.stderr.splitlines()[0] == f"note: 2 inputs named again ({a}, {a}): each file is taken once"
+    assert vae("encode", "a.png", "a.png", "-o", tmp_path / "out2", "-q").stderr == ""
+    assert (tmp_path / "out2" / "a.latent").is_file()
+
+
 def test_name_template_and_suffix(vae, real_weights, tree, tmp_path):
     result = vae("encode", tree / "top.png", tree / "misc" / "brick.png", "-o", tmp_path / "n",
                  "--name", "{stem}.{model}{ext}")

@@ -183,7 +183,9 @@ def test_max_pixels_is_a_whole_number_or_an_error(vae, real_weights, small_image
 def test_several_inputs_into_an_output_file_name_are_refused(vae, real_weights, small_image, tmp_path):
     """`-o out.latent` with two inputs made a folder named out.latent; an existing folder of that name is used."""
     out = tmp_path / "out.latent"
-    result = vae("encode", small_image, small_image.parent, "-o", out)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "other.png").write_bytes(small_image.read_bytes())
+    result = vae("encode", small_image, tmp_path / "more", "-o", out)
     assert (result.exit_code, _only_error_line(result)) == (
         2, f"Error: -o {out}: names a file, but there are 2 inputs (give a folder, e.g. -o {tmp_path / 'out'}/, or "
            f"make {out} one first)")

@@ -53,14 +53,15 @@ def _latent_png_among_images(path: Path, exts: tuple[str, ...]) -> bool:
 
 def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
                   stdin: Iterable[str] | None = None, output: Path | None = None,
-                  left_out: list[Path] | None = None) -> list[tuple[Path, Path]]:
+                  left_out: list[Path] | None = None, repeated: list[Path] | None = None) -> list[tuple[Path, Path]]:
     """(path, path relative to its root) for every input: files, folders (`recursive` walks), globs, `-` (stdin),
     manifests (`.txt`: one path per line; `.parquet`: a `path` column; relative entries are relative to the manifest).
 
     Folder entries are filtered by `exts`; named files are taken as given, so a broken file is reported
     rather than silently skipped. The relative path is what an output folder mirrors: for lists, the path
     below the entries' common folder. A walked folder's files inside `output` (an output folder within it: a
-    rerun's earlier outputs) are not inputs: they are added to `left_out`.
+    rerun's earlier outputs) are not inputs: they are added to `left_out`. A file found again with the same relative
+    path (named twice, or by a glob and by name) is one input: its later finds are added to `repeated`.
     """
     found: list[tuple[Path, Path]] = []
     for arg in args:
@@ -100,7 +101,12 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             found += [(p, p.relative_to(root)) for p in files]
         else:
             found.append((Path(arg), Path(Path(arg).name)))
-    return found
+    unique: dict[tuple[Path, Path], tuple[Path, Path]] = {}
+    for src, rel in found:
+        if (resolved(src), rel) in unique and repeated is not None:
+            repeated.append(src)
+        unique.setdefault((resolved(src), rel), (src, rel))
+    return list(unique.values())
 
 
 def check_at_least_one(options: dict[str, int | None]) -> None:

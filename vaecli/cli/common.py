@@ -388,12 +388,17 @@ def to_devnull(stream) -> None:
 def expand(inputs: list[str], output: Optional[Path], recursive: bool, exts: tuple[str, ...],
            quiet: bool = False) -> list:
     """The inputs' (path, relative path) pairs (`vaecli.batch.expand_inputs`), at least one; a note on stderr
-    names the files of a walked folder left out because they lie in the output folder."""
+    names the files of a walked folder left out because they lie in the output folder, and the inputs found twice."""
     from vaecli.batch import expand_inputs
     from vaecli.files import resolved
 
     left_out: list[Path] = []
-    pairs = expand_inputs(inputs, recursive, exts, output=output, left_out=left_out)
+    repeated: list[Path] = []
+    pairs = expand_inputs(inputs, recursive, exts, output=output, left_out=left_out, repeated=repeated)
+    if repeated and not quiet:
+        shown = ", ".join(map(str, repeated[:3])) + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else "")
+        say(f"note: {len(repeated)} input{'s' if len(repeated) > 1 else ''} named again ({shown}): each file is taken "
+            f"once")
     if left_out and not quiet:
         if [resolved(p) for p in left_out] == [resolved(output)]:  # the output file itself, an earlier run's
             say(f"note: {output} left out of the inputs: it is the output")
