@@ -310,3 +310,12 @@ def test_tensors_the_api_returns_take_in_place_edits_and_autograd(real_weights, 
     weight = torch.ones(1, requires_grad=True)
     (latent.tensor * weight).sum().backward()
     assert weight.grad is not None
+
+
+def test_encode_video_with_chunk_1_streams_a_frame_at_a_time(real_weights, gif):
+    """chunk=1 (or a budget fitting one frame a pass) gave the whole clip as one Latent at the end: the first frame
+    was in the batch before the count was checked, so it never equalled 1 and every frame was held in memory."""
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    frames = [torch.rand(3, 16, 16) for _ in range(3)]
+    assert [p.tensor.shape[0] for p in model.encode_video(frames, chunk=1)] == [1, 1, 1]
+    assert [p.tensor.shape[0] for p in model.encode_video(frames, chunk=2)] == [2, 1]

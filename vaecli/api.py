@@ -11,6 +11,7 @@ Errors are `vaecli.errors.VaeError` subclasses with the same one-line messages t
 
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 from collections.abc import Iterable, Iterator
@@ -142,8 +143,8 @@ class Model:
         size = (first.shape[-1], first.shape[-2])
         enc = self.codec.clip_encoder(size, space)
         step = chunk or self.codec.frames_per_pass(size)
-        batch = [first]
-        for i, frame in enumerate(frames, 1):
+        batch = []
+        for i, frame in enumerate(itertools.chain([first], frames)):
             if frame.shape != first.shape:
                 raise InputError(f"frame {i} is {_size(frame)}, frame 0 was {_size(first)}: a clip's frames "
                                  f"share one size")
