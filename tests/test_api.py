@@ -319,3 +319,30 @@ def test_encode_video_with_chunk_1_streams_a_frame_at_a_time(real_weights, gif):
     frames = [torch.rand(3, 16, 16) for _ in range(3)]
     assert [p.tensor.shape[0] for p in model.encode_video(frames, chunk=1)] == [1, 1, 1]
     assert [p.tensor.shape[0] for p in model.encode_video(frames, chunk=2)] == [2, 1]
+
+
+def test_meta_and_sparse_tensors_are_refused_in_one_line(real_weights, small_image, tmp_path):
+    """A meta tensor (a shape, no data) raised NotImplementedError and a sparse one RuntimeError from deep inside
+    torch, in encode, decode, Latent.save and to_image."""
+    model = vaecli.load("taef2", device="cpu")
+    latent = model.encode(small_image)
+    pixels = torch.rand(3, 16, 16)
+    refused = [
+        (lambda: model.encode(pixels.to("meta")),
+         "expected pixels with values, got a meta tensor (a shape without data)"),
+        (lambda: model.encode(pixels.to_sparse()),
+         "expected pixels as a dense tensor, got layout sparse_coo (.to_dense() it)"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor.to("meta"), latent.meta)),
+         "expected Latent.tensor with values, got a meta tensor (a shape without data)"),
+        (lambda: model.decode(vaecli.Latent(latent.tensor.to_sparse(), latent.meta)),
+         "expected Latent.tensor as a dense tensor, got layout sparse_coo (.to_dense() it)"),
+        (lambda: vaecli.Latent(latent.tensor.to("meta"), latent.meta).save(tmp_path / "m.latent"),
+         "expected Latent.tensor with values, got a meta tensor (a shape without data)"),
+        (lambda: vaecli.to_image(pixels.to("meta")),
+         "to_image: expected pixels with values, got a meta tensor (a shape without data)"),
+    ]
+    for call, message in refused:
+        with pytest.raises(UsageError) as err:
+            call()
+        assert str(err.value) == message
+    assert not (tmp_path / "m.latent").exists()

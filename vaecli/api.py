@@ -178,6 +178,7 @@ def to_image(pixels: torch.Tensor):
     if not isinstance(pixels, torch.Tensor) or pixels.dim() not in (3, 4) or pixels.shape[-3] != 3 or (
             pixels.dim() == 4 and pixels.shape[0] != 1):
         raise UsageError(f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got {_described(pixels)}")
+    _check_dense(pixels, "to_image: expected pixels")
     if not pixels.is_floating_point():  # 8-bit values would all clamp to 1: a white image
         raise UsageError(f"to_image: expected float pixels in [0, 1], got {str(pixels.dtype).removeprefix('torch.')} "
                          f"(divide 8-bit values by 255)")
@@ -212,6 +213,7 @@ def _pixels(image) -> torch.Tensor:
                          f"got {type(image).__name__}")
     if image.dim() not in (3, 4) or image.shape[-3] != 3 or min(image.shape[-2:]) < 1:
         raise UsageError(f"expected pixels of shape (3, H, W) or (B, 3, H, W), got shape {list(image.shape)}")
+    _check_dense(image, "expected pixels")
     if not image.is_floating_point():
         raise UsageError(f"expected float pixels in [0, 1], got {str(image.dtype).removeprefix('torch.')} "
                          f"(divide 8-bit values by 255)")
@@ -259,11 +261,22 @@ def _check_path(path, what: str) -> None:
         raise UsageError(f"{what}: expected a file path, got {type(path).__name__}")
 
 
+def _check_dense(x: torch.Tensor, expected: str) -> None:
+    """A UsageError where `x` has no values to read (a meta tensor) or is not strided (sparse): torch raised
+    NotImplementedError or RuntimeError for them from deep inside."""
+    if x.is_meta:
+        raise UsageError(f"{expected} with values, got a meta tensor (a shape without data)")
+    if x.layout != torch.strided:
+        raise UsageError(f"{expected} as a dense tensor, got layout {str(x.layout).removeprefix('torch.')} "
+                         f"(.to_dense() it)")
+
+
 def _check_parts(latent: Latent) -> None:
     """A UsageError unless .tensor is a tensor and .meta a dict; a LatentFormatError where .meta's fields are not what
     a latent file's may be (as reading a file checks them)."""
     if not isinstance(latent.tensor, torch.Tensor):
         raise UsageError(f"expected Latent.tensor to be a torch.Tensor, got {type(latent.tensor).__name__}")
+    _check_dense(latent.tensor, "expected Latent.tensor")
     if not isinstance(latent.meta, dict):
         raise UsageError(f"expected Latent.meta to be a dict of vaecli metadata, got {type(latent.meta).__name__}")
     latents.check_fields(latent.meta, "Latent.meta")
