@@ -346,3 +346,14 @@ def test_meta_and_sparse_tensors_are_refused_in_one_line(real_weights, small_ima
             call()
         assert str(err.value) == message
     assert not (tmp_path / "m.latent").exists()
+
+
+def test_a_premultiplied_la_pil_image_encodes_as_its_la_image(real_weights):
+    """A PIL image in mode "La" (premultiplied luminance and alpha) raised ValueError "conversion from La to L not
+    supported" from Pillow, where every other mode encodes."""
+    import numpy as np
+
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    la = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 2), dtype=np.uint8), "LA")
+    premultiplied = la.convert("La")
+    assert torch.equal(model.encode(premultiplied).tensor, model.encode(premultiplied.convert("LA")).tensor)

@@ -163,6 +163,8 @@ def _to_rgb(img: Image.Image, alpha: str, source: Path) -> tuple[np.ndarray, boo
         if bad:  # checked before clipping, which passes NaN through and turns Inf into 0 or 1
             raise InputError(f"{source}: expected finite pixel values, found {bad} NaN/Inf")
         return np.repeat(np.clip(arr, 0, 1)[..., None], 3, axis=2), False
+    if mode == "La":  # premultiplied, made in memory only: Pillow converts it to LA alone, not to RGBA
+        img = img.convert("LA")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "1", "L", "RGB") and key is not None)
     if has_alpha:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
