@@ -357,3 +357,13 @@ def test_a_premultiplied_la_pil_image_encodes_as_its_la_image(real_weights):
     la = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 2), dtype=np.uint8), "LA")
     premultiplied = la.convert("La")
     assert torch.equal(model.encode(premultiplied).tensor, model.encode(premultiplied.convert("LA")).tensor)
+
+
+def test_an_empty_pil_image_is_refused_in_one_line(real_weights):
+    """A 0x0 PIL image raised RuntimeError "Kernel size can't be greater than actual input size" from a convolution,
+    where an empty tensor is refused."""
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    for size in [(0, 0), (8, 0)]:
+        with pytest.raises(UsageError) as err:
+            model.encode(Image.new("RGB", size))
+        assert str(err.value) == f"expected a PIL image of at least 1x1 pixels, got {size[0]}x{size[1]}"

@@ -207,6 +207,8 @@ def _pixels(image) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         return media.read_image(Path(image))[0]
     if isinstance(image, Image.Image):  # as a file of it is read: upright, alpha over white, 16-bit scaled
+        if min(image.size) < 1:  # a convolution raised RuntimeError on it
+            raise UsageError(f"expected a PIL image of at least 1x1 pixels, got {image.width}x{image.height}")
         return media.pil_pixels(image, "white", "PIL image")[0]
     if not isinstance(image, torch.Tensor):
         raise UsageError(f"expected an image path, a PIL image or a (3, H, W) float tensor in [0, 1], "
