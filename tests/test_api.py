@@ -367,3 +367,12 @@ def test_an_empty_pil_image_is_refused_in_one_line(real_weights):
         with pytest.raises(UsageError) as err:
             model.encode(Image.new("RGB", size))
         assert str(err.value) == f"expected a PIL image of at least 1x1 pixels, got {size[0]}x{size[1]}"
+
+
+def test_to_image_refuses_pixels_with_an_empty_axis(tmp_path):
+    """to_image of (3, 0, 8) pixels gave an 8x0 PIL image, which .save() refused with ValueError "cannot write empty
+    image"."""
+    for shape in [(3, 0, 8), (1, 3, 8, 0)]:
+        with pytest.raises(UsageError) as err:
+            vaecli.to_image(torch.rand(shape))
+        assert str(err.value) == f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got shape {list(shape)}"

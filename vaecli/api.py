@@ -176,7 +176,7 @@ def to_image(pixels: torch.Tensor):
     from PIL import Image
 
     if not isinstance(pixels, torch.Tensor) or pixels.dim() not in (3, 4) or pixels.shape[-3] != 3 or (
-            pixels.dim() == 4 and pixels.shape[0] != 1):
+            pixels.dim() == 4 and pixels.shape[0] != 1) or min(pixels.shape[-2:]) < 1:
         raise UsageError(f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got {_described(pixels)}")
     _check_dense(pixels, "to_image: expected pixels")
     if not pixels.is_floating_point():  # 8-bit values would all clamp to 1: a white image
