@@ -376,3 +376,15 @@ def test_to_image_refuses_pixels_with_an_empty_axis(tmp_path):
         with pytest.raises(UsageError) as err:
             vaecli.to_image(torch.rand(shape))
         assert str(err.value) == f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got shape {list(shape)}"
+
+
+def test_a_max_memory_load_cannot_use_is_named_as_given(real_weights):
+    """max_memory=-1 was refused as "--max-memory -1B: expected a size like 2GB, ...": the command's option, and a
+    value the script never wrote."""
+    for size in [-1, 0, "0", "2 parsecs", ""]:
+        with pytest.raises(UsageError) as err:
+            vaecli.load("taef2", device="cpu", max_memory=size, halves=("encoder",))
+        assert str(err.value) == (f"max_memory: expected a size of at least 1 byte like '2GB', or a number of bytes, "
+                                  f"got {size!r}")
+    for size in ["2GB", "2 GiB", 2**31]:
+        assert vaecli.load("taef2", device="cpu", max_memory=size, halves=("encoder",)).codec.budget == 2**31

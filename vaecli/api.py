@@ -96,17 +96,20 @@ def load(model: str = DEFAULT_MODEL, weights: str | Path | list | None = None, d
     paths = [Path(w) for w in given]
     if isinstance(halves, str) or not halves or not all(h in HALVES for h in halves):
         raise UsageError(f"halves: expected a tuple of {' and/or '.join(HALVES)}, got {halves!r:.60}")
-    if isinstance(max_memory, int) and not isinstance(max_memory, bool):
-        max_memory = f"{max_memory}B"  # bytes
-    elif max_memory is not None and not isinstance(max_memory, str):
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, str))):
         raise UsageError(f"max_memory: expected a size like '2GB' or a number of bytes, got {max_memory!r:.60}")
+    try:  # parse_size's message names the command's --max-memory, and an int as the "-1B" it was turned into
+        size = f"{max_memory}B" if isinstance(max_memory, int) else max_memory  # an int is bytes
+        budget = 0 if max_memory is None else parse_size(size)
+    except UsageError:
+        raise UsageError(f"max_memory: expected a size of at least 1 byte like '2GB', or a number of bytes, got "
+                         f"{max_memory!r:.60}") from None
     if isinstance(device, torch.device):  # torch.device("cpu") is not the string "cpu"
         device = str(device)
     spec = REGISTRY.get(model)
     if spec is not None and not spec.has_decoder and "encoder" in halves:  # encoder-only models (taesana)
         halves = tuple(h for h in halves if h != "decoder")
-    codec = load_codec(model, paths or None, halves, device, dtype, verify,
-                       budget=parse_size(max_memory) if max_memory is not None else 0)
+    codec = load_codec(model, paths or None, halves, device, dtype, verify, budget=budget)
     return Model(codec)
 
 
