@@ -388,3 +388,13 @@ def test_a_max_memory_load_cannot_use_is_named_as_given(real_weights):
                                   f"got {size!r}")
     for size in ["2GB", "2 GiB", 2**31]:
         assert vaecli.load("taef2", device="cpu", max_memory=size, halves=("encoder",)).codec.budget == 2**31
+
+
+def test_encoding_a_tensor_that_requires_grad_warns_nothing(real_weights, recwarn):
+    """Pixels with requires_grad=True encoded with torch's UserWarning "Converting a tensor with requires_grad=True to
+    a scalar may lead to unexpected behavior" from the range check."""
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    pixels = torch.rand(3, 16, 16)
+    latent = model.encode(pixels.clone().requires_grad_())
+    assert torch.equal(latent.tensor, model.encode(pixels).tensor)
+    assert [str(w.message) for w in recwarn] == []

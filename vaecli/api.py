@@ -219,6 +219,7 @@ def _pixels(image) -> torch.Tensor:
     if image.dim() not in (3, 4) or image.shape[-3] != 3 or min(image.shape[-2:]) < 1:
         raise UsageError(f"expected pixels of shape (3, H, W) or (B, 3, H, W), got shape {list(image.shape)}")
     _check_dense(image, "expected pixels")
+    image = image.detach()  # no gradient flows through an encode; float() of a tensor needing one warned
     if not image.is_floating_point():
         raise UsageError(f"expected float pixels in [0, 1], got {str(image.dtype).removeprefix('torch.')} "
                          f"(divide 8-bit values by 255)")
