@@ -398,3 +398,12 @@ def test_encoding_a_tensor_that_requires_grad_warns_nothing(real_weights, recwar
     latent = model.encode(pixels.clone().requires_grad_())
     assert torch.equal(latent.tensor, model.encode(pixels).tensor)
     assert [str(w.message) for w in recwarn] == []
+
+
+def test_load_takes_a_torch_dtype(real_weights):
+    """dtype=torch.float16 was refused as "unknown dtype 'torch.float16'", where device=torch.device("cpu") is taken."""
+    assert vaecli.load("taef2", device="cpu", dtype=torch.float16, halves=("encoder",)).codec.dtype == torch.float16
+    assert vaecli.load("taef2", device="cpu", dtype=torch.bfloat16, halves=("encoder",)).codec.dtype == torch.bfloat16
+    with pytest.raises(UsageError) as err:
+        vaecli.load("taef2", device="cpu", dtype=torch.float64)
+    assert str(err.value) == "unknown dtype 'float64': expected one of fp32, fp16, bf16"

@@ -81,13 +81,15 @@ def load_latent(path: str | Path) -> Latent:
     return Latent(tensor, meta)
 
 
-def load(model: str = DEFAULT_MODEL, weights: str | Path | list | None = None, device: str = "auto",
-         dtype: str = "fp32", max_memory: str | None = None, verify: bool = True,
+def load(model: str = DEFAULT_MODEL, weights: str | Path | list | None = None, device: str | torch.device = "auto",
+         dtype: str | torch.dtype = "fp32", max_memory: str | int | None = None, verify: bool = True,
          halves: tuple[str, ...] = ("encoder", "decoder")) -> Model:
     """Load registry model `model` (weights from `weights` files/folders, else the search path) on `device`
-    (auto, cpu, cuda, mps) in `dtype` (fp32, fp16, bf16), with `max_memory` (e.g. "2GB") for activations."""
+    (auto, cpu, cuda, mps, or a torch.device) in `dtype` (fp32, fp16, bf16, or a torch dtype), with `max_memory`
+    (e.g. "2GB", or bytes) for activations and only the `halves` asked for."""
     from vaecli.codec import load_codec
     from vaecli.registry import REGISTRY
+    from vaecli.spaces import DTYPES
     from vaecli.tiling import parse_size
 
     given = [weights] if isinstance(weights, (str, Path)) else weights or []
@@ -106,6 +108,8 @@ def load(model: str = DEFAULT_MODEL, weights: str | Path | list | None = None, d
                          f"{max_memory!r:.60}") from None
     if isinstance(device, torch.device):  # torch.device("cpu") is not the string "cpu"
         device = str(device)
+    if isinstance(dtype, torch.dtype):  # nor torch.float16 the string "fp16"
+        dtype = next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
     spec = REGISTRY.get(model)
     if spec is not None and not spec.has_decoder and "encoder" in halves:  # encoder-only models (taesana)
         halves = tuple(h for h in halves if h != "decoder")
