@@ -407,3 +407,20 @@ def test_load_takes_a_torch_dtype(real_weights):
     with pytest.raises(UsageError) as err:
         vaecli.load("taef2", device="cpu", dtype=torch.float64)
     assert str(err.value) == "unknown dtype 'float64': expected one of fp32, fp16, bf16"
+
+
+def test_bool_and_complex_pixels_get_no_8_bit_hint(real_weights):
+    """Bool or complex pixels were refused with "(divide 8-bit values by 255)", a fix for integers that does not
+    apply to them."""
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    pixels = torch.rand(3, 8, 8)
+    for call, message in [
+        (lambda: model.encode(pixels > 0.5), "expected float pixels in [0, 1], got bool"),
+        (lambda: model.encode(pixels.to(torch.complex64)), "expected float pixels in [0, 1], got complex64"),
+        (lambda: vaecli.to_image(pixels > 0.5), "to_image: expected float pixels in [0, 1], got bool"),
+        (lambda: model.encode((pixels * 65535).int()),
+         "expected float pixels in [0, 1], got int32 (divide 8-bit values by 255)"),
+    ]:
+        with pytest.raises(UsageError) as err:
+            call()
+        assert str(err.value) == message

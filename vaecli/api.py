@@ -187,8 +187,7 @@ def to_image(pixels: torch.Tensor):
         raise UsageError(f"to_image: expected (1, 3, H, W) or (3, H, W) pixels, got {_described(pixels)}")
     _check_dense(pixels, "to_image: expected pixels")
     if not pixels.is_floating_point():  # 8-bit values would all clamp to 1: a white image
-        raise UsageError(f"to_image: expected float pixels in [0, 1], got {str(pixels.dtype).removeprefix('torch.')} "
-                         f"(divide 8-bit values by 255)")
+        raise UsageError(f"to_image: expected float pixels in [0, 1], got {_not_float(pixels)}")
     if bad := media.count_non_finite(pixels):
         raise UsageError(f"to_image: expected finite pixels, found {bad} NaN/Inf")
     return Image.fromarray(media.to_uint8(pixels), "RGB")
@@ -201,6 +200,13 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 
 def _described(x) -> str:
     return f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _not_float(x: torch.Tensor) -> str:
+    """`x`'s dtype, with the fix for integer pixels (bool and complex have none to give)."""
+    name = str(x.dtype).removeprefix("torch.")
+    integer = not x.is_complex() and x.dtype != torch.bool
+    return f"{name} (divide 8-bit values by 255)" if integer else name
 
 
 def _size(frame: torch.Tensor) -> str:
@@ -225,8 +231,7 @@ def _pixels(image) -> torch.Tensor:
     _check_dense(image, "expected pixels")
     image = image.detach()  # no gradient flows through an encode; float() of a tensor needing one warned
     if not image.is_floating_point():
-        raise UsageError(f"expected float pixels in [0, 1], got {str(image.dtype).removeprefix('torch.')} "
-                         f"(divide 8-bit values by 255)")
+        raise UsageError(f"expected float pixels in [0, 1], got {_not_float(image)}")
     bad = media.count_non_finite(image)
     if bad:
         raise UsageError(f"expected finite pixels in [0, 1], found {bad} NaN/Inf")
