@@ -424,3 +424,24 @@ def test_bool_and_complex_pixels_get_no_8_bit_hint(real_weights):
         with pytest.raises(UsageError) as err:
             call()
         assert str(err.value) == message
+
+
+def test_save_checks_values_as_decode_does(real_weights, tmp_path, recwarn):
+    """Latent.save of NaN values said "the model gave 1 NaN/Inf (an overflow: try another --dtype)" of a latent a
+    script made, and a complex or integer latent saved as a PNG (the imaginary part dropped with a UserWarning),
+    where decode refuses both."""
+    from vaecli.errors import InputError
+
+    latent = vaecli.load("taef2", device="cpu", halves=("encoder",)).encode(torch.rand(3, 16, 16))
+    nan = latent.tensor.clone()
+    nan[0, 0, 0] = float("nan")
+    for tensor, error, message in [
+        (nan, InputError, "expected finite latent values, found 1 NaN/Inf"),
+        (latent.tensor.to(torch.complex64), UsageError,
+         "expected an image Latent of floating-point values, got complex64"),
+        (latent.tensor.int(), UsageError, "expected an image Latent of floating-point values, got int32"),
+    ]:
+        with pytest.raises(error) as err:
+            vaecli.Latent(tensor, latent.meta).save(tmp_path / "x.png")
+        assert str(err.value) == message
+    assert not (tmp_path / "x.png").exists() and [str(w.message) for w in recwarn] == []

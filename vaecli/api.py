@@ -66,6 +66,7 @@ class Latent:
         if self.tensor.dim() != 3:
             raise UsageError(f"Latent.save writes image latents (C, h, w), got shape {list(self.tensor.shape)} (a "
                              f"clip's latents are written by 'vae video')")
+        _check_latent(self, "(C, h, w)", "an image Latent")  # as decode does: NaN blamed the model and --dtype
         if format not in SAVERS:
             raise UsageError(f"Latent.save: unknown format {format!r}: expected one of {', '.join(SAVERS)}")
         if self.meta.get("format") != latents.FORMAT:  # load_latent would refuse the file
