@@ -3,7 +3,7 @@
     import vaecli
     model = vaecli.load("taef2")                     # weights from the search path, verified
     latent = model.encode("photo.png")                # Latent: .tensor (C, h, w), .meta
-    latent.save("photo.latent")                       # or format="png"
+    latent.save("photo.latent")                       # the bytes `vae encode` writes; .png: a PNG latent
     pixels = model.decode(vaecli.load_latent("photo.latent"))   # (1, 3, H, W) float in [0, 1]
 
 Errors are `vaecli.errors.VaeError` subclasses with the same one-line messages the commands print.
