@@ -445,3 +445,24 @@ def test_save_checks_values_as_decode_does(real_weights, tmp_path, recwarn):
             vaecli.Latent(tensor, latent.meta).save(tmp_path / "x.png")
         assert str(err.value) == message
     assert not (tmp_path / "x.png").exists() and [str(w.message) for w in recwarn] == []
+
+
+def test_save_refuses_metadata_a_file_cannot_hold(real_weights, tmp_path):
+    """Latent.save with a numpy number or another non-JSON value in .meta raised TypeError "Object of type float32 is
+    not JSON serializable", and a non-string key TypeError "'<' not supported between instances of 'int' and
+    'str'"."""
+    import numpy as np
+
+    latent = vaecli.load("taef2", device="cpu", halves=("encoder",)).encode(torch.rand(3, 16, 16))
+    for extra, message in [
+        ({"note": np.float32(1.5)}, "Latent.meta: expected JSON values (str, int, float, bool, None, lists, dicts), "
+                                    "got float32 under 'note' (.item() a numpy number)"),
+        ({1: "x"}, "Latent.meta: expected string keys, got 1"),
+    ]:
+        for name in ["x.latent", "x.png"]:
+            with pytest.raises(UsageError) as err:
+                vaecli.Latent(latent.tensor, {**latent.meta, **extra}).save(tmp_path / name)
+            assert str(err.value) == message
+    assert list(tmp_path.iterdir()) == []
+    vaecli.Latent(latent.tensor, {**latent.meta, "note": [1, {"a": None}]}).save(tmp_path / "ok.latent")
+    assert vaecli.load_latent(tmp_path / "ok.latent").meta["note"] == [1, {"a": None}]

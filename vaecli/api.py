@@ -12,6 +12,7 @@ Errors are `vaecli.errors.VaeError` subclasses with the same one-line messages t
 from __future__ import annotations
 
 import itertools
+import json
 import operator
 import os
 from collections.abc import Iterable, Iterator
@@ -67,6 +68,7 @@ class Latent:
             raise UsageError(f"Latent.save writes image latents (C, h, w), got shape {list(self.tensor.shape)} (a "
                              f"clip's latents are written by 'vae video')")
         _check_latent(self, "(C, h, w)", "an image Latent")  # as decode does: NaN blamed the model and --dtype
+        _check_json(self.meta)
         if format not in SAVERS:
             raise UsageError(f"Latent.save: unknown format {format!r}: expected one of {', '.join(SAVERS)}")
         if self.meta.get("format") != latents.FORMAT:  # load_latent would refuse the file
@@ -296,6 +298,19 @@ def _check_parts(latent: Latent) -> None:
     if not isinstance(latent.meta, dict):
         raise UsageError(f"expected Latent.meta to be a dict of vaecli metadata, got {type(latent.meta).__name__}")
     latents.check_fields(latent.meta, "Latent.meta")
+
+
+def _check_json(meta: dict) -> None:
+    """A UsageError unless .meta can be written as a file's metadata: JSON values under string keys (json raised
+    TypeError for a numpy number, and sorting raised it for a non-string key)."""
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            raise UsageError(f"Latent.meta: expected string keys, got {key!r:.40}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"Latent.meta: expected JSON values (str, int, float, bool, None, lists, dicts), got "
+                             f"{type(value).__name__} under {key!r:.40} (.item() a numpy number)") from None
 
 
 def _check_latent(latent, layout: str, what: str) -> None:
