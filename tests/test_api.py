@@ -466,3 +466,31 @@ def test_save_refuses_metadata_a_file_cannot_hold(real_weights, tmp_path):
     assert list(tmp_path.iterdir()) == []
     vaecli.Latent(latent.tensor, {**latent.meta, "note": [1, {"a": None}]}).save(tmp_path / "ok.latent")
     assert vaecli.load_latent(tmp_path / "ok.latent").meta["note"] == [1, {"a": None}]
+
+
+def test_a_closed_or_truncated_pil_image_is_refused_in_one_line(small_image, real_weights, tmp_path):
+    """A PIL image closed before its pixels were read (used after its 'with Image.open' block) raised a bare
+    AssertionError from Pillow, and a truncated one OSError "image file is truncated"."""
+    from vaecli.errors import InputError
+
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    with Image.open(small_image) as closed:
+        pass
+    made = Image.new("RGB", (8, 8))
+    made.close()
+    data = small_image.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    with Image.open(tmp_path / "cut.png") as cut:
+        for image, error, message in [
+            (closed, UsageError, "expected an open PIL image, got one closed before its pixels were read (encode it "
+                                 "inside its 'with Image.open(...)' block, or .load() it first)"),
+            (made, UsageError, "expected an open PIL image, got one closed before its pixels were read (encode it "
+                               "inside its 'with Image.open(...)' block, or .load() it first)"),
+            (cut, InputError, "PIL image: cannot read its pixels: image file is truncated"),
+        ]:
+            with pytest.raises(error) as err:
+                model.encode(image)
+            assert str(err.value) == message
+    with Image.open(small_image) as image:
+        image.load()
+    assert torch.equal(model.encode(image).tensor, model.encode(small_image).tensor)  # read, then closed: fine

@@ -225,6 +225,13 @@ def _pixels(image) -> torch.Tensor:
     if isinstance(image, Image.Image):  # as a file of it is read: upright, alpha over white, 16-bit scaled
         if min(image.size) < 1:  # a convolution raised RuntimeError on it
             raise UsageError(f"expected a PIL image of at least 1x1 pixels, got {image.width}x{image.height}")
+        try:  # an image from Image.open reads its pixels here, from its file
+            image.load()
+        except OSError as err:  # truncated or corrupt pixel data
+            raise InputError(f"PIL image: cannot read its pixels: {err}") from None
+        except (AssertionError, ValueError):  # how Pillow fails on a closed image: no file left, no pixels kept
+            raise UsageError("expected an open PIL image, got one closed before its pixels were read (encode it "
+                             "inside its 'with Image.open(...)' block, or .load() it first)") from None
         return media.pil_pixels(image, "white", "PIL image")[0]
     if not isinstance(image, torch.Tensor):
         raise UsageError(f"expected an image path, a PIL image or a (3, H, W) float tensor in [0, 1], "
