@@ -494,3 +494,15 @@ def test_a_closed_or_truncated_pil_image_is_refused_in_one_line(small_image, rea
     with Image.open(small_image) as image:
         image.load()
     assert torch.equal(model.encode(image).tensor, model.encode(small_image).tensor)  # read, then closed: fine
+
+
+def test_pixels_just_outside_0_1_are_shown_outside_it(real_weights):
+    """Pixels a hair above 1 were refused as "got values from 0 to 1": the short form rounded the value onto the
+    bound it is outside."""
+    model = vaecli.load("taef2", device="cpu", halves=("encoder",))
+    pixels = torch.full((3, 8, 8), 0.5, dtype=torch.float64)
+    pixels[0, 0, 0] = 1 + 1e-9
+    with pytest.raises(UsageError) as err:
+        model.encode(pixels)
+    assert str(err.value) == ("expected pixels in [0, 1], got values from 0.5 to 1.000000001 (a resize can overshoot: "
+                              ".clamp(0, 1) them)")

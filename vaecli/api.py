@@ -212,6 +212,12 @@ def _not_float(x: torch.Tensor) -> str:
     return f"{name} (divide 8-bit values by 255)" if integer else name
 
 
+def _value(x: float) -> str:
+    """`x` short (as :g gives it), or in full where short would round a value outside [0, 1] onto 0 or 1."""
+    short = f"{x:g}"
+    return repr(x) if not 0 <= x <= 1 and 0 <= float(short) <= 1 else short
+
+
 def _size(frame: torch.Tensor) -> str:
     return f"{frame.shape[-1]}x{frame.shape[-2]}"
 
@@ -247,8 +253,8 @@ def _pixels(image) -> torch.Tensor:
         raise UsageError(f"expected finite pixels in [0, 1], found {bad} NaN/Inf")
     low, high = float(image.min()), float(image.max())
     if not 0 <= low <= high <= 1:
-        raise UsageError(f"expected pixels in [0, 1], got values from {low:g} to {high:g} (a resize can overshoot: "
-                         f".clamp(0, 1) them)")
+        raise UsageError(f"expected pixels in [0, 1], got values from {_value(low)} to {_value(high)} (a resize can "
+                         f"overshoot: .clamp(0, 1) them)")
     return (image[None] if image.dim() == 3 else image).float()
 
 
