@@ -1131,3 +1131,12 @@ def test_a_clip_in_a_folder_that_may_not_be_searched(vae, real_weights, gif, tmp
     result = vae("video", tmp_path / "loop.gif", "-o", tmp_path / "loop.latent")
     loop = tmp_path / "loop.gif"
     assert (result.exit_code, result.stderr) == (1, f"Error: {loop}: cannot read: Too many levels of symbolic links\n")
+
+
+def test_a_clip_from_stdin_is_a_usage_error(vae, real_weights, tmp_path):
+    """`vae video -` said '-: no such file', exit 1, as if a file named '-' were missing."""
+    result = vae("video", "-", "-o", tmp_path / "x.latent", "--json")
+    assert (result.exit_code, _error_line(result)) == (
+        2, "Error: -: reading a clip from stdin is not supported; give its file")
+    assert json.loads(result.stdout)["error"] == "-: reading a clip from stdin is not supported; give its file"
+    assert list(tmp_path.iterdir()) == []

@@ -103,6 +103,8 @@ def video_cmd(
         folder = output is not None and is_folder_target(output, 1)
         if output is not None and not folder and output.suffix.lower() not in (".latent", ".safetensors"):
             raise UsageError(f"-o {output}: expected a latent file ending in .latent or .safetensors, or a folder")
+        if str(source) == "-":  # stdin: the other commands read a list of paths there; a clip is read more than once
+            raise UsageError("-: reading a clip from stdin is not supported; give its file")
         video.check_not_latent(source)
         out = plan_outputs([source], output, lambda p: p.stem + ".latent")[0]
         if roundtrip:
