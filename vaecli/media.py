@@ -96,7 +96,7 @@ def png_data_bytes(path: Path) -> tuple[int, int]:
             if length > size - f.tell() or kind == b"IEND":
                 break
             data = f.read(length)
-            f.seek(4, os.SEEK_CUR)  # the CRC, which Pillow checks
+            f.seek(4, os.SEEK_CUR)  # the CRC, unchecked (Pillow skips it for pixel data too): zlib checks its own
             if kind == b"IHDR" and length >= 13:
                 need = _png_raw_bytes(data)
             while kind == b"IDAT" and data and got <= need:  # inflated in bounded steps: a bomb stops at need + 1
