@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,9 @@ def nan_decoder(monkeypatch):
         return pixels
 
     monkeypatch.setattr(Codec, "decode_latent", overflowing)
+
+
+def default_sigint() -> None:
+    """A subprocess' preexec_fn: SIGINT handled as by default. A shell's background jobs (a CI script run with `&`)
+    inherit SIGINT ignored, and so would the `vae` a test interrupts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

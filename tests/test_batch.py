@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import default_sigint
 from vaecli.latents import load_latent
 
 
@@ -291,11 +292,6 @@ def test_decode_and_roundtrip_take_folders(vae, real_weights, tree, tmp_path):
         "brick.png": "ok", "logo.png": "ok", "rocket.jpg": "ok", "truncated.png": "error"}
 
 
-def _default_sigint() -> None:
-    # A shell's background jobs inherit SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_sigint_leaves_only_complete_files_and_rerun_finishes(real_weights, tmp_path, shared_images):
     src = tmp_path / "many"
     src.mkdir()
@@ -305,7 +301,7 @@ def test_sigint_leaves_only_complete_files_and_rerun_finishes(real_weights, tmp_
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "vaecli", "encode", str(src), "-o", str(out), "--batch-size", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(),
-                            preexec_fn=_default_sigint)
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.latent"))) < 3:
         time.sleep(0.05)
@@ -358,7 +354,7 @@ def test_an_interrupt_while_the_command_line_loads_says_so(small_image, tmp_path
             f"sys.argv = ['vae', 'encode', sys.argv[1], '-o', sys.argv[2], '--json']\n"
             f"from vaecli.cli import run\nrun(held)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(small_image), str(tmp_path / "x.latent")],
-                          capture_output=True, text=True, preexec_fn=_default_sigint)
+                          capture_output=True, text=True, preexec_fn=default_sigint)
     assert (proc.returncode, proc.stderr) == (130, "Interrupted\n")
     assert json.loads(proc.stdout) == {"input": None, "output": None, "status": "error", "error": "interrupted"}
     assert [p.name for p in tmp_path.iterdir()] == [small_image.name]
@@ -378,8 +374,14 @@ def test_an_interrupt_while_torch_loads_lands_after_the_import(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     finders = list(sys.meta_path)
     console.hold_whole_imports(("slow_ext",))
-    with pytest.raises(KeyboardInterrupt):
-        import slow_ext  # noqa: F401
+    # Python's own handler, as a `vae` started from a terminal has: run as a background job (a CI script's `&`),
+    # this test process inherits SIGINT ignored.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import slow_ext  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert finished.exists()  # the module's code ran to its end before the interrupt
     assert sys.meta_path == finders and signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
 

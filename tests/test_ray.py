@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import default_sigint
 from vaecli import latents
 from vaecli.errors import UsageError
 from vaecli.ray_engine import pool_size
@@ -365,7 +366,7 @@ def test_ray_parquet_failures_and_a_crashing_worker(local_env, tmp_path):
 def _interrupted(args, env, written: list[Path], signum) -> subprocess.CompletedProcess:
     """Run `vae args`, and send it `signum` once every file of `written` exists."""
     proc = subprocess.Popen([sys.executable, "-m", "vaecli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     deadline = time.time() + 300
     while not all(p.exists() for p in written):
         if proc.poll() is not None or time.time() > deadline:

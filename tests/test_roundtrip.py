@@ -79,7 +79,9 @@ def test_diff_writes_the_error_heat_map(vae, real_weights, small_image, tmp_path
     with Image.open(heat) as img:
         assert img.size == (61, 45)
         assert img.tobytes() == expected.tobytes()
-    result = vae("roundtrip", small_image, small_image, "--diff", tmp_path / "e.png")
+    other = tmp_path / "other.png"  # the same file named twice is one input
+    other.write_bytes(small_image.read_bytes())
+    result = vae("roundtrip", small_image, other, "--diff", tmp_path / "e.png")
     assert result.exit_code == 2
     assert result.stderr.strip() == f"Error: --diff {tmp_path / 'e.png'}: needs exactly one input image, got 2"
     result = vae("roundtrip", small_image, "--diff", small_image)
