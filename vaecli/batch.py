@@ -103,9 +103,11 @@ def expand_inputs(args: Iterable[str], recursive: bool, exts: tuple[str, ...],
             found.append((Path(arg), Path(Path(arg).name)))
     unique: dict[tuple[Path, Path], tuple[Path, Path]] = {}
     for src, rel in found:
-        if (resolved(src), rel) in unique and repeated is not None:
+        key = (resolved(src), rel)
+        if key not in unique:
+            unique[key] = (src, rel)
+        elif repeated is not None:
             repeated.append(src)
-        unique.setdefault((resolved(src), rel), (src, rel))
     return list(unique.values())
 
 
